@@ -1,0 +1,242 @@
+"""Learning curves of rpo_mujoco.py on MuJoCo v5 tasks, next to CleanRL's published RPO results.
+
+Two steps, so the long runs can go in the background and be collected later:
+
+    # train (one process per env x seed, `--workers` at a time, each with one BLAS/OpenMP thread)
+    OMP_NUM_THREADS=1 nohup uv run python benchmarks/rpo_mujoco_learning.py run > rpo_bench.log 2>&1 &
+    # read the runs' own TensorBoard scalars and write benchmarks/results/rpo_mujoco_learning.{csv,json,png}
+    uv run python benchmarks/rpo_mujoco_learning.py collect
+
+Every run uses the script's defaults except `--total-timesteps 1001472` (489 rollouts of 2048 steps, the first
+whole number of rollouts past 1M; the learning rate therefore anneals to zero at 1M steps, not at 8M as in CleanRL's
+runs) and `--save-model`, so each run also reports the deterministic return
+of its saved policy with the saved, frozen normalisation statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import glob
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "benchmarks", "results")
+DEFAULT_WORKDIR = os.path.join(REPO, "runs", "rpo_mujoco_benchmark")  # runs/ is git-ignored
+
+# CleanRL's published RPO returns (docs/rl-algorithms/rpo.md, MuJoCo v4, 8M steps, 10 seeds, mean +- std of the
+# average return over the last 100 training episodes). CleanRL publishes no RPO values at 1M steps; its
+# ppo_continuous_action benchmark at 1M steps (3 seeds, same networks, LR annealed over 1M) is the closest anchor.
+PUBLISHED = {
+    "HalfCheetah": {
+        "rpo_8M_alpha_0.5": [2163.57, 790.16],
+        "rpo_8M_alpha_0.01": [2716.51, 1314.93],
+        "ppo_continuous_1M": [1442.64, 46.03],
+    },
+    "Hopper": {
+        "rpo_8M_alpha_0.5": [1557.18, 206.74],
+        "rpo_8M_alpha_0.01": [2334.22, 441.89],
+        "ppo_continuous_1M": [2382.86, 271.74],
+    },
+}
+
+
+def run(args: argparse.Namespace) -> None:
+    os.makedirs(args.workdir, exist_ok=True)
+    jobs = [(env_id, seed) for env_id in args.env_ids for seed in args.seeds]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    running: list[tuple[subprocess.Popen, str]] = []
+    while jobs or running:
+        while jobs and len(running) < args.workers:
+            env_id, seed = jobs.pop(0)
+            command = [
+                sys.executable, os.path.join(REPO, "rpo_mujoco.py"), "--env-id", env_id, "--seed", str(seed),
+                "--total-timesteps", str(args.total_timesteps), "--save-model", "--no-cuda", *args.extra,
+            ]
+            log_path = os.path.join(args.workdir, f"{env_id}__seed{seed}.log")
+            print(f"start: {' '.join(command)}  (log: {log_path})", flush=True)
+            log = open(log_path, "w")
+            running.append((subprocess.Popen(command, cwd=args.workdir, env=env, stdout=log, stderr=subprocess.STDOUT), log_path))
+        time.sleep(5)
+        for proc, log_path in list(running):
+            if proc.poll() is not None:
+                print(f"done (exit {proc.returncode}): {log_path}", flush=True)
+                running.remove((proc, log_path))
+
+
+def read_scalars(run_dir: str) -> tuple[dict[str, list[tuple[int, float]]], list[float]]:
+    """TensorBoard scalars of one run as {tag: [(step, value)]}, plus the wall times of all its scalar events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    wall_times: list[float] = []
+    for event_file in sorted(glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))):
+        accumulator = EventAccumulator(event_file, size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            events = accumulator.Scalars(tag)
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in events)
+            wall_times.extend(e.wall_time for e in events)
+    return scalars, wall_times
+
+
+def hardware() -> dict:
+    cpu = "unknown"
+    if os.path.exists("/proc/cpuinfo"):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import gymnasium
+    import mujoco
+    import torch
+
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "gpu": "none (CPU run, --no-cuda)",
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gymnasium": gymnasium.__version__,
+        "mujoco": mujoco.__version__,
+    }
+
+
+def collect(args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pattern = re.compile(r"^(?P<env>.+?)__(?P<exp>.+)__(?P<seed>\d+)__(?P<time>\d+)$")
+    runs = []
+    for run_dir in sorted(glob.glob(os.path.join(args.workdir, "runs", "*"))):
+        match = pattern.match(os.path.basename(run_dir))
+        if not match:
+            continue
+        scalars, wall_times = read_scalars(run_dir)
+        if "charts/episodic_return" not in scalars:
+            continue
+        curve = sorted(scalars["charts/episodic_return"])
+        last_step = max(step for step, _ in scalars.get("charts/SPS", curve))
+        final = [value for _, value in curve[-100:]]
+        eval_returns = [value for _, value in sorted(scalars.get("eval/episodic_return", []))]
+        runs.append({
+            "env_id": match["env"],
+            "seed": int(match["seed"]),
+            "run_dir": os.path.relpath(run_dir, REPO),
+            "global_step": last_step,
+            "finished": last_step >= args.total_timesteps - 2048 and bool(eval_returns),
+            "return_last_100_episodes": float(np.mean(final)),
+            "episodes": len(curve),
+            "eval_return_deterministic_10ep": float(np.mean(eval_returns)) if eval_returns else None,
+            "sps": float(scalars["charts/SPS"][-1][1]) if "charts/SPS" in scalars else None,
+            "wall_minutes": (max(wall_times) - min(wall_times)) / 60 if wall_times else None,
+            "curve": curve,
+        })
+    if not runs:
+        raise SystemExit(f"no finished runs with episodic returns under {args.workdir}/runs")
+
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "rpo_mujoco_learning.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["env_id", "seed", "global_step", "episodic_return"])
+        for r in runs:
+            writer.writerows([r["env_id"], r["seed"], step, round(value, 3)] for step, value in r["curve"])
+
+    env_ids = sorted({r["env_id"] for r in runs})
+    summary = {}
+    for env_id in env_ids:
+        env_runs = [r for r in runs if r["env_id"] == env_id]
+        finals = [r["return_last_100_episodes"] for r in env_runs]
+        evals = [r["eval_return_deterministic_10ep"] for r in env_runs if r["eval_return_deterministic_10ep"] is not None]
+        summary[env_id] = {
+            "seeds": [r["seed"] for r in env_runs],
+            "return_last_100_episodes_mean": float(np.mean(finals)),
+            "return_last_100_episodes_std": float(np.std(finals)),
+            "eval_return_deterministic_mean": float(np.mean(evals)) if evals else None,
+            "sps_mean": float(np.mean([r["sps"] for r in env_runs])),
+            "cleanrl_published": PUBLISHED.get(env_id.split("-")[0], {}),
+        }
+    report = {
+        "what": "rpo_mujoco.py learning curves (charts/episodic_return of the runs' own TensorBoard files)",
+        "command": f"OMP_NUM_THREADS=1 python rpo_mujoco.py --env-id <env> --seed <seed> --total-timesteps "
+        f"{args.total_timesteps} --save-model --no-cuda (other flags at their defaults: rpo_alpha 0.5, 1 env x 2048)",
+        "metric": "return_last_100_episodes = mean raw episodic return of the last 100 training episodes (CleanRL's "
+        "table metric); eval_return_deterministic = mean of 10 episodes of the saved policy's mean action with its "
+        "saved, frozen normalisation statistics",
+        "date": datetime.date.today().isoformat(),
+        "hardware": {**hardware(), "note": args.hardware_note},
+        "summary": summary,
+        "runs": [{k: v for k, v in r.items() if k != "curve"} for r in runs],
+    }
+    with open(os.path.join(RESULTS, "rpo_mujoco_learning.json"), "w") as f:
+        json.dump(report, f, indent=2)
+
+    fig, axes = plt.subplots(1, len(env_ids), figsize=(6 * len(env_ids), 4.2), squeeze=False)
+    for ax, env_id in zip(axes[0], env_ids):
+        for r in (r for r in runs if r["env_id"] == env_id):
+            steps = np.array([s for s, _ in r["curve"]])
+            values = np.array([v for _, v in r["curve"]])
+            window = max(1, min(20, len(values) // 10))
+            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+            ax.plot(steps, values, alpha=0.15, linewidth=0.6)
+            ax.plot(steps[window - 1 :], smooth, linewidth=1.5, label=f"ours (v5), seed {r['seed']}")
+        published = PUBLISHED.get(env_id.split("-")[0], {})
+        styles = {"rpo_8M_alpha_0.5": ("k", "--", "CleanRL RPO α=0.5, final at 8M (v4)"),
+                  "rpo_8M_alpha_0.01": ("gray", "--", "CleanRL RPO α=0.01, final at 8M (v4)"),
+                  "ppo_continuous_1M": ("tab:red", ":", "CleanRL PPO-continuous, final at 1M (v4)")}
+        for key, (mean, _) in published.items():
+            color, style, label = styles[key]
+            ax.axhline(mean, color=color, linestyle=style, linewidth=1.2, label=f"{label}: {mean:.0f}")
+        ax.set_title(f"{env_id}, rpo_mujoco.py (α=0.5, LR annealed over {args.total_timesteps / 1e6:.2f}M)")
+        ax.set_xlabel("global step")
+        ax.set_ylabel("episodic return (training, raw)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    hw = report["hardware"]
+    fig.suptitle(f"{hw['cpu']}, {hw['logical_cores']} logical cores, CPU only; {report['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, "rpo_mujoco_learning.png"), dpi=120)
+
+    print("| task | seeds | return, last 100 episodes at 1M | deterministic eval (saved policy) | SPS | CleanRL RPO α=0.5 at 8M (v4) |")
+    print("|---|---|---|---|---|---|")
+    for env_id, s in summary.items():
+        published = s["cleanrl_published"].get("rpo_8M_alpha_0.5", [float("nan"), float("nan")])
+        eval_text = f"{s['eval_return_deterministic_mean']:.1f}" if s["eval_return_deterministic_mean"] is not None else "-"
+        print(f"| {env_id} | {len(s['seeds'])} | {s['return_last_100_episodes_mean']:.1f} ± "
+              f"{s['return_last_100_episodes_std']:.1f} | {eval_text} | {s['sps_mean']:.0f} | "
+              f"{published[0]:.1f} ± {published[1]:.1f} |")
+    for r in runs:
+        if not r["finished"]:
+            print(f"note: {r['run_dir']} stopped at step {r['global_step']} (still running or killed)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "collect"):
+        p = sub.add_parser(name)
+        p.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where the runs' runs/ folder and logs go")
+        # 489 rollouts of 2048 steps: the smallest whole number of iterations that reaches 1M steps (the script, like
+        # CleanRL, runs total_timesteps // batch_size iterations, so 1_000_000 would stop at 999,424).
+        p.add_argument("--total-timesteps", type=int, default=489 * 2048)
+        if name == "run":
+            p.add_argument("--env-ids", nargs="+", default=["HalfCheetah-v5", "Hopper-v5"])
+            p.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
+            p.add_argument("--workers", type=int, default=2, help="runs at the same time (one core each)")
+            p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for rpo_mujoco.py")
+        else:
+            p.add_argument("--hardware-note", default="2 logical cores shared with other jobs during the runs")
+    args = parser.parse_args()
+    run(args) if args.command == "run" else collect(args)

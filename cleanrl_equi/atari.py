@@ -1,0 +1,346 @@
+"""Atari environments for the PPO scripts: CleanRL's preprocessing on two back-ends, and the mirror-symmetry table.
+
+Both back-ends give the agent the same thing (SPEC §4, CleanRL's `ppo_atari.py`):
+
+* observations: 4 stacked 84x84 grayscale frames, uint8, newest frame last;
+* 4 emulator frames per action, the last two max-pooled; up to 30 no-op actions after a reset;
+* FIRE pressed at the start of a game for games that need it;
+* `reward` = sign of the game reward (what the agent learns from), and `terminated` on every lost life;
+* `infos["episode"]["r"]` / `["l"]` with mask `infos["_episode"]`: the **raw full-game score** (all lives) and its
+  length in emulator frames, set on the step a game ends — this is what `charts/episodic_return` logs.
+
+`backend="ale"` (default) runs ale-py's native C++ vector env, stepping all games in parallel threads.
+`backend="gym"` runs CleanRL's wrapper stack in gymnasium's vector env (sync, or async processes), and is the one
+that can record videos. Both use "same-step" autoreset: the observation after a finished game is the first of
+the next one, so no transition is wasted on a reset step.
+
+The one difference: after a life is lost, the gym stack's FIRE reset presses FIRE (and one more action) inside
+the reset, unseen by the agent; the native env has no such hook, so the next action of that env is replaced by
+FIRE. The agent loses one decision per life; `tests/test_atari.py` checks that both back-ends relaunch the ball.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import ale_py
+import gymnasium as gym
+import numpy as np
+from gymnasium.vector import AutoresetMode
+
+gym.register_envs(ale_py)
+
+FRAME_SKIP = 4
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Env ids
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AtariGame:
+    """What the env id says: the game, and whether actions are sticky (v5 ids) or not (NoFrameskip-v4 ids)."""
+
+    env_id: str
+    name: str  # CamelCase game name, e.g. "SpaceInvaders"
+    sticky_action_probability: float
+
+    @property
+    def rom(self) -> str:
+        """ale-py's ROM name: SpaceInvaders -> space_invaders."""
+        return re.sub(r"(?<!^)(?=[A-Z])", "_", self.name).lower()
+
+
+def parse_atari_env_id(env_id: str) -> AtariGame:
+    """Accept `<Game>NoFrameskip-v4` (CleanRL's default, no sticky actions) or `ALE/<Game>-v5` (sticky, 0.25).
+
+    Raises ValueError with a one-sentence explanation for anything else.
+    """
+    match_v4 = re.fullmatch(r"([A-Za-z]+)NoFrameskip-v4", env_id)
+    match_v5 = re.fullmatch(r"ALE/([A-Za-z]+)-v5", env_id)
+    if not (match_v4 or match_v5):
+        raise ValueError(
+            f"{env_id!r} is not an Atari env id; use '<Game>NoFrameskip-v4' (e.g. BreakoutNoFrameskip-v4) "
+            "or 'ALE/<Game>-v5'."
+        )
+    try:
+        gym.spec(env_id)
+    except gym.error.Error:
+        raise ValueError(f"{env_id!r} is not a game that ale-py knows; check the spelling (e.g. BreakoutNoFrameskip-v4).")
+    if match_v4:
+        return AtariGame(env_id, match_v4.group(1), 0.0)
+    return AtariGame(env_id, match_v5.group(1), 0.25)
+
+
+def action_meanings(env_id: str) -> list[str]:
+    """The game's minimal action set, e.g. ['NOOP', 'FIRE', 'RIGHT', 'LEFT'] for Breakout."""
+    env = gym.make(env_id)
+    try:
+        return list(env.unwrapped.get_action_meanings())
+    finally:
+        env.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Mirror symmetries
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MirrorSymmetry:
+    """A mirror of the screen and the action swap that goes with it.
+
+    axis: "left-right" reverses the image width (columns); "top-bottom" reverses the height (rows).
+    swap: the two words of action names that exchange under the mirror, e.g. ("RIGHT", "LEFT").
+    """
+
+    axis: str
+    swap: tuple[str, str]
+
+    def action_permutation(self, meanings: list[str]) -> list[int]:
+        """perm[i] = index of the action that mirrors action i (an involution)."""
+        a, b = self.swap
+        placeholder = "\0"
+        mirrored = [m.replace(a, placeholder).replace(b, a).replace(placeholder, b) for m in meanings]
+        missing = [m for m in mirrored if m not in meanings]
+        if missing:
+            raise ValueError(f"mirrored actions {missing} are not in the action set {meanings}")
+        return [meanings.index(m) for m in mirrored]
+
+    def flip_dim(self) -> int:
+        """The tensor dimension (of an N x C x H x W batch) that the mirror reverses."""
+        return -1 if self.axis == "left-right" else -2
+
+
+# Checked on the emulator by tests/test_atari.py: the mirrored action moves the player the mirrored way.
+# Pong's paddles move vertically: its RIGHT/LEFT actions move the paddle up/down, so its mirror is top-bottom.
+MIRROR_SYMMETRIES: dict[str, MirrorSymmetry] = {
+    "Breakout": MirrorSymmetry("left-right", ("RIGHT", "LEFT")),
+    "Pong": MirrorSymmetry("top-bottom", ("RIGHT", "LEFT")),
+    "SpaceInvaders": MirrorSymmetry("left-right", ("RIGHT", "LEFT")),
+    "BeamRider": MirrorSymmetry("left-right", ("RIGHT", "LEFT")),
+    "DemonAttack": MirrorSymmetry("left-right", ("RIGHT", "LEFT")),
+    "Phoenix": MirrorSymmetry("left-right", ("RIGHT", "LEFT")),
+    "Carnival": MirrorSymmetry("left-right", ("RIGHT", "LEFT")),
+}
+
+
+def mirror_symmetry(env_id: str) -> MirrorSymmetry:
+    """The game's mirror symmetry; ValueError (one sentence) for a game without a known one."""
+    game = parse_atari_env_id(env_id)
+    if game.name not in MIRROR_SYMMETRIES:
+        known = ", ".join(sorted(MIRROR_SYMMETRIES))
+        raise ValueError(
+            f"{game.name} has no known mirror symmetry; ppo_atari_equi.py supports {known} "
+            "(add an entry to cleanrl_equi/atari.py:MIRROR_SYMMETRIES after checking it), or use ppo_atari.py."
+        )
+    return MIRROR_SYMMETRIES[game.name]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# gym back-end: CleanRL's wrapper stack, written for gymnasium 1.x
+# --------------------------------------------------------------------------------------------------------------
+class NoopReset(gym.Wrapper):
+    """Start each game with a random number (1..noop_max) of no-ops, so games do not all begin alike."""
+
+    def __init__(self, env: gym.Env, noop_max: int = 30):
+        super().__init__(env)
+        self.noop_max = noop_max
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        for _ in range(self.np_random.integers(1, self.noop_max + 1)):
+            obs, _, terminated, truncated, info = self.env.step(0)
+            if terminated or truncated:
+                obs, info = self.env.reset()
+        return obs, info
+
+
+class MaxAndSkip(gym.Wrapper):
+    """Repeat the action for `skip` frames; observe the max of the last two (Atari sprites flicker)."""
+
+    def __init__(self, env: gym.Env, skip: int = FRAME_SKIP):
+        super().__init__(env)
+        self.skip = skip
+        self.frames = np.zeros((2, *env.observation_space.shape), dtype=env.observation_space.dtype)
+
+    def step(self, action):
+        total_reward, terminated, truncated, info = 0.0, False, False, {}
+        for i in range(self.skip):
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            if i >= self.skip - 2:
+                self.frames[i - (self.skip - 2)] = obs
+            total_reward += float(reward)
+            if terminated or truncated:
+                break
+        return self.frames.max(axis=0), total_reward, terminated, truncated, info
+
+
+class EpisodicLife(gym.Wrapper):
+    """Signal `terminated` on every lost life (a strong learning signal) but reset the game only when it is over."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.lives = 0
+        self.game_over = True
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.game_over = terminated or truncated
+        lives = self.env.unwrapped.ale.lives()
+        if 0 < lives < self.lives:
+            terminated = True
+        self.lives = lives
+        return obs, reward, terminated, truncated, info
+
+    def reset(self, **kwargs):
+        if self.game_over:
+            obs, info = self.env.reset(**kwargs)
+        else:  # a life was lost: carry on with the same game
+            obs, _, _, _, info = self.env.step(0)
+        self.lives = self.env.unwrapped.ale.lives()
+        return obs, info
+
+
+class FireReset(gym.Wrapper):
+    """Press FIRE (then the next action) at every reset: games like Breakout wait for it before play starts."""
+
+    def reset(self, **kwargs):
+        self.env.reset(**kwargs)
+        for action in (1, 2):
+            obs, _, terminated, truncated, info = self.env.step(action)
+            if terminated or truncated:
+                self.env.reset(**kwargs)
+        return obs, info
+
+
+class SignReward(gym.RewardWrapper):
+    """Learn from the sign of the reward, so one set of hyperparameters fits games with very different scores."""
+
+    def reward(self, reward):
+        return float(np.sign(reward))
+
+
+def make_gym_env(env_id: str, idx: int, capture_video: bool, run_name: str):
+    """A thunk building one env with CleanRL's wrapper order (innermost first) for gymnasium's vector envs."""
+    game = parse_atari_env_id(env_id)
+
+    def thunk():
+        kwargs = {"frameskip": 1, "repeat_action_probability": game.sticky_action_probability}
+        if capture_video and idx == 0:
+            env = gym.make(env_id, render_mode="rgb_array", **kwargs)
+            env = gym.wrappers.RecordVideo(env, f"videos/{run_name}")
+        else:
+            env = gym.make(env_id, **kwargs)
+        env = gym.wrappers.RecordEpisodeStatistics(env)  # innermost: the raw score of the whole game
+        env = NoopReset(env, noop_max=30)
+        env = MaxAndSkip(env, skip=FRAME_SKIP)
+        env = EpisodicLife(env)
+        if "FIRE" in env.unwrapped.get_action_meanings():
+            env = FireReset(env)
+        env = SignReward(env)
+        env = gym.wrappers.ResizeObservation(env, (84, 84))
+        env = gym.wrappers.GrayscaleObservation(env)
+        env = gym.wrappers.FrameStackObservation(env, 4)
+        return env
+
+    return thunk
+
+
+class LiftEpisodeStatistics(gym.vector.VectorWrapper):
+    """With same-step autoreset, gymnasium puts the finished episode's statistics under `final_info`; lift them to
+    `infos["episode"]` / `infos["_episode"]`, where the native back-end puts them, so the training loop reads one place."""
+
+    def step(self, actions):
+        obs, rewards, terminations, truncations, infos = self.env.step(actions)
+        final_info = infos.pop("final_info", {})
+        infos.pop("_final_info", None)
+        infos.pop("final_obs", None)
+        infos.pop("_final_obs", None)
+        if "episode" in final_info:
+            infos["episode"] = final_info["episode"]
+            infos["_episode"] = final_info["_episode"]
+        return obs, rewards, terminations, truncations, infos
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ale back-end: ale-py's native vector env, adapted to the same contract
+# --------------------------------------------------------------------------------------------------------------
+class NativeAtariGames(gym.vector.VectorWrapper):
+    """Adapt `ale_py.vector_env.AtariVectorEnv` (run with raw rewards and life-loss signals) to CleanRL's contract:
+    sign-clipped rewards for learning, the raw score of each whole game in `infos["episode"]`, and FIRE pressed
+    after each lost life in games that need it."""
+
+    def __init__(self, env: gym.vector.VectorEnv, has_fire: bool):
+        super().__init__(env)
+        self.has_fire = has_fire
+        self.scores = np.zeros(self.num_envs, dtype=np.float64)
+        self.frames = np.zeros(self.num_envs, dtype=np.int64)
+        self.episode_frame_number = np.zeros(self.num_envs, dtype=np.int64)
+        self.press_fire = np.zeros(self.num_envs, dtype=bool)
+
+    def reset(self, **kwargs):
+        obs, infos = self.env.reset(**kwargs)
+        self.scores[:] = 0
+        self.frames[:] = 0
+        self.episode_frame_number = infos["episode_frame_number"].astype(np.int64)
+        self.press_fire[:] = False
+        return obs, infos
+
+    def step(self, actions):
+        actions = np.where(self.press_fire, 1, np.asarray(actions)).astype(np.int64)
+        obs, raw_rewards, terminations, truncations, infos = self.env.step(actions)
+        self.scores += raw_rewards
+        self.frames += FRAME_SKIP
+        # With same-step autoreset a finished game is replaced at once; its frame counter then starts again.
+        frame_number = infos["episode_frame_number"].astype(np.int64)
+        game_over = truncations | (terminations & (frame_number < self.episode_frame_number))
+        self.episode_frame_number = frame_number
+        if game_over.any():
+            infos["episode"] = {"r": np.where(game_over, self.scores, 0.0), "l": np.where(game_over, self.frames, 0)}
+            infos["_episode"] = game_over
+            self.scores[game_over] = 0
+            self.frames[game_over] = 0
+        self.press_fire = self.has_fire & terminations & ~game_over
+        infos.pop("final_obs", None)
+        return obs, np.sign(raw_rewards).astype(np.float32), terminations, truncations, infos
+
+
+def make_atari_envs(
+    env_id: str,
+    num_envs: int,
+    backend: str = "ale",
+    capture_video: bool = False,
+    run_name: str = "",
+    async_envs: bool = False,
+    num_threads: int = 0,
+) -> gym.vector.VectorEnv:
+    """The vector env for PPO: `backend` "ale" (native, threaded) or "gym" (CleanRL's wrappers; can record video).
+
+    Seed it with `envs.reset(seed=...)`; observations are uint8 arrays of shape (num_envs, 4, 84, 84).
+    """
+    game = parse_atari_env_id(env_id)
+    if backend == "ale":
+        meanings = action_meanings(env_id)
+        native = ale_py.vector_env.AtariVectorEnv(
+            game.rom,
+            num_envs,
+            num_threads=num_threads,
+            repeat_action_probability=game.sticky_action_probability,
+            autoreset_mode=AutoresetMode.SAME_STEP,
+            frameskip=FRAME_SKIP,
+            maxpool=True,
+            noop_max=30,
+            episodic_life=False,
+            life_loss_info=True,
+            reward_clipping=False,
+            use_fire_reset=True,
+            img_height=84,
+            img_width=84,
+            grayscale=True,
+            stack_num=4,
+        )
+        return NativeAtariGames(native, has_fire="FIRE" in meanings)
+    if backend == "gym":
+        thunks = [make_gym_env(env_id, i, capture_video, run_name) for i in range(num_envs)]
+        vector_cls = gym.vector.AsyncVectorEnv if async_envs else gym.vector.SyncVectorEnv
+        return LiftEpisodeStatistics(vector_cls(thunks, autoreset_mode=AutoresetMode.SAME_STEP))
+    raise ValueError(f"unknown Atari back-end {backend!r}; use 'ale' or 'gym'.")

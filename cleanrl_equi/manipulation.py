@@ -1,0 +1,666 @@
+"""Close-loop manipulation scenes in pybullet: the base env that the eight tasks of `manipulation_tasks` share.
+
+Written from scratch after BulletArm's close-loop tasks (SPEC §6); no BulletArm code or assets are used. Every
+object is built here from boxes and convex hulls, so the same shapes drive the physics and the image renderer.
+
+Robot. A floating parallel-jaw gripper (a palm and two prismatic fingers, Panda-sized: fingers 1 cm thick, 2 cm
+wide, 5 cm long, up to 8 cm apart) is driven by a fixed pybullet constraint whose target slides along the
+commanded displacement over ~0.1 s of simulated time. There is no arm: BulletArm's arm only carried the gripper to
+an IK target, and the tasks' semantics (friction grasps, pushing, dragging, hooking a drawer handle) live in the
+fingers. Dropping the arm removes the IK solve and the joint-convergence loop, which is most of BulletArm's
+0.03-0.08 s per step.
+
+Frames and units. World z is up and the table is the plane z = 0; lengths are metres, angles radians. The
+workspace is the square [-s/2, s/2]^2 centred on the world origin (s = `workspace_size`, 0.3 by default as in
+BulletArm) with gripper heights in [0.01, 0.25]. The *gripper position* is the midpoint between the fingertips,
+so gripper z is the height of the fingertips above the table. The gripper starts every episode at (0, 0, 0.2),
+yaw 0, open. At yaw 0 the fingers close along world y.
+
+Action, a in [-1, 1]^5, = (p, dx, dy, dz, dtheta):
+    p        gripper opening command, (a + 1) / 2 of the full 8 cm (0 = closed, 1 = open); a grasp squeezes with
+             a bounded force, so closing on an object stops at the object.
+    dx,dy,dz displacement of the gripper in the world frame, a * dpos (dpos = 0.05 m); the target is clipped to
+             the workspace. Under a rotation R of the world about the vertical axis, (dx, dy) -> R (dx, dy).
+    dtheta   change of the gripper yaw about world +z, a * drot (drot = pi/4 as in BulletArm). Invariant, like p
+             and dz.
+One env step moves the gripper to the target (physics runs, so it pushes and drags what it meets), then drives the
+fingers to p, then reports. Actions outside [-1, 1] are clipped.
+
+Observation, uint8 array of shape (2, H, W), H = W = `image_size` (128):
+    channel 0  top-down orthographic height map, centred on the gripper and aligned with the world axes: row i
+               samples world x = gripper_x + (i + 0.5 - H/2) * d, column j samples world y = gripper_y +
+               (j + 0.5 - W/2) * d, with d = view_scale * workspace_size / H (0.45 m / 128 = 3.5 mm per pixel).
+               So rows grow with +x, columns with +y, and the gripper axis passes through the image centre.
+               Value = height of the highest surface above the table in millimetres (1 unit = 1 mm), rounded and
+               clipped to [0, 255]; the table reads 0. The gripper body is not rendered; instead the two finger
+               footprints are painted with the fingertips' height, so the image shows the gripper's yaw, its
+               opening and its height (BulletArm reads the height off the camera instead).
+               Block Pushing also paints its goal square as a 5 mm high patch (it has no physical body).
+    channel 1  the holding flag, tiled: 255 when the gripper holds an object (both fingers touch it), else 0.
+Rotation convention, pinned by tests: rotating the whole world by +90 degrees (counter-clockwise seen from
+above) about the gripper's vertical axis turns channel 0 into `np.rot90(image, k=1)` (axes = (rows, cols)), and
+(dx, dy) into (-dy, dx) = R (dx, dy) with R = [[0, -1], [1, 0]]. Under a batched image tensor this is
+`torch.rot90(x, 1, dims=(-2, -1))`.
+
+Rendering. Three renderers produce channel 0 (the `renderer` kwarg), with identical conventions:
+    "analytic" (default)  ray-casts the known convex pieces in numpy: for the vertical ray through a pixel
+                          centre, a convex piece {n . p <= c} is the interval of z that satisfies every plane,
+                          so its top is a min over the upward faces. Exact, and the fastest.
+    "tiny"                pybullet's CPU TinyRenderer, depth buffer of an orthographic camera.
+    "raycast"             pybullet's rayTestBatch, one vertical ray per pixel.
+For "tiny" and "raycast" the gripper is moved out of view for the render and put back before the next physics step.
+benchmarks/manipulation_speed.py measures all three.
+
+Episodes. Reward 1 and `terminated=True` on the step the task succeeds; `terminated=True` with reward 0 when a
+free object's centre leaves the workspace square; `truncated=True` after `max_steps` steps. `info["is_success"]`
+says whether the episode ended in success, `info["holding"]` mirrors channel 1.
+
+Expert. `env.unwrapped.expert_action()` returns the task planner's action for the current state, in the
+normalised action space (each component clamped to dpos / drot). A vector env reaches it with
+`envs.call("expert_action")` (a tuple, one action per env). Planners are deterministic waypoint followers that
+read the current object poses, so they correct for slips and keep little memory.
+
+Scene state. `get_scene_state()` returns the scene as plain data (gripper pose and fingers, every task body's pose,
+drawer joints, goal, planner memory), `reset(options={"scene_state": state})` rebuilds it exactly, and
+`rotate_scene_state(state, quarter_turns)` turns it about the gripper's vertical axis: together they make the
+symmetry test (and any scene edit a test wants) a few lines.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import gymnasium as gym
+import numpy as np
+import pybullet as pb
+import pybullet_data
+from pybullet_utils.bullet_client import BulletClient
+from scipy.spatial import ConvexHull
+
+# ---- Fixed geometry and physics constants -----------------------------------------------------------------------
+TIME_STEP = 1.0 / 240.0
+Z_RANGE = (0.01, 0.25)  # gripper (fingertip) heights allowed, as BulletArm's workspace z range
+START_HEIGHT = 0.2
+HEIGHT_UNIT = 0.001  # metres per uint8 level in channel 0
+GOAL_MARK_HEIGHT = 0.005
+
+FINGER_HALF = (0.01, 0.005, 0.025)  # half extents (along the jaw, across the jaw = closing axis, up)
+FINGER_MAX = 0.04  # each finger's inner face travels 0..4 cm from the centre line: 8 cm max opening
+PALM_HALF = (0.01, FINGER_MAX + 2 * FINGER_HALF[1] + 0.005, 0.01)
+PALM_Z = 2 * FINGER_HALF[2] + PALM_HALF[2]  # palm sits on top of the fingers
+FINGER_FORCE = 25.0  # N per finger: enough for a 40 N friction grip on a 0.1 kg cube, gentle on the scene
+FINGER_SPEED = 0.5  # m/s
+GRIPPER_FORCE = 150.0  # N, bounds how hard the gripper can push, press and pull
+MOVE_SUBSTEPS = 20  # the constraint target slides over 20 / 240 s ...
+SETTLE_SUBSTEPS = 4  # ... then holds still so the gripper reaches it
+FINGER_SUBSTEPS = 18  # fingers travel 4 cm at 0.5 m/s in 19 substeps, and a released object drops a little
+
+RENDERERS = ("analytic", "tiny", "raycast")
+COLORS = {
+    "red": (0.85, 0.25, 0.2, 1),
+    "green": (0.3, 0.7, 0.3, 1),
+    "blue": (0.25, 0.4, 0.85, 1),
+    "yellow": (0.9, 0.75, 0.2, 1),
+    "wood": (0.65, 0.5, 0.35, 1),
+    "grey": (0.6, 0.6, 0.62, 1),
+    "white": (0.9, 0.9, 0.9, 1),
+    "gripper": (0.2, 0.2, 0.22, 1),
+}
+
+
+# ---- Small geometry helpers ---------------------------------------------------------------------------------------
+def yaw_quaternion(yaw: float) -> tuple[float, float, float, float]:
+    """Quaternion (x, y, z, w) of a rotation by `yaw` about world z."""
+    return (0.0, 0.0, math.sin(yaw / 2), math.cos(yaw / 2))
+
+
+def quaternion_yaw(quaternion) -> float:
+    """Yaw (rotation about z) of a quaternion (x, y, z, w); exact for upright bodies."""
+    x, y, z, w = quaternion
+    return math.atan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z))
+
+
+def wrap_angle(angle: float, period: float = 2 * math.pi) -> float:
+    """`angle` moved by a multiple of `period` into [-period/2, period/2)."""
+    return (angle + period / 2) % period - period / 2
+
+
+def rotate_scene_state(state: dict, quarter_turns: int = 1) -> dict:
+    """The scene state turned by quarter_turns * 90 degrees (counter-clockwise from above) about the gripper axis.
+
+    Positions rotate about the gripper's vertical axis, every orientation (gripper yaw, body quaternions, the goal
+    yaw) turns by the same angle, and joint values and planner memory are unchanged. Quarter turns keep the
+    rotated pixel grid on the original one, so the rendered image rotates exactly (np.rot90).
+    """
+    angle = quarter_turns * math.pi / 2
+    cos_a, sin_a = round(math.cos(angle)), round(math.sin(angle))  # exact 0/+-1 for quarter turns
+    pivot = np.asarray(state["gripper"]["position"][:2], dtype=float)
+
+    def turn_point(point):
+        dx, dy = point[0] - pivot[0], point[1] - pivot[1]
+        return [pivot[0] + cos_a * dx - sin_a * dy, pivot[1] + sin_a * dx + cos_a * dy, *point[2:]]
+
+    turn = yaw_quaternion(angle)
+    rotated = copy.deepcopy(state)
+    rotated["gripper"]["yaw"] = wrap_angle(state["gripper"]["yaw"] + angle)
+    for body in rotated["bodies"]:
+        body["position"] = turn_point(body["position"])
+        body["orientation"] = list(pb.multiplyTransforms((0, 0, 0), turn, (0, 0, 0), body["orientation"])[1])
+    if rotated.get("goal") is not None:
+        rotated["goal"]["position"] = turn_point(rotated["goal"]["position"])
+        rotated["goal"]["yaw"] = wrap_angle(rotated["goal"]["yaw"] + angle)
+    return rotated
+
+
+@dataclass
+class Piece:
+    """One convex piece of a body: a box (`half_extents`, placed at `position`/`yaw` in the body frame) or a hull.
+
+    `vertices` and the half-spaces `normals . p <= offsets` (body frame) feed the analytic renderer.
+    """
+
+    half_extents: tuple | None = None
+    position: tuple = (0.0, 0.0, 0.0)
+    orientation: tuple = (0.0, 0.0, 0.0, 1.0)
+    hull_vertices: np.ndarray | None = None
+    vertices: np.ndarray = field(init=False)
+    normals: np.ndarray = field(init=False)
+    offsets: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        if self.half_extents is not None:
+            hx, hy, hz = self.half_extents
+            corners = np.array([[sx * hx, sy * hy, sz * hz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)])
+            rotation = np.array(pb.getMatrixFromQuaternion(self.orientation)).reshape(3, 3)
+            self.vertices = corners @ rotation.T + np.asarray(self.position)
+            axes = rotation.T  # rows: the box axes in the body frame
+            self.normals = np.concatenate([axes, -axes])
+            half = np.array([hx, hy, hz, hx, hy, hz])
+            self.offsets = self.normals @ np.asarray(self.position) + half
+        else:
+            self.vertices = np.asarray(self.hull_vertices, dtype=float)
+            hull = ConvexHull(self.vertices)
+            equations = np.unique(np.round(hull.equations, 9), axis=0)  # one row per face, not per triangle
+            self.normals, self.offsets = equations[:, :3], -equations[:, 3]
+
+
+def box(half_extents, position=(0.0, 0.0, 0.0), yaw: float = 0.0, orientation=None) -> Piece:
+    """A box piece; `orientation` (a quaternion) overrides `yaw` for tilted boxes."""
+    return Piece(half_extents=tuple(half_extents), position=tuple(position),
+                 orientation=tuple(orientation) if orientation is not None else yaw_quaternion(yaw))
+
+
+# ---- The base env ------------------------------------------------------------------------------------------------
+class ManipulationEnv(gym.Env):
+    """A floating gripper above a table with task objects; subclasses add objects, success checks and planners.
+
+    Subclass contract: `_create_task_bodies()` creates the bodies (any pose), `_sample_scene()` places them with
+    `self.np_random` and fills `self.planner_memory`, `_is_success()` and `expert_action()` read the scene.
+    `self.free_objects` lists the bodies that must stay in the workspace and can be held.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
+
+    def __init__(self, render_mode: str | None = None, workspace_size: float = 0.3, image_size: int = 128,
+                 view_scale: float = 1.5, dpos: float = 0.05, drot: float = math.pi / 4, max_steps: int = 50,
+                 renderer: str = "analytic", render_size: int = 256):
+        name = type(self).__name__
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"{name}: render_mode must be None or 'rgb_array', got {render_mode!r}.")
+        if not (isinstance(workspace_size, (int, float)) and 0.25 <= workspace_size <= 0.6):
+            raise ValueError(f"{name}: workspace_size must be a number of metres in [0.25, 0.6] (the tasks' objects "
+                             f"need room), got {workspace_size!r}.")
+        if not (isinstance(image_size, int) and 16 <= image_size <= 1024):
+            raise ValueError(f"{name}: image_size must be an integer number of pixels in [16, 1024], got {image_size!r}.")
+        if not (isinstance(view_scale, (int, float)) and 1.0 <= view_scale <= 3.0):
+            raise ValueError(f"{name}: view_scale (image width / workspace width) must be in [1, 3], got {view_scale!r}.")
+        if not (isinstance(dpos, (int, float)) and 0.005 <= dpos <= 0.1):
+            raise ValueError(f"{name}: dpos (metres per unit action) must be in [0.005, 0.1], got {dpos!r}.")
+        if not (isinstance(drot, (int, float)) and 0.01 <= drot <= math.pi / 2):
+            raise ValueError(f"{name}: drot (radians per unit action) must be in [0.01, pi/2], got {drot!r}.")
+        if not (isinstance(max_steps, int) and max_steps >= 1):
+            raise ValueError(f"{name}: max_steps must be a positive integer, got {max_steps!r}.")
+        if renderer not in RENDERERS:
+            raise ValueError(f"{name}: renderer must be one of {RENDERERS}, got {renderer!r}.")
+        self.render_mode = render_mode
+        self.workspace_size = float(workspace_size)
+        self.image_size = image_size
+        self.view_scale = float(view_scale)
+        self.dpos = float(dpos)
+        self.drot = float(drot)
+        self.max_steps = max_steps
+        self.renderer = renderer
+        self.render_size = render_size
+        self.pixel_size = self.view_scale * self.workspace_size / image_size
+        half = self.workspace_size / 2
+        self.workspace = np.array([[-half, half], [-half, half], list(Z_RANGE)])
+        self.observation_space = gym.spaces.Box(0, 255, (2, image_size, image_size), np.uint8)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (5,), np.float32)
+        self.sim: BulletClient | None = None
+        self.planner_memory: dict = {}
+        self.goal: dict | None = None
+        self.steps = 0
+
+    # ---- scene construction ----
+    def _build_world(self):
+        """Fresh simulation with table, gripper and the task's bodies (resetSimulation keeps episodes identical
+        under a seed: no contact caches or body ids survive from the previous episode)."""
+        if self.sim is None:
+            self.sim = BulletClient(connection_mode=pb.DIRECT)
+            self.sim.setAdditionalSearchPath(pybullet_data.getDataPath())
+        sim = self.sim
+        sim.resetSimulation()
+        sim.setTimeStep(TIME_STEP)
+        sim.setGravity(0, 0, -9.8)
+        sim.setPhysicsEngineParameter(numSolverIterations=50, deterministicOverlappingPairs=1)
+        self.table = sim.loadURDF("plane.urdf")
+        self._render_parts: list[tuple[int, int, list[Piece]]] = []
+        self.bodies: list[int] = []  # task bodies, in creation order (the order of the scene state)
+        self.free_objects: list[int] = []
+        self.articulated: list[int] = []  # task bodies with one prismatic joint (the drawer)
+        self.goal = None
+        self._create_gripper()
+        self._create_task_bodies()
+
+    def _create_gripper(self):
+        sim = self.sim
+        palm_shape = sim.createCollisionShape(pb.GEOM_BOX, halfExtents=PALM_HALF, collisionFramePosition=(0, 0, PALM_Z))
+        palm_visual = sim.createVisualShape(pb.GEOM_BOX, halfExtents=PALM_HALF, visualFramePosition=(0, 0, PALM_Z),
+                                            rgbaColor=COLORS["gripper"])
+        finger_shape = sim.createCollisionShape(pb.GEOM_BOX, halfExtents=FINGER_HALF)
+        finger_visual = sim.createVisualShape(pb.GEOM_BOX, halfExtents=FINGER_HALF, rgbaColor=COLORS["gripper"])
+        # Finger link frames sit at the finger centres; joint value q puts the inner faces at +-q.
+        self.gripper = sim.createMultiBody(
+            baseMass=0.5, baseCollisionShapeIndex=palm_shape, baseVisualShapeIndex=palm_visual,
+            basePosition=(0, 0, START_HEIGHT),
+            linkMasses=[0.05, 0.05], linkCollisionShapeIndices=[finger_shape] * 2,
+            linkVisualShapeIndices=[finger_visual] * 2,
+            linkPositions=[(0, FINGER_HALF[1], FINGER_HALF[2]), (0, -FINGER_HALF[1], FINGER_HALF[2])],
+            linkOrientations=[(0, 0, 0, 1)] * 2, linkInertialFramePositions=[(0, 0, 0)] * 2,
+            linkInertialFrameOrientations=[(0, 0, 0, 1)] * 2, linkParentIndices=[0, 0],
+            linkJointTypes=[pb.JOINT_PRISMATIC] * 2, linkJointAxis=[(0, 1, 0), (0, -1, 0)])
+        for link in (0, 1):
+            sim.changeDynamics(self.gripper, link, lateralFriction=1.0, spinningFriction=0.002)
+        self.gripper_constraint = sim.createConstraint(self.gripper, -1, -1, -1, pb.JOINT_FIXED, (0, 0, 0),
+                                                       (0, 0, 0), (0, 0, START_HEIGHT))
+        self._set_gripper(np.array([0.0, 0.0, START_HEIGHT]), 0.0, (FINGER_MAX, FINGER_MAX), 1.0)
+
+    def _set_gripper(self, position, yaw, finger_positions, command):
+        """Put the gripper (and its constraint target and finger motors) exactly at a pose, at rest."""
+        sim = self.sim
+        sim.resetBasePositionAndOrientation(self.gripper, position, yaw_quaternion(yaw))
+        sim.resetBaseVelocity(self.gripper, (0, 0, 0), (0, 0, 0))
+        sim.changeConstraint(self.gripper_constraint, jointChildPivot=position,
+                             jointChildFrameOrientation=yaw_quaternion(yaw), maxForce=GRIPPER_FORCE)
+        for link, q in zip((0, 1), finger_positions):
+            sim.resetJointState(self.gripper, link, q, 0.0)
+        self.gripper_command = float(command)
+        self._drive_fingers()
+
+    def _drive_fingers(self):
+        target = self.gripper_command * FINGER_MAX
+        for link in (0, 1):
+            self.sim.setJointMotorControl2(self.gripper, link, pb.POSITION_CONTROL, targetPosition=target,
+                                           force=FINGER_FORCE, maxVelocity=FINGER_SPEED)
+
+    def add_body(self, pieces: list[Piece], mass: float, color: str, friction: float = 1.0, free: bool = True) -> int:
+        """Create a rigid body from convex pieces (mass 0 = static) and register it for rendering."""
+        sim = self.sim
+        if len(pieces) == 1 and pieces[0].half_extents is None:  # a single hull: mesh collision and visual shapes
+            vertices = pieces[0].vertices
+            shape = sim.createCollisionShape(pb.GEOM_MESH, vertices=vertices.tolist())
+            visual = sim.createVisualShape(pb.GEOM_MESH, vertices=vertices.tolist(),
+                                           indices=_outward_triangles(vertices), rgbaColor=COLORS[color])
+        else:
+            shape, visual = self._box_shapes(pieces, color)
+        body = sim.createMultiBody(baseMass=mass, baseCollisionShapeIndex=shape, baseVisualShapeIndex=visual)
+        sim.changeDynamics(body, -1, lateralFriction=friction)
+        if mass > 0:
+            sim.changeDynamics(body, -1, linearDamping=0.04, angularDamping=0.04)
+        self._render_parts.append((body, -1, pieces))
+        self.bodies.append(body)
+        if free:
+            self.free_objects.append(body)
+        return body
+
+    def _box_shapes(self, pieces: list[Piece], color: str) -> tuple[int, int]:
+        kwargs = dict(halfExtents=[p.half_extents for p in pieces])
+        shape = self.sim.createCollisionShapeArray(
+            [pb.GEOM_BOX] * len(pieces), **kwargs, collisionFramePositions=[p.position for p in pieces],
+            collisionFrameOrientations=[p.orientation for p in pieces])
+        visual = self.sim.createVisualShapeArray(
+            [pb.GEOM_BOX] * len(pieces), **kwargs, visualFramePositions=[p.position for p in pieces],
+            visualFrameOrientations=[p.orientation for p in pieces])
+        return shape, visual
+
+    def add_sliding_body(self, base_pieces: list[Piece], link_pieces: list[Piece], travel: float,
+                         base_color: str, link_color: str) -> int:
+        """A static body with one part sliding along the body's +x axis over [0, travel] (a drawer)."""
+        sim = self.sim
+        base_shape, base_visual = self._box_shapes(base_pieces, base_color)
+        link_shape, link_visual = self._box_shapes(link_pieces, link_color)
+        body = sim.createMultiBody(
+            baseMass=0, baseCollisionShapeIndex=base_shape, baseVisualShapeIndex=base_visual,
+            linkMasses=[0.3], linkCollisionShapeIndices=[link_shape], linkVisualShapeIndices=[link_visual],
+            linkPositions=[(0, 0, 0)], linkOrientations=[(0, 0, 0, 1)], linkInertialFramePositions=[(0, 0, 0)],
+            linkInertialFrameOrientations=[(0, 0, 0, 1)], linkParentIndices=[0],
+            linkJointTypes=[pb.JOINT_PRISMATIC], linkJointAxis=[(1, 0, 0)])
+        # A weak velocity motor acts as sliding friction, so a pulled drawer stops when the pull stops.
+        sim.changeDynamics(body, 0, jointLowerLimit=0.0, jointUpperLimit=travel, lateralFriction=1.0)
+        sim.setJointMotorControl2(body, 0, pb.VELOCITY_CONTROL, targetVelocity=0, force=2.0)
+        for visual_index, color in ((-1, base_color), (0, link_color)):
+            sim.changeVisualShape(body, visual_index, rgbaColor=COLORS[color])
+        self._render_parts += [(body, -1, base_pieces), (body, 0, link_pieces)]
+        self.bodies.append(body)
+        self.articulated.append(body)
+        return body
+
+    def set_body_pose(self, body: int, position, yaw: float = 0.0, orientation=None):
+        quaternion = orientation if orientation is not None else yaw_quaternion(yaw)
+        self.sim.resetBasePositionAndOrientation(body, position, quaternion)
+        self.sim.resetBaseVelocity(body, (0, 0, 0), (0, 0, 0))
+
+    # ---- subclass hooks ----
+    def _create_task_bodies(self):
+        raise NotImplementedError
+
+    def _sample_scene(self):
+        raise NotImplementedError
+
+    def _is_success(self) -> bool:
+        raise NotImplementedError
+
+    def expert_action(self) -> np.ndarray:
+        """The planner's action for the current state, in the normalised action space [-1, 1]^5."""
+        raise NotImplementedError
+
+    # ---- gymnasium API ----
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._build_world()
+        self.steps = 0
+        self.planner_memory = {}
+        if options and options.get("scene_state") is not None:
+            self.set_scene_state(options["scene_state"])
+        else:
+            self._sample_scene()
+            self.sim.performCollisionDetection()
+        self.holding = self._held_object() is not None
+        return self._observation(), {"is_success": False, "holding": self.holding}
+
+    def step(self, action):
+        if self.sim is None:
+            raise RuntimeError("call reset() before step().")
+        action = np.clip(np.asarray(action, dtype=np.float64).reshape(5), -1.0, 1.0)
+        position, yaw = self.gripper_pose()
+        target = position + action[1:4] * self.dpos
+        target = np.clip(target, self.workspace[:, 0], self.workspace[:, 1])
+        self._move_gripper(position, yaw, target, yaw + action[4] * self.drot)
+        command = (action[0] + 1) / 2
+        if abs(command - self.gripper_command) > 1e-6:  # unchanged fingers hold their grip: nothing to simulate
+            self.gripper_command = float(command)
+            self._drive_fingers()
+            for _ in range(FINGER_SUBSTEPS):
+                self.sim.stepSimulation()
+        self.steps += 1
+        self.holding = self._held_object() is not None
+        success = self._is_success()
+        left_workspace = not success and self._object_left_workspace()
+        terminated = success or left_workspace
+        truncated = not terminated and self.steps >= self.max_steps
+        info = {"is_success": success, "holding": self.holding}
+        return self._observation(), float(success), terminated, truncated, info
+
+    def _move_gripper(self, start, start_yaw, target, target_yaw):
+        """Slide the constraint target from the current pose to the target, then hold it while the gripper settles."""
+        sim = self.sim
+        for i in range(1, MOVE_SUBSTEPS + SETTLE_SUBSTEPS + 1):
+            fraction = min(1.0, i / MOVE_SUBSTEPS)
+            sim.changeConstraint(self.gripper_constraint, jointChildPivot=start + fraction * (target - start),
+                                 jointChildFrameOrientation=yaw_quaternion(start_yaw + fraction * (target_yaw - start_yaw)),
+                                 maxForce=GRIPPER_FORCE)
+            sim.stepSimulation()
+
+    def render(self):
+        if self.render_mode != "rgb_array" or self.sim is None:
+            return None
+        size = self.render_size
+        centre = (0.0, 0.0, 0.05)
+        view = self.sim.computeViewMatrixFromYawPitchRoll(centre, 0.75 * self.workspace_size / 0.3 * 0.8, 90, -55, 0, 2)
+        projection = self.sim.computeProjectionMatrixFOV(45, 1.0, 0.05, 5.0)
+        _, _, rgba, _, _ = self.sim.getCameraImage(size, size, view, projection, renderer=pb.ER_TINY_RENDERER,
+                                                   lightDirection=(0.3, 0.5, 1.0), shadow=1)
+        return np.asarray(rgba, dtype=np.uint8).reshape(size, size, 4)[:, :, :3].copy()
+
+    def close(self):
+        if self.sim is not None:
+            self.sim.disconnect()
+            self.sim = None
+
+    # ---- state readers ----
+    def gripper_pose(self) -> tuple[np.ndarray, float]:
+        position, orientation = self.sim.getBasePositionAndOrientation(self.gripper)
+        return np.array(position), quaternion_yaw(orientation)
+
+    def finger_positions(self) -> tuple[float, float]:
+        return tuple(state[0] for state in self.sim.getJointStates(self.gripper, [0, 1]))
+
+    def body_pose(self, body: int, link: int = -1) -> tuple[np.ndarray, np.ndarray]:
+        """Position and quaternion of a body (or one of its links)."""
+        if link == -1:
+            position, orientation = self.sim.getBasePositionAndOrientation(body)
+        else:
+            position, orientation = self.sim.getLinkState(body, link, computeForwardKinematics=1)[4:6]
+        return np.array(position), np.array(orientation)
+
+    def body_yaw(self, body: int) -> float:
+        return quaternion_yaw(self.sim.getBasePositionAndOrientation(body)[1])
+
+    def upright_cosine(self, body: int) -> float:
+        """World-z component of the body's z axis (1 = upright)."""
+        return float(np.array(self.sim.getMatrixFromQuaternion(self.sim.getBasePositionAndOrientation(body)[1]))[8])
+
+    def touching(self, body_a: int, body_b: int) -> bool:
+        return len(self.sim.getContactPoints(body_a, body_b)) > 0
+
+    def _held_object(self) -> int | None:
+        """The free object both fingers touch with roughly horizontal contact normals, if any."""
+        for body in self.free_objects:
+            touched = set()
+            for contact in self.sim.getContactPoints(self.gripper, body):
+                if contact[3] in (0, 1) and abs(contact[7][2]) < 0.5:
+                    touched.add(contact[3])
+            if len(touched) == 2:
+                return body
+        return None
+
+    def is_held(self, body: int) -> bool:
+        return self.holding and self._held_object() == body
+
+    def _object_left_workspace(self) -> bool:
+        for body in self.free_objects:
+            x, y, _ = self.sim.getBasePositionAndOrientation(body)[0]
+            if not (self.workspace[0, 0] <= x <= self.workspace[0, 1] and self.workspace[1, 0] <= y <= self.workspace[1, 1]):
+                return True
+        return False
+
+    # ---- scene state (plain data) ----
+    def get_scene_state(self) -> dict:
+        position, yaw = self.gripper_pose()
+        bodies = []
+        for body in self.bodies:
+            body_position, orientation = self.body_pose(body)
+            entry = {"position": body_position.tolist(), "orientation": orientation.tolist()}
+            if body in self.articulated:
+                entry["joint"] = self.sim.getJointState(body, 0)[0]
+            bodies.append(entry)
+        return {
+            "gripper": {"position": position.tolist(), "yaw": yaw, "fingers": list(self.finger_positions()),
+                        "command": self.gripper_command},
+            "bodies": bodies,
+            "goal": copy.deepcopy(self.goal),
+            "planner_memory": copy.deepcopy(self.planner_memory),
+            "steps": self.steps,
+        }
+
+    def set_scene_state(self, state: dict):
+        """Place the gripper and every task body as `state` says, at rest (called by reset with a scene_state)."""
+        if len(state["bodies"]) != len(self.bodies):
+            raise ValueError(f"{type(self).__name__}: the scene state has {len(state['bodies'])} bodies, this task "
+                             f"has {len(self.bodies)}; pass a state from get_scene_state() of the same task.")
+        gripper = state["gripper"]
+        self._set_gripper(np.asarray(gripper["position"], dtype=float), gripper["yaw"], gripper["fingers"],
+                          gripper["command"])
+        for body, entry in zip(self.bodies, state["bodies"]):
+            self.set_body_pose(body, entry["position"], orientation=entry["orientation"])
+            if "joint" in entry:
+                self.sim.resetJointState(body, 0, entry["joint"], 0.0)
+        self.goal = copy.deepcopy(state.get("goal"))
+        self.planner_memory = copy.deepcopy(state.get("planner_memory", {}))
+        self.steps = int(state.get("steps", 0))
+        self.sim.performCollisionDetection()  # contacts (the holding flag) without moving anything
+
+    # ---- observation ----
+    def _observation(self) -> np.ndarray:
+        position, _ = self.gripper_pose()
+        if self.renderer == "analytic":
+            heights = self._analytic_heightmap(position[:2])
+        else:
+            heights = self._pybullet_heightmap(position[:2], position)
+        self._paint_goal(heights, position[:2])
+        self._paint_fingers(heights, position[:2])
+        image = np.empty(self.observation_space.shape, dtype=np.uint8)
+        image[0] = np.clip(np.rint(heights / HEIGHT_UNIT), 0, 255)
+        image[1] = 255 if self.holding else 0
+        return image
+
+    def _pixel_centres(self, centre_xy):
+        """World x of each row's and world y of each column's pixel centre."""
+        offsets = (np.arange(self.image_size) + 0.5 - self.image_size / 2) * self.pixel_size
+        return centre_xy[0] + offsets, centre_xy[1] + offsets
+
+    def _pixel_window(self, centres, low, high):
+        """Index range [first, last) of pixel centres inside [low, high]."""
+        start = centres[0] - 0.5 * self.pixel_size
+        first = max(0, int(math.ceil((low - start) / self.pixel_size - 0.5)))
+        last = min(self.image_size, int(math.floor((high - start) / self.pixel_size - 0.5)) + 1)
+        return first, last
+
+    def _analytic_heightmap(self, centre_xy) -> np.ndarray:
+        rows_x, cols_y = self._pixel_centres(centre_xy)
+        heights = np.zeros((self.image_size, self.image_size))
+        for body, link, pieces in self._render_parts:
+            position, orientation = self.body_pose(body, link)
+            rotation = np.array(pb.getMatrixFromQuaternion(orientation)).reshape(3, 3)
+            for piece in pieces:
+                vertices = piece.vertices @ rotation.T + position
+                r0, r1 = self._pixel_window(rows_x, vertices[:, 0].min(), vertices[:, 0].max())
+                c0, c1 = self._pixel_window(cols_y, vertices[:, 1].min(), vertices[:, 1].max())
+                if r0 >= r1 or c0 >= c1:
+                    continue
+                normals = piece.normals @ rotation.T
+                offsets = piece.offsets + normals @ position
+                # Along the vertical line through (x, y): n_z * z <= c - n_x x - n_y y for every face.
+                rhs = (offsets[:, None, None] - normals[:, 0, None, None] * rows_x[None, r0:r1, None]
+                       - normals[:, 1, None, None] * cols_y[None, None, c0:c1])
+                nz = normals[:, 2]
+                up, down = nz > 1e-9, nz < -1e-9
+                top = (rhs[up] / nz[up, None, None]).min(axis=0)
+                inside = np.ones_like(top, dtype=bool)
+                if down.any():
+                    inside &= top >= (rhs[down] / nz[down, None, None]).max(axis=0)
+                side = ~(up | down)
+                if side.any():
+                    inside &= (rhs[side] >= 0).all(axis=0)
+                window = heights[r0:r1, c0:c1]
+                np.maximum(window, np.where(inside, top, 0.0), out=window)
+        return heights
+
+    def _pybullet_heightmap(self, centre_xy, gripper_position) -> np.ndarray:
+        """Height map from TinyRenderer or rayTestBatch, with the gripper parked far away for the render."""
+        sim = self.sim
+        _, orientation = sim.getBasePositionAndOrientation(self.gripper)
+        sim.resetBasePositionAndOrientation(self.gripper, (0, 0, 50.0), orientation)
+        size, eye_height = self.image_size, 1.0
+        if self.renderer == "tiny":
+            half = self.pixel_size * size / 2
+            near, far = 0.5, eye_height + 0.01
+            # Orthographic projection (column-major, OpenGL), up vector -x: image rows grow with +x.
+            projection = [1 / half, 0, 0, 0, 0, 1 / half, 0, 0, 0, 0, -2 / (far - near), 0,
+                          0, 0, -(far + near) / (far - near), 1]
+            view = sim.computeViewMatrix((centre_xy[0], centre_xy[1], eye_height), (centre_xy[0], centre_xy[1], 0),
+                                         (-1, 0, 0))
+            depth = np.asarray(sim.getCameraImage(size, size, view, projection, renderer=pb.ER_TINY_RENDERER)[3],
+                               dtype=np.float64).reshape(size, size)
+            heights = eye_height - (near + depth * (far - near))
+        else:
+            rows_x, cols_y = self._pixel_centres(centre_xy)
+            xs, ys = np.meshgrid(rows_x, cols_y, indexing="ij")
+            starts = np.stack([xs.ravel(), ys.ravel(), np.full(xs.size, eye_height)], axis=1)
+            ends = starts.copy()
+            ends[:, 2] = -0.01
+            heights = np.zeros(xs.size)
+            for first in range(0, xs.size, 16383):  # pybullet caps a batch at 16383 rays
+                hits = sim.rayTestBatch(starts[first:first + 16383].tolist(), ends[first:first + 16383].tolist())
+                heights[first:first + len(hits)] = [hit[3][2] if hit[0] >= 0 else 0.0 for hit in hits]
+            heights = heights.reshape(size, size)
+        sim.resetBasePositionAndOrientation(self.gripper, gripper_position, orientation)
+        return np.maximum(heights, 0.0)
+
+    def _paint_fingers(self, heights, centre_xy):
+        """Paint both finger footprints with the fingertips' height (the gripper stays upright)."""
+        rows_x, cols_y = self._pixel_centres(centre_xy)
+        for link in (0, 1):
+            position, orientation = self.body_pose(self.gripper, link)
+            yaw = quaternion_yaw(orientation)
+            jaw_axis, closing_axis = np.array([math.cos(yaw), math.sin(yaw)]), np.array([-math.sin(yaw), math.cos(yaw)])
+            dx, dy = rows_x[:, None] - position[0], cols_y[None, :] - position[1]
+            inside = ((np.abs(dx * jaw_axis[0] + dy * jaw_axis[1]) <= FINGER_HALF[0])
+                      & (np.abs(dx * closing_axis[0] + dy * closing_axis[1]) <= FINGER_HALF[1]))
+            heights[inside] = max(position[2] - FINGER_HALF[2], 0.0)
+
+    def _paint_goal(self, heights, centre_xy):
+        """Goal squares have no body; they are painted as a thin patch under everything else."""
+        if self.goal is None:
+            return
+        rows_x, cols_y = self._pixel_centres(centre_xy)
+        yaw, (gx, gy) = self.goal["yaw"], self.goal["position"][:2]
+        dx, dy = rows_x[:, None] - gx, cols_y[None, :] - gy
+        u = dx * math.cos(yaw) + dy * math.sin(yaw)
+        v = -dx * math.sin(yaw) + dy * math.cos(yaw)
+        half = self.goal["size"] / 2
+        inside = (np.abs(u) <= half) & (np.abs(v) <= half)
+        heights[inside] = np.maximum(heights[inside], GOAL_MARK_HEIGHT)
+
+    # ---- planner helpers ----
+    def action_toward(self, target, target_yaw: float, gripper: float, yaw_period: float = math.pi) -> np.ndarray:
+        """Normalised action moving toward a waypoint: each component clamped to one step, target clipped to the
+        workspace; the yaw error is taken modulo `yaw_period` (the symmetry of what is grasped)."""
+        position, yaw = self.gripper_pose()
+        target = np.clip(np.asarray(target, dtype=float), self.workspace[:, 0], self.workspace[:, 1])
+        delta = (target - position) / self.dpos
+        dyaw = wrap_angle(target_yaw - yaw, yaw_period) / self.drot
+        action = np.array([2 * gripper - 1, *delta, dyaw])
+        return np.clip(action, -1.0, 1.0).astype(np.float32)
+
+    def within_one_step(self, target, target_yaw: float, yaw_period: float = math.pi) -> bool:
+        """Whether one unsaturated action lands exactly on the waypoint."""
+        position, yaw = self.gripper_pose()
+        target = np.clip(np.asarray(target, dtype=float), self.workspace[:, 0], self.workspace[:, 1])
+        return bool(np.all(np.abs(target - position) <= self.dpos + 1e-9)
+                    and abs(wrap_angle(target_yaw - yaw, yaw_period)) <= self.drot + 1e-9)
+
+
+def _outward_triangles(vertices: np.ndarray) -> list[int]:
+    """Triangle indices of a convex hull, wound counter-clockwise seen from outside (for the visual mesh)."""
+    hull = ConvexHull(vertices)
+    centre = vertices.mean(axis=0)
+    indices = []
+    for simplex in hull.simplices:
+        a, b, c = vertices[simplex]
+        if np.dot(np.cross(b - a, c - a), a - centre) < 0:
+            simplex = simplex[[0, 2, 1]]
+        indices += [int(i) for i in simplex]
+    return indices

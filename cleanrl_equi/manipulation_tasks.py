@@ -1,0 +1,552 @@
+"""The eight close-loop manipulation tasks: objects, randomisation, success checks and expert planners.
+
+Conventions (action, observation, frames) are in `cleanrl_equi.manipulation`. Every task is registered with
+gymnasium as `cleanrl_equi/<Name>-v0` when `cleanrl_equi` is imported. Sizes follow BulletArm's close-loop
+defaults (5 cm cubes, 8 x 8 cm flat blocks, a 0.3 m workspace); the drawer, bowl, roof and corner are built here
+from boxes and a convex hull.
+
+Planners are deterministic waypoint followers that re-read the object poses at every step: each action moves
+toward the current waypoint with every component clamped to one step (dpos / drot), and the waypoint that
+applies is chosen from the scene (is the object held? is the gripper above it? is the cube still in the corner?),
+so a slip is corrected instead of derailing a fixed script. Only choices that must not flip mid-episode (which
+block to drag) are kept in `planner_memory`, which is part of the scene state. Everything they compute is built
+from positions relative to the gripper and yaw differences, so rotating the scene rotates the (dx, dy) they output
+and leaves p, dz and dtheta unchanged (the symmetry test relies on it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from cleanrl_equi.manipulation import (
+    FINGER_HALF,
+    Z_RANGE,
+    ManipulationEnv,
+    Piece,
+    box,
+    quaternion_yaw,
+    wrap_angle,
+    yaw_quaternion,
+)
+
+TASK_NAMES = ("BlockPulling", "BlockPushing", "BlockPicking", "DrawerOpening", "BlockInBowl", "BlockStacking",
+              "HouseBuilding", "CornerPicking")
+
+CUBE = 0.05  # edge of the cubes (BulletArm's block size)
+QUARTER = math.pi / 2
+XY_TOLERANCE = 0.005  # how close above a waypoint the gripper must be before it descends
+YAW_TOLERANCE = 0.05
+GRASP_CLEARANCE = 0.01  # fingertips stop this far above the bottom of what they grasp
+PUSH_OPENING = 0.3  # half-closed fingers (2.4 cm apart): two contacts on a face, a stable pusher
+
+
+def cube_pieces(edge: float = CUBE) -> list[Piece]:
+    return [box((edge / 2,) * 3)]
+
+
+def roof_pieces() -> list[Piece]:
+    """A house roof: a pentagonal prism 10 cm long, 5 cm wide, 4.5 cm tall; vertical 2 cm sides to grasp.
+    The frame origin is near the centre of mass (1.7 cm above the bottom)."""
+    profile = [(-0.025, 0.0), (0.025, 0.0), (0.025, 0.02), (0.0, 0.045), (-0.025, 0.02)]
+    vertices = [(x, y, z - 0.017) for x in (-0.05, 0.05) for y, z in profile]
+    return [Piece(hull_vertices=np.array(vertices))]
+
+
+ROOF_BOTTOM = -0.017
+
+
+def random_yaw(rng) -> float:
+    return float(rng.uniform(-math.pi, math.pi))
+
+
+def inside_square(points, half_size: float, margin: float = 0.0) -> bool:
+    return bool(np.all(np.abs(np.asarray(points)[..., :2]) <= half_size - margin))
+
+
+class _TaskEnv(ManipulationEnv):
+    """Shared planner building blocks: pick an object, carry and place it, retreat."""
+
+    def sample_xy(self, padding: float) -> np.ndarray:
+        half = self.workspace_size / 2 - padding
+        return self.np_random.uniform(-half, half, size=2)
+
+    def bottom_height(self, body: int) -> float:
+        return float(self.sim.getAABB(body)[0][2])
+
+    def top_height(self, body: int) -> float:
+        return float(self.sim.getAABB(body)[1][2])
+
+    def hover_over(self, body: int) -> float:
+        return min(self.top_height(body) + 0.03, Z_RANGE[1])
+
+    def pick_action(self, body: int, yaw_period: float = QUARTER, yaw_offset: float = 0.0) -> np.ndarray | None:
+        """Go above the object with open fingers, descend, close on the step that lands on the grasp pose.
+        Returns None once the object is held (the caller decides what to do with it)."""
+        if self.is_held(body):
+            return None
+        position, yaw = self.gripper_pose()
+        target, _ = self.body_pose(body)
+        grasp_yaw = self.body_yaw(body) + yaw_offset
+        hover = self.hover_over(body)
+        grasp = np.array([target[0], target[1], max(self.bottom_height(body) + GRASP_CLEARANCE, Z_RANGE[0])])
+        if self.gripper_command < 0.5:  # closed but holding nothing (a miss, or the end of a press): open and rise
+            return self.action_toward([target[0], target[1], max(position[2], hover)], grasp_yaw, 1.0, yaw_period)
+        aligned = (np.linalg.norm(position[:2] - grasp[:2]) <= XY_TOLERANCE
+                   and abs(wrap_angle(grasp_yaw - yaw, yaw_period)) <= YAW_TOLERANCE)
+        if not aligned:
+            # Rise first if the fingers are below the object's top, so they never sweep through it.
+            height = hover if position[2] >= hover - 0.01 or np.linalg.norm(position[:2] - grasp[:2]) < 0.02 else hover
+            return self.action_toward([grasp[0], grasp[1], height], grasp_yaw, 1.0, yaw_period)
+        if self.within_one_step(grasp, grasp_yaw, yaw_period):
+            return self.action_toward(grasp, grasp_yaw, 0.0, yaw_period)  # land on the grasp pose, then close
+        return self.action_toward(grasp, grasp_yaw, 1.0, yaw_period)
+
+    def place_action(self, body: int, place_xy, place_bottom: float, yaw_change: float = 0.0,
+                     yaw_period: float = QUARTER) -> np.ndarray:
+        """Carry a held object so that its centre ends over `place_xy` with its bottom at `place_bottom`, turning
+        it by `yaw_change` (mod yaw_period); open on the step that lands there."""
+        position, yaw = self.gripper_pose()
+        held_position, _ = self.body_pose(body)
+        offset_xy = held_position[:2] - position[:2]  # a grasp is rarely exactly centred
+        place_z = place_bottom - (self.bottom_height(body) - position[2])
+        carry_z = min(place_z + 0.03, Z_RANGE[1])
+        target_xy = np.asarray(place_xy) - offset_xy
+        target_yaw = yaw + yaw_change
+        distance = np.linalg.norm(target_xy - position[:2])
+        if distance > XY_TOLERANCE or abs(wrap_angle(yaw_change, yaw_period)) > YAW_TOLERANCE:
+            if position[2] < carry_z - 0.005 and distance > 0.02:  # lift before carrying over other objects
+                return self.action_toward([position[0], position[1], carry_z], target_yaw, 0.0, yaw_period)
+            return self.action_toward([target_xy[0], target_xy[1], carry_z], target_yaw, 0.0, yaw_period)
+        place = [target_xy[0], target_xy[1], place_z]
+        if self.within_one_step(place, target_yaw, yaw_period):
+            return self.action_toward(place, target_yaw, 1.0, yaw_period)
+        return self.action_toward(place, target_yaw, 0.0, yaw_period)
+
+    def retreat_action(self) -> np.ndarray:
+        position, yaw = self.gripper_pose()
+        return self.action_toward([position[0], position[1], position[2] + self.dpos], yaw, 1.0)
+
+    def lift_action(self, height: float) -> np.ndarray:
+        position, yaw = self.gripper_pose()
+        return self.action_toward([position[0], position[1], height], yaw, 0.0)
+
+    def resting_on(self, top: int, bottom: int, height_gap: float, tolerance: float = 0.012) -> bool:
+        """`top` sits on `bottom`: touching, centred within half a cube, at the right height, off the table, free."""
+        top_position, bottom_position = self.body_pose(top)[0], self.body_pose(bottom)[0]
+        return (not self.holding
+                and np.linalg.norm(top_position[:2] - bottom_position[:2]) < CUBE / 2
+                and abs(top_position[2] - bottom_position[2] - height_gap) < tolerance
+                and self.touching(top, bottom) and not self.touching(top, self.table))
+
+
+# ---- Block Pulling ---------------------------------------------------------------------------------------------
+FLAT_BLOCK_HALF = (0.04, 0.04, 0.02)
+PULL_OFFSET = 0.07  # the gripper comes down this far behind the dragged block's centre
+
+
+class BlockPullingEnv(_TaskEnv):
+    """Two flat 8 x 8 x 4 cm blocks; success when they touch. The planner drags one block into the other."""
+
+    def _create_task_bodies(self):
+        self.blocks = [self.add_body([box(FLAT_BLOCK_HALF)], 0.2, color) for color in ("red", "blue")]
+
+    def _pull_point(self, dragged, other):
+        direction = dragged - other
+        return dragged + PULL_OFFSET * direction / np.linalg.norm(direction)
+
+    def _sample_scene(self):
+        half = self.workspace_size / 2
+        while True:
+            xy = [self.sample_xy(0.06) for _ in range(2)]
+            if np.linalg.norm(xy[0] - xy[1]) < 0.14:
+                continue
+            valid = [inside_square(self._pull_point(xy[i], xy[1 - i]), half, 0.005) for i in range(2)]
+            if any(valid):
+                break
+        self.planner_memory = {"dragged": 0 if valid[0] else 1}
+        for block, position in zip(self.blocks, xy):
+            self.set_body_pose(block, (*position, FLAT_BLOCK_HALF[2]), random_yaw(self.np_random))
+
+    def _is_success(self):
+        return self.touching(*self.blocks)
+
+    def expert_action(self):
+        dragged = self.blocks[self.planner_memory["dragged"]]
+        other = self.blocks[1 - self.planner_memory["dragged"]]
+        position, yaw = self.gripper_pose()
+        dragged_xy, other_xy = self.body_pose(dragged)[0][:2], self.body_pose(other)[0][:2]
+        direction = (dragged_xy - other_xy) / np.linalg.norm(dragged_xy - other_xy)
+        pull_yaw = math.atan2(direction[1], direction[0])  # fingers side by side across the pulling line
+        start = self._pull_point(dragged_xy, other_xy)
+        low = Z_RANGE[0]
+        relative = position[:2] - dragged_xy
+        along, across = relative @ direction, relative @ np.array([-direction[1], direction[0]])
+        behind = along > FLAT_BLOCK_HALF[0] + 0.005 and abs(across) < 0.03
+        yaw_ok = abs(wrap_angle(pull_yaw - yaw, math.pi)) <= YAW_TOLERANCE
+        if behind and yaw_ok and position[2] <= low + 0.005:
+            return self.action_toward([other_xy[0], other_xy[1], low], pull_yaw, PUSH_OPENING)
+        if np.linalg.norm(position[:2] - start) <= XY_TOLERANCE and yaw_ok:
+            return self.action_toward([start[0], start[1], low], pull_yaw, PUSH_OPENING)
+        return self.action_toward([start[0], start[1], 0.08], pull_yaw, PUSH_OPENING)
+
+
+# ---- Block Pushing ---------------------------------------------------------------------------------------------
+GOAL_SIZE = 0.08
+PUSH_START = 0.06  # behind the cube centre: half a cube diagonal, a finger, and a margin
+PUSH_CONTACT = CUBE / 2 + FINGER_HALF[0]  # gripper-to-cube-centre distance while pushing a face
+
+
+class BlockPushingEnv(_TaskEnv):
+    """A cube and an 8 cm goal square (painted into the image); success when the cube's centre is inside the
+    square. The planner pushes with half-closed fingers along the cube-goal line."""
+
+    def _create_task_bodies(self):
+        self.cube = self.add_body(cube_pieces(), 0.1, "red")
+
+    def _sample_scene(self):
+        half = self.workspace_size / 2
+        while True:
+            cube_xy, goal_xy = self.sample_xy(0.04), self.sample_xy(0.05)
+            distance = np.linalg.norm(goal_xy - cube_xy)
+            if distance < 0.09:
+                continue
+            if inside_square(cube_xy - PUSH_START * (goal_xy - cube_xy) / distance, half, 0.005):
+                break
+        self.set_body_pose(self.cube, (*cube_xy, CUBE / 2), random_yaw(self.np_random))
+        self.goal = {"position": [float(goal_xy[0]), float(goal_xy[1])], "yaw": random_yaw(self.np_random),
+                     "size": GOAL_SIZE}
+
+    def _goal_frame_offset(self) -> np.ndarray:
+        cube_xy = self.body_pose(self.cube)[0][:2]
+        delta = cube_xy - np.asarray(self.goal["position"])
+        yaw = self.goal["yaw"]
+        return np.array([delta[0] * math.cos(yaw) + delta[1] * math.sin(yaw),
+                         -delta[0] * math.sin(yaw) + delta[1] * math.cos(yaw)])
+
+    def _is_success(self):
+        return bool(np.all(np.abs(self._goal_frame_offset()) <= GOAL_SIZE / 2))
+
+    def expert_action(self):
+        position, yaw = self.gripper_pose()
+        cube_xy, goal_xy = self.body_pose(self.cube)[0][:2], np.asarray(self.goal["position"])
+        direction = (goal_xy - cube_xy) / max(np.linalg.norm(goal_xy - cube_xy), 1e-6)
+        push_yaw = math.atan2(direction[1], direction[0])
+        start = cube_xy - PUSH_START * direction
+        low = Z_RANGE[0]
+        relative = position[:2] - cube_xy
+        along, across = relative @ direction, relative @ np.array([-direction[1], direction[0]])
+        behind = along < -PUSH_CONTACT + 0.01 and abs(across) < 0.012
+        yaw_ok = abs(wrap_angle(push_yaw - yaw, math.pi)) <= YAW_TOLERANCE
+        if behind and yaw_ok and position[2] <= low + 0.005:
+            end = goal_xy - PUSH_CONTACT * direction  # where the gripper is when the cube's centre is on the goal
+            return self.action_toward([end[0], end[1], low], push_yaw, PUSH_OPENING)
+        if np.linalg.norm(position[:2] - start) <= XY_TOLERANCE and yaw_ok:
+            return self.action_toward([start[0], start[1], low], push_yaw, PUSH_OPENING)
+        return self.action_toward([start[0], start[1], CUBE + 0.02], push_yaw, PUSH_OPENING)
+
+
+# ---- Block Picking ---------------------------------------------------------------------------------------------
+class BlockPickingEnv(_TaskEnv):
+    """One cube; success when it is held with the fingertips above 0.15 m (BulletArm's threshold)."""
+
+    lift_height = 0.15
+
+    def _create_task_bodies(self):
+        self.cube = self.add_body(cube_pieces(), 0.1, "red")
+
+    def _sample_scene(self):
+        self.set_body_pose(self.cube, (*self.sample_xy(0.04), CUBE / 2), random_yaw(self.np_random))
+
+    def _is_success(self):
+        return self.is_held(self.cube) and self.gripper_pose()[0][2] > self.lift_height
+
+    def expert_action(self):
+        action = self.pick_action(self.cube)
+        return action if action is not None else self.lift_action(self.lift_height + 0.05)
+
+
+# ---- Drawer Opening --------------------------------------------------------------------------------------------
+CABINET = (0.16, 0.16, 0.10)  # depth (along the opening direction), width, height
+WALL = 0.01
+HANDLE_GAP = 0.035  # room between the drawer front and the handle bar for the closed fingers
+HOOK_HEIGHT = 0.025  # fingertip height while pulling: the fingers cover the bar at 4.25-5.75 cm
+DRAWER_TRAVEL = 0.2
+OPEN_DISTANCE = 0.15
+
+
+def cabinet_pieces() -> list[Piece]:
+    depth, width, height = CABINET
+    return [box((depth / 2, width / 2, WALL / 2), (0, 0, height - WALL / 2)),
+            box((depth / 2, width / 2, WALL / 2), (0, 0, WALL / 2)),
+            box((WALL / 2, width / 2, height / 2), (-depth / 2 + WALL / 2, 0, height / 2)),
+            box((depth / 2, WALL / 2, height / 2), (0, width / 2 - WALL / 2, height / 2)),
+            box((depth / 2, WALL / 2, height / 2), (0, -width / 2 + WALL / 2, height / 2))]
+
+
+def drawer_pieces() -> list[Piece]:
+    """The sliding drawer at joint value 0: front panel flush with the cabinet, a tray behind it, a bar handle."""
+    depth, width, height = CABINET
+    inner_width = width / 2 - WALL - 0.002
+    bar_x = depth / 2 + HANDLE_GAP + 0.005
+    return [box((WALL / 2, inner_width, height / 2 - WALL - 0.002), (depth / 2 - WALL / 2, 0, height / 2)),
+            box((depth / 2 - WALL - 0.002, inner_width, WALL / 2), (0, 0, WALL * 1.5 + 0.002)),
+            box((WALL / 2, inner_width, 0.02), (-depth / 2 + WALL * 1.5 + 0.002, 0, 0.04)),
+            box((0.005, 0.04, 0.0075), (bar_x, 0, height / 2)),
+            *[box((HANDLE_GAP / 2, 0.005, 0.0075), (depth / 2 + HANDLE_GAP / 2, side * 0.035, height / 2))
+              for side in (-1, 1)]]
+
+
+class DrawerOpeningEnv(_TaskEnv):
+    """A cabinet (16 x 16 x 10 cm, static) whose drawer slides out along the cabinet's +x; success when it is
+    out by more than 0.15 m. The planner hooks the closed fingers behind the handle bar and pulls."""
+
+    def _create_task_bodies(self):
+        self.drawer = self.add_sliding_body(cabinet_pieces(), drawer_pieces(), DRAWER_TRAVEL, "wood", "yellow")
+
+    def _hook_point(self, cabinet_xy, yaw, opened):
+        """Where the gripper sits between drawer front and handle bar, touching the bar from inside."""
+        distance = CABINET[0] / 2 + HANDLE_GAP - FINGER_HALF[0] - 0.003 + opened
+        return np.asarray(cabinet_xy) + distance * np.array([math.cos(yaw), math.sin(yaw)])
+
+    def _sample_scene(self):
+        size = self.workspace_size
+        while True:
+            yaw = random_yaw(self.np_random)
+            outward = np.array([math.cos(yaw), math.sin(yaw)])
+            across = np.array([-outward[1], outward[0]])
+            centre = (-outward * self.np_random.uniform(0.4 * size, 0.53 * size)
+                      + across * self.np_random.uniform(-0.15 * size, 0.15 * size))
+            hooks = [self._hook_point(centre, yaw, opened) for opened in (0.0, OPEN_DISTANCE + 0.03)]
+            if inside_square(np.array(hooks), size / 2, 0.01):
+                break
+        self.set_body_pose(self.drawer, (*centre, 0.0), yaw)
+        self.sim.resetJointState(self.drawer, 0, 0.0, 0.0)
+
+    def opened(self) -> float:
+        return float(self.sim.getJointState(self.drawer, 0)[0])
+
+    def _is_success(self):
+        return self.opened() > OPEN_DISTANCE
+
+    def expert_action(self):
+        position, yaw = self.gripper_pose()
+        cabinet_xy, cabinet_yaw = self.body_pose(self.drawer)[0][:2], self.body_yaw(self.drawer)
+        hook = self._hook_point(cabinet_xy, cabinet_yaw, self.opened())
+        outward = np.array([math.cos(cabinet_yaw), math.sin(cabinet_yaw)])
+        yaw_ok = abs(wrap_angle(cabinet_yaw - yaw, math.pi)) <= YAW_TOLERANCE
+        distance = np.linalg.norm(position[:2] - hook)
+        if distance <= 0.01 and yaw_ok and position[2] <= HOOK_HEIGHT + 0.01:  # hooked: pull one step out
+            target = hook + self.dpos * outward
+            return self.action_toward([target[0], target[1], HOOK_HEIGHT], cabinet_yaw, 0.0)
+        if distance <= XY_TOLERANCE and yaw_ok:
+            return self.action_toward([hook[0], hook[1], HOOK_HEIGHT], cabinet_yaw, 0.0)
+        return self.action_toward([hook[0], hook[1], CABINET[2] + 0.02], cabinet_yaw, 0.0)
+
+
+# ---- Block in Bowl ---------------------------------------------------------------------------------------------
+BOWL_BASE = 0.045  # apothem of the octagonal floor
+BOWL_TILT = math.radians(35)
+BOWL_RIM = 0.05  # height of the rim above the table
+
+
+def bowl_pieces() -> list[Piece]:
+    """A shallow octagonal bowl: two square plates make the floor, eight slabs lean outward as the wall."""
+    pieces = [box((BOWL_BASE, BOWL_BASE, 0.005), (0, 0, 0.005), yaw=angle) for angle in (0.0, math.pi / 4)]
+    slab_half = (0.004, 0.026, 0.025)  # thickness, tangential half-width, half-length along the slope
+    foot = BOWL_BASE + 0.002
+    for k in range(8):
+        azimuth = k * math.pi / 4
+        radial = foot + slab_half[2] * math.sin(BOWL_TILT) + slab_half[0] * math.cos(BOWL_TILT)
+        height = 0.008 + slab_half[2] * math.cos(BOWL_TILT) - slab_half[0] * math.sin(BOWL_TILT)
+        tilt = (0.0, math.sin(BOWL_TILT / 2), 0.0, math.cos(BOWL_TILT / 2))  # leans the slab's top outward
+        import pybullet as pb  # local: quaternion product only
+
+        orientation = pb.multiplyTransforms((0, 0, 0), yaw_quaternion(azimuth), (0, 0, 0), tilt)[1]
+        pieces.append(box(slab_half, (radial * math.cos(azimuth), radial * math.sin(azimuth), height),
+                          orientation=orientation))
+    return pieces
+
+
+class BlockInBowlEnv(_TaskEnv):
+    """A cube and a free octagonal bowl (16 cm across); success when the released cube rests in the upright
+    bowl, touching it, within 3.5 cm of its centre."""
+
+    def _create_task_bodies(self):
+        self.cube = self.add_body(cube_pieces(), 0.1, "red")
+        self.bowl = self.add_body(bowl_pieces(), 0.4, "white")
+
+    def _sample_scene(self):
+        while True:
+            cube_xy, bowl_xy = self.sample_xy(0.04), self.sample_xy(0.08)
+            if np.linalg.norm(cube_xy - bowl_xy) >= 0.16:
+                break
+        self.set_body_pose(self.cube, (*cube_xy, CUBE / 2), random_yaw(self.np_random))
+        self.set_body_pose(self.bowl, (*bowl_xy, 0.0), random_yaw(self.np_random))
+
+    def _cube_over_bowl(self, distance: float) -> bool:
+        cube, bowl = self.body_pose(self.cube)[0], self.body_pose(self.bowl)[0]
+        return np.linalg.norm(cube[:2] - bowl[:2]) < distance and cube[2] < bowl[2] + BOWL_RIM + CUBE
+
+    def _is_success(self):
+        return (not self.holding and self._cube_over_bowl(0.035) and self.touching(self.cube, self.bowl)
+                and self.upright_cosine(self.bowl) > math.cos(math.radians(30)))
+
+    def expert_action(self):
+        if not self.holding and self._cube_over_bowl(0.05):
+            return self.retreat_action()  # released: let it settle
+        action = self.pick_action(self.cube)
+        if action is not None:
+            return action
+        bowl = self.body_pose(self.bowl)[0]
+        return self.place_action(self.cube, bowl[:2], bowl[2] + BOWL_RIM + 0.01)
+
+
+# ---- Block Stacking --------------------------------------------------------------------------------------------
+class BlockStackingEnv(_TaskEnv):
+    """Two cubes; success when one rests on the other (centred within half a cube, off the table, not held)."""
+
+    def _create_task_bodies(self):
+        self.cubes = [self.add_body(cube_pieces(), 0.1, color) for color in ("red", "green")]
+
+    def _sample_scene(self):
+        while True:
+            xy = [self.sample_xy(0.04) for _ in range(2)]
+            if np.linalg.norm(xy[0] - xy[1]) >= 0.12:
+                break
+        for cube, position in zip(self.cubes, xy):
+            self.set_body_pose(cube, (*position, CUBE / 2), random_yaw(self.np_random))
+
+    def _is_success(self):
+        return any(self.resting_on(top, bottom, CUBE) for top, bottom in (self.cubes, self.cubes[::-1]))
+
+    def expert_action(self):
+        moved, base = self.cubes
+        base_position = self.body_pose(base)[0]
+        if not self.holding and np.linalg.norm(self.body_pose(moved)[0][:2] - base_position[:2]) < CUBE / 2:
+            return self.retreat_action()
+        action = self.pick_action(moved)
+        if action is not None:
+            return action
+        yaw_change = wrap_angle(self.body_yaw(base) - self.body_yaw(moved), QUARTER)
+        return self.place_action(moved, base_position[:2], self.top_height(base) + 0.008, yaw_change)
+
+
+# ---- House Building --------------------------------------------------------------------------------------------
+class HouseBuildingEnv(_TaskEnv):
+    """A cube and a roof; success when the roof rests upright (tilt < 20 degrees) on the cube, not held."""
+
+    def _create_task_bodies(self):
+        self.cube = self.add_body(cube_pieces(), 0.1, "green")
+        self.roof = self.add_body(roof_pieces(), 0.1, "red")
+
+    def _sample_scene(self):
+        while True:
+            cube_xy, roof_xy = self.sample_xy(0.04), self.sample_xy(0.06)
+            if np.linalg.norm(cube_xy - roof_xy) >= 0.14:
+                break
+        self.set_body_pose(self.cube, (*cube_xy, CUBE / 2), random_yaw(self.np_random))
+        self.set_body_pose(self.roof, (*roof_xy, -ROOF_BOTTOM), random_yaw(self.np_random))
+
+    def _is_success(self):
+        return (self.resting_on(self.roof, self.cube, CUBE / 2 - ROOF_BOTTOM)
+                and self.upright_cosine(self.roof) > math.cos(math.radians(20)))
+
+    def expert_action(self):
+        cube_position = self.body_pose(self.cube)[0]
+        if not self.holding and np.linalg.norm(self.body_pose(self.roof)[0][:2] - cube_position[:2]) < CUBE / 2:
+            return self.retreat_action()
+        # The fingers close across the roof's width (its local y), so the gripper yaw matches the roof's, mod pi.
+        action = self.pick_action(self.roof, yaw_period=math.pi)
+        if action is not None:
+            return action
+        yaw_change = wrap_angle(self.body_yaw(self.cube) - self.body_yaw(self.roof), QUARTER)
+        return self.place_action(self.roof, cube_position[:2], self.top_height(self.cube) + 0.008, yaw_change)
+
+
+# ---- Corner Picking --------------------------------------------------------------------------------------------
+CORNER_CUBE = 0.06  # BulletArm's corner cube is 1.2x the 5 cm block
+CORNER_INNER = -0.09  # the walls' inner faces, in the corner frame (plate from -0.1 to 0.1)
+PLATE = 0.01
+SNUG = 0.002  # gap between the cube and each wall at the start
+SLID_CLEARANCE = 0.04  # the planner slides the cube until this gap opens on both walls ...
+PICK_CLEARANCE = 0.025  # ... and picks once the gap exceeds this (room for an open finger)
+
+
+def corner_pieces() -> list[Piece]:
+    return [box((0.1, 0.1, PLATE / 2), (0, 0, PLATE / 2)),
+            box((0.005, 0.1, 0.03), (CORNER_INNER - 0.005, 0, PLATE + 0.03)),
+            box((0.1, 0.005, 0.03), (0, CORNER_INNER - 0.005, PLATE + 0.03))]
+
+
+def _corner_local(cube_gap: float) -> np.ndarray:
+    """Cube centre (corner frame) with `cube_gap` between it and both walls."""
+    return np.array([CORNER_INNER + CORNER_CUBE / 2 + cube_gap] * 2)
+
+
+class CornerPickingEnv(_TaskEnv):
+    """A 6 cm cube snug in a static corner (two 6 cm walls on a slippery plate); success when the cube is held
+    with the fingertips above 0.1 m. Neither pair of faces can be grasped in the corner, so the planner presses
+    on the cube with closed fingers, drags it out along the diagonal, then picks it."""
+
+    lift_height = 0.1
+
+    def _create_task_bodies(self):
+        self.corner = self.add_body(corner_pieces(), 0.0, "grey", friction=0.02, free=False)
+        self.cube = self.add_body(cube_pieces(CORNER_CUBE), 0.1, "red")
+
+    def _corner_to_world(self, local_xy) -> np.ndarray:
+        origin, yaw = self.body_pose(self.corner)[0][:2], self.body_yaw(self.corner)
+        c, s = math.cos(yaw), math.sin(yaw)
+        return origin + np.array([c * local_xy[0] - s * local_xy[1], s * local_xy[0] + c * local_xy[1]])
+
+    def _sample_scene(self):
+        half = self.workspace_size / 2
+        while True:
+            yaw = random_yaw(self.np_random)
+            cube_xy = self.sample_xy(0.045)
+            c, s = math.cos(yaw), math.sin(yaw)
+            rotation = np.array([[c, -s], [s, c]])
+            origin = cube_xy - rotation @ _corner_local(SNUG)
+            slid = origin + rotation @ _corner_local(SLID_CLEARANCE)
+            if inside_square(slid, half, 0.05):
+                break
+        self.set_body_pose(self.corner, (*origin, 0.0), yaw)
+        self.set_body_pose(self.cube, (*cube_xy, PLATE + CORNER_CUBE / 2), yaw)
+
+    def _wall_gaps(self) -> np.ndarray:
+        """Smallest gap between the cube and each wall (corner frame x and y)."""
+        corner_origin, corner_yaw = self.body_pose(self.corner)[0][:2], self.body_yaw(self.corner)
+        lower, upper = self.sim.getAABB(self.cube)  # world box; use the cube's own corners instead for accuracy
+        del lower, upper
+        position, orientation = self.body_pose(self.cube)
+        rotation = np.array(self.sim.getMatrixFromQuaternion(orientation)).reshape(3, 3)
+        corners = np.array([[sx, sy, 0.0] for sx in (-1, 1) for sy in (-1, 1)]) * CORNER_CUBE / 2
+        world = corners @ rotation.T + position
+        c, s = math.cos(corner_yaw), math.sin(corner_yaw)
+        relative = world[:, :2] - corner_origin
+        local = relative @ np.array([[c, -s], [s, c]])  # world -> corner frame
+        return local.min(axis=0) - CORNER_INNER
+
+    def _is_success(self):
+        return self.is_held(self.cube) and self.gripper_pose()[0][2] > self.lift_height
+
+    def expert_action(self):
+        if self.is_held(self.cube):
+            return self.lift_action(self.lift_height + 0.05)
+        if np.all(self._wall_gaps() >= PICK_CLEARANCE):
+            return self.pick_action(self.cube)
+        # Still in the corner: press on the top face and drag the cube out along the diagonal.
+        position, yaw = self.gripper_pose()
+        cube = self.body_pose(self.cube)[0]
+        press_yaw = self.body_yaw(self.corner) + math.pi / 4
+        top = self.top_height(self.cube)
+        target_xy = self._corner_to_world(_corner_local(SLID_CLEARANCE))
+        yaw_ok = abs(wrap_angle(press_yaw - yaw, math.pi)) <= YAW_TOLERANCE
+        over_cube = np.linalg.norm(position[:2] - cube[:2])
+        if over_cube <= 0.01 and yaw_ok and position[2] <= top + 0.002:  # pressing: drag
+            return self.action_toward([target_xy[0], target_xy[1], top - 0.004], press_yaw, 0.0)
+        if over_cube <= XY_TOLERANCE and yaw_ok:
+            return self.action_toward([cube[0], cube[1], top - 0.004], press_yaw, 0.0)
+        return self.action_toward([cube[0], cube[1], top + 0.03], press_yaw, 0.0)

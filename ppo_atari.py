@@ -1,0 +1,413 @@
+"""PPO on Atari with the Nature CNN: CleanRL's `ppo_atari.py` on gymnasium 1.x and ale-py's native vector env.
+
+Proximal Policy Optimization (Schulman et al. 2017, arXiv 1707.06347) with the details of "The 37 Implementation
+Details of PPO" (Huang et al. 2022): GAE, per-minibatch advantage normalisation, clipped value loss, global
+gradient clipping, annealed learning rate, orthogonal init. `ppo_atari_equi.py` is this file with a
+mirror-equivariant network: `diff ppo_atari.py ppo_atari_equi.py` shows the idea.
+
+    uv run python ppo_atari.py --env-id BreakoutNoFrameskip-v4 --total-timesteps 10000000
+    uv run python ppo_atari.py --eval-checkpoint runs/<run>/ppo_atari.cleanrl_model --eval-episodes 10
+"""
+
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.optim as optim
+import tyro
+from torch.distributions.categorical import Categorical
+from torch.utils.tensorboard import SummaryWriter
+
+from cleanrl_equi.atari import action_meanings, make_atari_envs, parse_atari_env_id
+from cleanrl_equi.utils import fail, load_checkpoint, save_checkpoint
+
+SCRIPT = os.path.basename(__file__)[: -len(".py")]
+
+
+@dataclass
+class Args:
+    exp_name: str = SCRIPT
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "cleanrl-equi"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """whether to capture videos of the agent performances (check out `videos` folder); uses the gym back-end"""
+    save_model: bool = False
+    """whether to save the model to `runs/{run_name}` at the end, then evaluate it"""
+    eval_checkpoint: Optional[str] = None
+    """evaluate this saved model (a `.cleanrl_model` file) for `eval_episodes` games instead of training"""
+    eval_episodes: int = 10
+    """the number of full games played by the evaluation"""
+
+    # Algorithm specific arguments
+    env_id: str = "BreakoutNoFrameskip-v4"
+    """the id of the environment: <Game>NoFrameskip-v4, or ALE/<Game>-v5 for sticky actions"""
+    env_backend: str = "ale"
+    """`ale`: ale-py's native multi-threaded vector env; `gym`: CleanRL's wrappers in gymnasium's vector env"""
+    async_envs: bool = False
+    """with the gym back-end, run each env in its own process (gymnasium's AsyncVectorEnv)"""
+    total_timesteps: int = 10000000
+    """total timesteps of the experiments"""
+    learning_rate: float = 2.5e-4
+    """the learning rate of the optimizer"""
+    num_envs: int = 8
+    """the number of parallel game environments"""
+    num_steps: int = 128
+    """the number of steps to run in each environment per policy rollout"""
+    anneal_lr: bool = True
+    """Toggle learning rate annealing for policy and value networks"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    gae_lambda: float = 0.95
+    """the lambda for the general advantage estimation"""
+    num_minibatches: int = 4
+    """the number of mini-batches"""
+    update_epochs: int = 4
+    """the K epochs to update the policy"""
+    norm_adv: bool = True
+    """Toggles advantages normalization"""
+    clip_coef: float = 0.1
+    """the surrogate clipping coefficient"""
+    clip_vloss: bool = True
+    """Toggles whether or not to use a clipped loss for the value function, as per the paper."""
+    ent_coef: float = 0.01
+    """coefficient of the entropy"""
+    vf_coef: float = 0.5
+    """coefficient of the value function"""
+    max_grad_norm: float = 0.5
+    """the maximum norm for the gradient clipping"""
+    target_kl: Optional[float] = None
+    """the target KL divergence threshold (stop the epochs of an update early once it is passed)"""
+    progress_interval: float = 30.0
+    """seconds between progress lines on stdout"""
+
+    # to be filled in runtime
+    batch_size: int = 0
+    """the batch size (computed in runtime)"""
+    minibatch_size: int = 0
+    """the mini-batch size (computed in runtime)"""
+    num_iterations: int = 0
+    """the number of iterations (computed in runtime)"""
+
+
+def check_args(args: Args) -> None:
+    """Stop at start-up, with one sentence, on settings that cannot work."""
+    try:
+        parse_atari_env_id(args.env_id)
+    except ValueError as exc:
+        fail(str(exc))
+    if args.env_backend not in ("ale", "gym"):
+        fail(f"--env-backend must be 'ale' or 'gym', not {args.env_backend!r}.")
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1.")
+    batch_size = args.num_envs * args.num_steps
+    if batch_size % args.num_minibatches != 0:
+        fail(
+            f"the batch of {args.num_envs} envs x {args.num_steps} steps = {batch_size} does not split into "
+            f"{args.num_minibatches} minibatches; choose --num-minibatches dividing {batch_size}."
+        )
+    if args.total_timesteps < batch_size:
+        fail(f"--total-timesteps {args.total_timesteps} is less than one rollout of {batch_size} steps.")
+
+
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Agent(nn.Module):
+    """Nature-CNN actor-critic with a shared trunk (Mnih et al. 2015)."""
+
+    def __init__(self, args: Args, n_actions: int):
+        super().__init__()
+        self.network = nn.Sequential(
+            layer_init(nn.Conv2d(4, 32, 8, stride=4)),
+            nn.ReLU(),
+            layer_init(nn.Conv2d(32, 64, 4, stride=2)),
+            nn.ReLU(),
+            layer_init(nn.Conv2d(64, 64, 3, stride=1)),
+            nn.ReLU(),
+            nn.Flatten(),
+            layer_init(nn.Linear(64 * 7 * 7, 512)),
+            nn.ReLU(),
+        )
+        self.actor = layer_init(nn.Linear(512, n_actions), std=0.01)
+        self.critic = layer_init(nn.Linear(512, 1), std=1)
+
+    def get_value(self, x):
+        return self.critic(self.network(x / 255.0))
+
+    def get_action_and_value(self, x, action=None):
+        hidden = self.network(x / 255.0)
+        logits = self.actor(hidden)
+        probs = Categorical(logits=logits)
+        if action is None:
+            action = probs.sample()
+        return action, probs.log_prob(action), probs.entropy(), self.critic(hidden)
+
+
+def build_agent(args: Args) -> Agent:
+    return Agent(args, len(action_meanings(args.env_id)))
+
+
+def evaluate(agent: Agent, args: Args, device: torch.device, run_name: str, capture_video: bool = False) -> list[float]:
+    """Play `args.eval_episodes` full games with actions sampled from the policy; return their raw scores."""
+    num_envs = min(args.eval_episodes, 8)
+    backend = "gym" if capture_video else args.env_backend
+    envs = make_atari_envs(args.env_id, num_envs, backend, capture_video, f"{run_name}-eval")
+    obs, _ = envs.reset(seed=args.seed + 10_000)
+    agent.eval()
+    scores: list[float] = []
+    while len(scores) < args.eval_episodes:
+        with torch.no_grad():
+            actions, _, _, _ = agent.get_action_and_value(torch.as_tensor(obs, device=device))
+        obs, _, _, _, infos = envs.step(actions.cpu().numpy())
+        if "_episode" in infos:
+            scores.extend(float(r) for r in infos["episode"]["r"][infos["_episode"]])
+    envs.close()
+    return scores[: args.eval_episodes]
+
+
+def run_evaluation(args: Args) -> None:
+    """The `--eval-checkpoint` path: rebuild the saved agent and report its mean score."""
+    if args.eval_episodes < 1:
+        fail("--eval-episodes must be at least 1.")
+    checkpoint = load_checkpoint(args.eval_checkpoint, SCRIPT)
+    saved = Args(**{k: v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__})
+    saved.eval_episodes, saved.seed, saved.env_backend = args.eval_episodes, args.seed, args.env_backend
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    agent = build_agent(saved).to(device)
+    try:
+        agent.load_state_dict(checkpoint["model"])
+    except RuntimeError:
+        fail(f"checkpoint {args.eval_checkpoint!r} does not fit this script's network (other shapes or settings).")
+    run_name = f"{saved.env_id}__{saved.exp_name}__eval__{int(time.time())}"
+    scores = evaluate(agent, saved, device, run_name, capture_video=args.capture_video)
+    print(f"{saved.env_id}: mean score {np.mean(scores):.1f} +- {np.std(scores):.1f} over {len(scores)} games")
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if args.eval_checkpoint is not None:
+        run_evaluation(args)
+        raise SystemExit(0)
+    check_args(args)
+    if args.capture_video and args.env_backend == "ale":
+        print("--capture-video records through gymnasium's wrappers: using --env-backend gym")
+        args.env_backend = "gym"
+    args.batch_size = int(args.num_envs * args.num_steps)
+    args.minibatch_size = int(args.batch_size // args.num_minibatches)
+    args.num_iterations = args.total_timesteps // args.batch_size
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.track:
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            monitor_gym=True,
+            save_code=True,
+        )
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # env setup
+    envs = make_atari_envs(args.env_id, args.num_envs, args.env_backend, args.capture_video, run_name, args.async_envs)
+
+    agent = build_agent(args).to(device)
+    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+
+    # ALGO Logic: Storage setup (frames stay uint8 until the network scales them: 4x less memory for big rollouts)
+    obs = torch.zeros((args.num_steps, args.num_envs) + envs.single_observation_space.shape, dtype=torch.uint8).to(device)
+    actions = torch.zeros((args.num_steps, args.num_envs) + envs.single_action_space.shape, dtype=torch.long).to(device)
+    logprobs = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    dones = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    values = torch.zeros((args.num_steps, args.num_envs)).to(device)
+
+    # TRY NOT TO MODIFY: start the game
+    global_step = 0
+    start_time = time.time()
+    last_progress, last_return = start_time, float("nan")
+    next_obs, _ = envs.reset(seed=args.seed)
+    next_obs = torch.as_tensor(next_obs, device=device)
+    next_done = torch.zeros(args.num_envs).to(device)
+
+    for iteration in range(1, args.num_iterations + 1):
+        # Annealing the rate if instructed to do so.
+        if args.anneal_lr:
+            frac = 1.0 - (iteration - 1.0) / args.num_iterations
+            lrnow = frac * args.learning_rate
+            optimizer.param_groups[0]["lr"] = lrnow
+
+        agent.eval()  # acting (no_grad): an escnn network expands its filters once here, not at every step
+        for step in range(0, args.num_steps):
+            global_step += args.num_envs
+            obs[step] = next_obs
+            dones[step] = next_done
+
+            # ALGO LOGIC: action logic
+            with torch.no_grad():
+                action, logprob, _, value = agent.get_action_and_value(next_obs)
+                values[step] = value.flatten()
+            actions[step] = action
+            logprobs[step] = logprob
+
+            # TRY NOT TO MODIFY: execute the game and log data.
+            next_obs, reward, terminations, truncations, infos = envs.step(action.cpu().numpy())
+            next_done = np.logical_or(terminations, truncations)
+            rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device).view(-1)
+            next_obs, next_done = torch.as_tensor(next_obs, device=device), torch.Tensor(next_done).to(device)
+
+            if "_episode" in infos:
+                for i in np.flatnonzero(infos["_episode"]):
+                    last_return = float(infos["episode"]["r"][i])
+                    writer.add_scalar("charts/episodic_return", last_return, global_step)
+                    writer.add_scalar("charts/episodic_length", infos["episode"]["l"][i], global_step)
+
+        # bootstrap value if not done
+        with torch.no_grad():
+            next_value = agent.get_value(next_obs).reshape(1, -1)
+            advantages = torch.zeros_like(rewards).to(device)
+            lastgaelam = 0
+            for t in reversed(range(args.num_steps)):
+                if t == args.num_steps - 1:
+                    nextnonterminal = 1.0 - next_done
+                    nextvalues = next_value
+                else:
+                    nextnonterminal = 1.0 - dones[t + 1]
+                    nextvalues = values[t + 1]
+                delta = rewards[t] + args.gamma * nextvalues * nextnonterminal - values[t]
+                advantages[t] = lastgaelam = delta + args.gamma * args.gae_lambda * nextnonterminal * lastgaelam
+            returns = advantages + values
+
+        # flatten the batch
+        b_obs = obs.reshape((-1,) + envs.single_observation_space.shape)
+        b_logprobs = logprobs.reshape(-1)
+        b_actions = actions.reshape((-1,) + envs.single_action_space.shape)
+        b_advantages = advantages.reshape(-1)
+        b_returns = returns.reshape(-1)
+        b_values = values.reshape(-1)
+
+        # Optimizing the policy and value network
+        agent.train()
+        b_inds = np.arange(args.batch_size)
+        clipfracs = []
+        for epoch in range(args.update_epochs):
+            np.random.shuffle(b_inds)
+            for start in range(0, args.batch_size, args.minibatch_size):
+                end = start + args.minibatch_size
+                mb_inds = b_inds[start:end]
+
+                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb_inds], b_actions.long()[mb_inds])
+                logratio = newlogprob - b_logprobs[mb_inds]
+                ratio = logratio.exp()
+
+                with torch.no_grad():
+                    # calculate approx_kl http://joschu.net/blog/kl-approx.html
+                    old_approx_kl = (-logratio).mean()
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
+
+                mb_advantages = b_advantages[mb_inds]
+                if args.norm_adv:
+                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+
+                # Policy loss
+                pg_loss1 = -mb_advantages * ratio
+                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+                # Value loss
+                newvalue = newvalue.view(-1)
+                if args.clip_vloss:
+                    v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
+                    v_clipped = b_values[mb_inds] + torch.clamp(
+                        newvalue - b_values[mb_inds],
+                        -args.clip_coef,
+                        args.clip_coef,
+                    )
+                    v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
+                    v_loss_max = torch.max(v_loss_unclipped, v_loss_clipped)
+                    v_loss = 0.5 * v_loss_max.mean()
+                else:
+                    v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
+
+                entropy_loss = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                optimizer.step()
+
+            if args.target_kl is not None and approx_kl > args.target_kl:
+                break
+
+        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+        var_y = np.var(y_true)
+        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+
+        # TRY NOT TO MODIFY: record rewards for plotting purposes
+        sps = int(global_step / (time.time() - start_time))
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+        writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+        writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
+        writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
+        writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
+        writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
+        writer.add_scalar("losses/explained_variance", explained_var, global_step)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        if time.time() - last_progress > args.progress_interval or iteration == args.num_iterations:
+            last_progress = time.time()
+            eta_min = (args.num_iterations * args.batch_size - global_step) / max(sps, 1) / 60
+            print(
+                f"step {global_step}/{args.num_iterations * args.batch_size} | SPS {sps} | "
+                f"last return {last_return:.1f} | {eta_min:.1f} min left",
+                flush=True,
+            )
+
+    envs.close()
+    if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        agent.train()  # escnn: save in train mode, so the file holds parameters only (no cached filters)
+        save_checkpoint(model_path, SCRIPT, args, model=agent.state_dict(), global_step=global_step)
+        print(f"model saved to {model_path}")
+        episodic_returns = evaluate(agent, args, device, run_name, capture_video=args.capture_video)
+        for idx, episodic_return in enumerate(episodic_returns):
+            writer.add_scalar("eval/episodic_return", episodic_return, idx)
+        print(f"eval: mean score {np.mean(episodic_returns):.1f} over {len(episodic_returns)} games")
+
+    writer.close()
