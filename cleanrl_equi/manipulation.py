@@ -43,13 +43,19 @@ above) about the gripper's vertical axis turns channel 0 into `np.rot90(image, k
 `torch.rot90(x, 1, dims=(-2, -1))`.
 
 Rendering. Three renderers produce channel 0 (the `renderer` kwarg), with identical conventions:
-    "analytic" (default)  ray-casts the known convex pieces in numpy: for the vertical ray through a pixel
+    "analytic" (default)  ray-casts the known convex pieces in numpy: along the vertical line through a pixel
                           centre, a convex piece {n . p <= c} is the interval of z that satisfies every plane,
-                          so its top is a min over the upward faces. Exact, and the fastest.
-    "tiny"                pybullet's CPU TinyRenderer, depth buffer of an orthographic camera.
-    "raycast"             pybullet's rayTestBatch, one vertical ray per pixel.
+                          so its top is a min over the upward faces. Exact, and 5-15x faster than TinyRenderer.
+    "tiny"                pybullet's CPU TinyRenderer, depth buffer of an orthographic camera; it matches the
+                          analytic image pixel for pixel (tests/test_manipulation.py checks it).
+    "raycast"             pybullet's rayTestBatch, one vertical ray per pixel; equal up to ~0.3% edge pixels,
+                          and slow (the 16384 hits come back as Python tuples).
 For "tiny" and "raycast" the gripper is moved out of view for the render and put back before the next physics step.
 benchmarks/manipulation_speed.py measures all three.
+
+Physics. pybullet DIRECT, 1/240 s steps, 50 solver iterations. A move takes 44 physics steps (the constraint
+target follows a smoothstep over 0.15 s, then holds for 8 steps); a change of p adds 18 finger steps. A fresh
+simulation is built at every reset, so an episode depends only on its seed (or its scene state).
 
 Episodes. Reward 1 and `terminated=True` on the step the task succeeds; `terminated=True` with reward 0 when a
 free object's centre leaves the workspace square; `truncated=True` after `max_steps` steps. `info["is_success"]`
@@ -71,6 +77,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -93,8 +100,8 @@ PALM_Z = 2 * FINGER_HALF[2] + PALM_HALF[2]  # palm sits on top of the fingers
 FINGER_FORCE = 25.0  # N per finger: enough for a 40 N friction grip on a 0.1 kg cube, gentle on the scene
 FINGER_SPEED = 0.5  # m/s
 GRIPPER_FORCE = 150.0  # N, bounds how hard the gripper can push, press and pull
-MOVE_SUBSTEPS = 20  # the constraint target slides over 20 / 240 s ...
-SETTLE_SUBSTEPS = 4  # ... then holds still so the gripper reaches it
+MOVE_SUBSTEPS = 36  # the constraint target slides 5 cm in 0.15 s (peak 0.5 m/s; a pushed block barely coasts) ...
+SETTLE_SUBSTEPS = 8  # ... then holds still while the gripper closes the last tenths of a millimetre
 FINGER_SUBSTEPS = 18  # fingers travel 4 cm at 0.5 m/s in 19 substeps, and a released object drops a little
 
 RENDERERS = ("analytic", "tiny", "raycast")
@@ -201,7 +208,7 @@ class ManipulationEnv(gym.Env):
     `self.free_objects` lists the bodies that must stay in the workspace and can be held.
     """
 
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
+    metadata: ClassVar[dict] = {"render_modes": ["rgb_array"], "render_fps": 4}
 
     def __init__(self, render_mode: str | None = None, workspace_size: float = 0.3, image_size: int = 128,
                  view_scale: float = 1.5, dpos: float = 0.05, drot: float = math.pi / 4, max_steps: int = 50,
@@ -222,6 +229,9 @@ class ManipulationEnv(gym.Env):
             raise ValueError(f"{name}: drot (radians per unit action) must be in [0.01, pi/2], got {drot!r}.")
         if not (isinstance(max_steps, int) and max_steps >= 1):
             raise ValueError(f"{name}: max_steps must be a positive integer, got {max_steps!r}.")
+        if not (isinstance(render_size, int) and 16 <= render_size <= 2048):
+            raise ValueError(f"{name}: render_size (rgb frame width in pixels) must be an integer in [16, 2048], "
+                             f"got {render_size!r}.")
         if renderer not in RENDERERS:
             raise ValueError(f"{name}: renderer must be one of {RENDERERS}, got {renderer!r}.")
         self.render_mode = render_mode
@@ -283,6 +293,10 @@ class ManipulationEnv(gym.Env):
             linkJointTypes=[pb.JOINT_PRISMATIC] * 2, linkJointAxis=[(0, 1, 0), (0, -1, 0)])
         for link in (0, 1):
             sim.changeDynamics(self.gripper, link, lateralFriction=1.0, spinningFriction=0.002)
+        # Couple the fingers like a real parallel gripper: without it a held object swings both fingers sideways
+        # when the gripper accelerates along the closing axis.
+        coupling = sim.createConstraint(self.gripper, 0, self.gripper, 1, pb.JOINT_GEAR, (0, 1, 0), (0, 0, 0), (0, 0, 0))
+        sim.changeConstraint(coupling, gearRatio=-1, erp=0.2, maxForce=100)
         self.gripper_constraint = sim.createConstraint(self.gripper, -1, -1, -1, pb.JOINT_FIXED, (0, 0, 0),
                                                        (0, 0, 0), (0, 0, START_HEIGHT))
         self._set_gripper(np.array([0.0, 0.0, START_HEIGHT]), 0.0, (FINGER_MAX, FINGER_MAX), 1.0)
@@ -316,6 +330,7 @@ class ManipulationEnv(gym.Env):
         else:
             shape, visual = self._box_shapes(pieces, color)
         body = sim.createMultiBody(baseMass=mass, baseCollisionShapeIndex=shape, baseVisualShapeIndex=visual)
+        sim.changeVisualShape(body, -1, rgbaColor=COLORS[color])
         sim.changeDynamics(body, -1, lateralFriction=friction)
         if mass > 0:
             sim.changeDynamics(body, -1, linearDamping=0.04, angularDamping=0.04)
@@ -326,7 +341,7 @@ class ManipulationEnv(gym.Env):
         return body
 
     def _box_shapes(self, pieces: list[Piece], color: str) -> tuple[int, int]:
-        kwargs = dict(halfExtents=[p.half_extents for p in pieces])
+        kwargs = {"halfExtents": [p.half_extents for p in pieces]}
         shape = self.sim.createCollisionShapeArray(
             [pb.GEOM_BOX] * len(pieces), **kwargs, collisionFramePositions=[p.position for p in pieces],
             collisionFrameOrientations=[p.orientation for p in pieces])
@@ -361,6 +376,18 @@ class ManipulationEnv(gym.Env):
         quaternion = orientation if orientation is not None else yaw_quaternion(yaw)
         self.sim.resetBasePositionAndOrientation(body, position, quaternion)
         self.sim.resetBaseVelocity(body, (0, 0, 0), (0, 0, 0))
+
+    def set_goal(self, goal: dict | None):
+        """Set the goal square ({"position": [x, y], "yaw": ..., "size": ...}); a flat, collision-free marker
+        shows it in rgb renders, and the observation paints it."""
+        self.goal = goal
+        if goal is not None:
+            half = goal["size"] / 2
+            marker = self.sim.createVisualShape(pb.GEOM_BOX, halfExtents=(half, half, 0.0005),
+                                                rgbaColor=(0.2, 0.6, 0.95, 1))
+            self.sim.createMultiBody(baseMass=0, baseVisualShapeIndex=marker,
+                                     basePosition=(*goal["position"][:2], 0.0005),
+                                     baseOrientation=yaw_quaternion(goal["yaw"]))
 
     # ---- subclass hooks ----
     def _create_task_bodies(self):
@@ -415,20 +442,22 @@ class ManipulationEnv(gym.Env):
 
     def _move_gripper(self, start, start_yaw, target, target_yaw):
         """Slide the constraint target from the current pose to the target, then hold it while the gripper settles."""
-        sim = self.sim
+        change_constraint, step_simulation = self.sim.changeConstraint, self.sim.stepSimulation  # hot loop
         for i in range(1, MOVE_SUBSTEPS + SETTLE_SUBSTEPS + 1):
-            fraction = min(1.0, i / MOVE_SUBSTEPS)
-            sim.changeConstraint(self.gripper_constraint, jointChildPivot=start + fraction * (target - start),
-                                 jointChildFrameOrientation=yaw_quaternion(start_yaw + fraction * (target_yaw - start_yaw)),
-                                 maxForce=GRIPPER_FORCE)
-            sim.stepSimulation()
+            progress = min(1.0, i / MOVE_SUBSTEPS)
+            fraction = progress * progress * (3 - 2 * progress)  # smoothstep: no velocity jump at either end
+            change_constraint(self.gripper_constraint, jointChildPivot=start + fraction * (target - start),
+                              jointChildFrameOrientation=yaw_quaternion(start_yaw + fraction * (target_yaw - start_yaw)),
+                              maxForce=GRIPPER_FORCE)
+            step_simulation()
 
     def render(self):
         if self.render_mode != "rgb_array" or self.sim is None:
             return None
-        size = self.render_size
-        centre = (0.0, 0.0, 0.05)
-        view = self.sim.computeViewMatrixFromYawPitchRoll(centre, 0.75 * self.workspace_size / 0.3 * 0.8, 90, -55, 0, 2)
+        # Seen from above the +x edge of the workspace, tilted: up in the frame is -x and right is +y, the same
+        # layout as the observation image (rows = +x, columns = +y).
+        size, scale = self.render_size, self.workspace_size / 0.3
+        view = self.sim.computeViewMatrix((0.3 * scale, 0.0, 0.55 * scale), (0.0, 0.0, 0.0), (-1.0, 0.0, 0.5))
         projection = self.sim.computeProjectionMatrixFOV(45, 1.0, 0.05, 5.0)
         _, _, rgba, _, _ = self.sim.getCameraImage(size, size, view, projection, renderer=pb.ER_TINY_RENDERER,
                                                    lightDirection=(0.3, 0.5, 1.0), shadow=1)
@@ -463,7 +492,8 @@ class ManipulationEnv(gym.Env):
         return float(np.array(self.sim.getMatrixFromQuaternion(self.sim.getBasePositionAndOrientation(body)[1]))[8])
 
     def touching(self, body_a: int, body_b: int) -> bool:
-        return len(self.sim.getContactPoints(body_a, body_b)) > 0
+        """In contact: pybullet also reports points up to ~2 cm apart, so require a gap under 2 mm."""
+        return any(contact[8] < 0.002 for contact in self.sim.getContactPoints(body_a, body_b))
 
     def _held_object(self) -> int | None:
         """The free object both fingers touch with roughly horizontal contact normals, if any."""
@@ -517,7 +547,7 @@ class ManipulationEnv(gym.Env):
             self.set_body_pose(body, entry["position"], orientation=entry["orientation"])
             if "joint" in entry:
                 self.sim.resetJointState(body, 0, entry["joint"], 0.0)
-        self.goal = copy.deepcopy(state.get("goal"))
+        self.set_goal(copy.deepcopy(state.get("goal")))
         self.planner_memory = copy.deepcopy(state.get("planner_memory", {}))
         self.steps = int(state.get("steps", 0))
         self.sim.performCollisionDetection()  # contacts (the holding flag) without moving anything
@@ -544,8 +574,8 @@ class ManipulationEnv(gym.Env):
     def _pixel_window(self, centres, low, high):
         """Index range [first, last) of pixel centres inside [low, high]."""
         start = centres[0] - 0.5 * self.pixel_size
-        first = max(0, int(math.ceil((low - start) / self.pixel_size - 0.5)))
-        last = min(self.image_size, int(math.floor((high - start) / self.pixel_size - 0.5)) + 1)
+        first = max(0, math.ceil((low - start) / self.pixel_size - 0.5))
+        last = min(self.image_size, math.floor((high - start) / self.pixel_size - 0.5) + 1)
         return first, last
 
     def _analytic_heightmap(self, centre_xy) -> np.ndarray:
@@ -590,11 +620,18 @@ class ManipulationEnv(gym.Env):
             # Orthographic projection (column-major, OpenGL), up vector -x: image rows grow with +x.
             projection = [1 / half, 0, 0, 0, 0, 1 / half, 0, 0, 0, 0, -2 / (far - near), 0,
                           0, 0, -(far + near) / (far - near), 1]
-            view = sim.computeViewMatrix((centre_xy[0], centre_xy[1], eye_height), (centre_xy[0], centre_xy[1], 0),
-                                         (-1, 0, 0))
+            # TinyRenderer samples half a pixel off the pixel centres (measured); shifting the camera by that
+            # half pixel makes its image match the analytic one pixel for pixel.
+            cx, cy = centre_xy[0] - 0.5 * self.pixel_size, centre_xy[1] + 0.5 * self.pixel_size
+            view = sim.computeViewMatrix((cx, cy, eye_height), (cx, cy, 0), (-1, 0, 0))
             depth = np.asarray(sim.getCameraImage(size, size, view, projection, renderer=pb.ER_TINY_RENDERER)[3],
                                dtype=np.float64).reshape(size, size)
-            heights = eye_height - (near + depth * (far - near))
+            # TinyRenderer reads near/far off the matrix as if it were a perspective one and stores a perspective
+            # depth; invert that (measured: this reproduces the analytic heights to rounding).
+            a, b = projection[10], projection[14]
+            near_read, far_read = b / (a - 1), b / (a + 1)
+            distance = far_read * near_read / (far_read - depth * (far_read - near_read))
+            heights = eye_height - distance
         else:
             rows_x, cols_y = self._pixel_centres(centre_xy)
             xs, ys = np.meshgrid(rows_x, cols_y, indexing="ij")
@@ -636,10 +673,13 @@ class ManipulationEnv(gym.Env):
 
     # ---- planner helpers ----
     def action_toward(self, target, target_yaw: float, gripper: float, yaw_period: float = math.pi) -> np.ndarray:
-        """Normalised action moving toward a waypoint: each component clamped to one step, target clipped to the
-        workspace; the yaw error is taken modulo `yaw_period` (the symmetry of what is grasped)."""
+        """Normalised action moving toward a waypoint: each component clamped to one step, the target height
+        clipped to the allowed range; the yaw error is taken modulo `yaw_period` (the symmetry of what is grasped).
+        x and y are not clipped here (the env clips the executed move): a clip at the workspace edge would tie the
+        expert to the square's orientation and break its rotation equivariance in the interior."""
         position, yaw = self.gripper_pose()
-        target = np.clip(np.asarray(target, dtype=float), self.workspace[:, 0], self.workspace[:, 1])
+        target = np.asarray(target, dtype=float).copy()
+        target[2] = np.clip(target[2], *Z_RANGE)
         delta = (target - position) / self.dpos
         dyaw = wrap_angle(target_yaw - yaw, yaw_period) / self.drot
         action = np.array([2 * gripper - 1, *delta, dyaw])
@@ -648,7 +688,8 @@ class ManipulationEnv(gym.Env):
     def within_one_step(self, target, target_yaw: float, yaw_period: float = math.pi) -> bool:
         """Whether one unsaturated action lands exactly on the waypoint."""
         position, yaw = self.gripper_pose()
-        target = np.clip(np.asarray(target, dtype=float), self.workspace[:, 0], self.workspace[:, 1])
+        target = np.asarray(target, dtype=float).copy()
+        target[2] = np.clip(target[2], *Z_RANGE)
         return bool(np.all(np.abs(target - position) <= self.dpos + 1e-9)
                     and abs(wrap_angle(target_yaw - yaw, yaw_period)) <= self.drot + 1e-9)
 

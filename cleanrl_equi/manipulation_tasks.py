@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pybullet as pb
 
 from cleanrl_equi.manipulation import (
     FINGER_HALF,
@@ -26,7 +27,6 @@ from cleanrl_equi.manipulation import (
     ManipulationEnv,
     Piece,
     box,
-    quaternion_yaw,
     wrap_angle,
     yaw_quaternion,
 )
@@ -46,15 +46,15 @@ def cube_pieces(edge: float = CUBE) -> list[Piece]:
     return [box((edge / 2,) * 3)]
 
 
+ROOF_BOTTOM = -0.017  # the roof's bottom face in its body frame
+
+
 def roof_pieces() -> list[Piece]:
     """A house roof: a pentagonal prism 10 cm long, 5 cm wide, 4.5 cm tall; vertical 2 cm sides to grasp.
     The frame origin is near the centre of mass (1.7 cm above the bottom)."""
     profile = [(-0.025, 0.0), (0.025, 0.0), (0.025, 0.02), (0.0, 0.045), (-0.025, 0.02)]
-    vertices = [(x, y, z - 0.017) for x in (-0.05, 0.05) for y, z in profile]
+    vertices = [(x, y, z + ROOF_BOTTOM) for x in (-0.05, 0.05) for y, z in profile]
     return [Piece(hull_vertices=np.array(vertices))]
-
-
-ROOF_BOTTOM = -0.017
 
 
 def random_yaw(rng) -> float:
@@ -81,14 +81,14 @@ class _TaskEnv(ManipulationEnv):
     def hover_over(self, body: int) -> float:
         return min(self.top_height(body) + 0.03, Z_RANGE[1])
 
-    def pick_action(self, body: int, yaw_period: float = QUARTER, yaw_offset: float = 0.0) -> np.ndarray | None:
+    def pick_action(self, body: int, yaw_period: float = QUARTER) -> np.ndarray | None:
         """Go above the object with open fingers, descend, close on the step that lands on the grasp pose.
         Returns None once the object is held (the caller decides what to do with it)."""
         if self.is_held(body):
             return None
         position, yaw = self.gripper_pose()
         target, _ = self.body_pose(body)
-        grasp_yaw = self.body_yaw(body) + yaw_offset
+        grasp_yaw = self.body_yaw(body)  # fingers close across the body's local y (a cube face or the roof's width)
         hover = self.hover_over(body)
         grasp = np.array([target[0], target[1], max(self.bottom_height(body) + GRASP_CLEARANCE, Z_RANGE[0])])
         if self.gripper_command < 0.5:  # closed but holding nothing (a miss, or the end of a press): open and rise
@@ -96,9 +96,7 @@ class _TaskEnv(ManipulationEnv):
         aligned = (np.linalg.norm(position[:2] - grasp[:2]) <= XY_TOLERANCE
                    and abs(wrap_angle(grasp_yaw - yaw, yaw_period)) <= YAW_TOLERANCE)
         if not aligned:
-            # Rise first if the fingers are below the object's top, so they never sweep through it.
-            height = hover if position[2] >= hover - 0.01 or np.linalg.norm(position[:2] - grasp[:2]) < 0.02 else hover
-            return self.action_toward([grasp[0], grasp[1], height], grasp_yaw, 1.0, yaw_period)
+            return self.action_toward([grasp[0], grasp[1], hover], grasp_yaw, 1.0, yaw_period)
         if self.within_one_step(grasp, grasp_yaw, yaw_period):
             return self.action_toward(grasp, grasp_yaw, 0.0, yaw_period)  # land on the grasp pose, then close
         return self.action_toward(grasp, grasp_yaw, 1.0, yaw_period)
@@ -184,9 +182,14 @@ class BlockPullingEnv(_TaskEnv):
         relative = position[:2] - dragged_xy
         along, across = relative @ direction, relative @ np.array([-direction[1], direction[0]])
         behind = along > FLAT_BLOCK_HALF[0] + 0.005 and abs(across) < 0.03
-        yaw_ok = abs(wrap_angle(pull_yaw - yaw, math.pi)) <= YAW_TOLERANCE
-        if behind and yaw_ok and position[2] <= low + 0.005:
-            return self.action_toward([other_xy[0], other_xy[1], low], pull_yaw, PUSH_OPENING)
+        yaw_error = abs(wrap_angle(pull_yaw - yaw, math.pi))
+        if behind and yaw_error < 0.4 and position[2] <= low + 0.005:
+            # Drag until the blocks' centres are one block width apart (they touch at or before that), so the
+            # dragged block is not flung past the other one.
+            travel = min(np.linalg.norm(dragged_xy - other_xy) - 2 * FLAT_BLOCK_HALF[0] + 0.01, 2 * self.dpos)
+            target = position[:2] - travel * direction
+            return self.action_toward([target[0], target[1], low], pull_yaw, PUSH_OPENING)
+        yaw_ok = yaw_error <= YAW_TOLERANCE
         if np.linalg.norm(position[:2] - start) <= XY_TOLERANCE and yaw_ok:
             return self.action_toward([start[0], start[1], low], pull_yaw, PUSH_OPENING)
         return self.action_toward([start[0], start[1], 0.08], pull_yaw, PUSH_OPENING)
@@ -215,8 +218,8 @@ class BlockPushingEnv(_TaskEnv):
             if inside_square(cube_xy - PUSH_START * (goal_xy - cube_xy) / distance, half, 0.005):
                 break
         self.set_body_pose(self.cube, (*cube_xy, CUBE / 2), random_yaw(self.np_random))
-        self.goal = {"position": [float(goal_xy[0]), float(goal_xy[1])], "yaw": random_yaw(self.np_random),
-                     "size": GOAL_SIZE}
+        self.set_goal({"position": [float(goal_xy[0]), float(goal_xy[1])], "yaw": random_yaw(self.np_random),
+                       "size": GOAL_SIZE})
 
     def _goal_frame_offset(self) -> np.ndarray:
         cube_xy = self.body_pose(self.cube)[0][:2]
@@ -361,8 +364,6 @@ def bowl_pieces() -> list[Piece]:
         radial = foot + slab_half[2] * math.sin(BOWL_TILT) + slab_half[0] * math.cos(BOWL_TILT)
         height = 0.008 + slab_half[2] * math.cos(BOWL_TILT) - slab_half[0] * math.sin(BOWL_TILT)
         tilt = (0.0, math.sin(BOWL_TILT / 2), 0.0, math.cos(BOWL_TILT / 2))  # leans the slab's top outward
-        import pybullet as pb  # local: quaternion product only
-
         orientation = pb.multiplyTransforms((0, 0, 0), yaw_quaternion(azimuth), (0, 0, 0), tilt)[1]
         pieces.append(box(slab_half, (radial * math.cos(azimuth), radial * math.sin(azimuth), height),
                           orientation=orientation))
@@ -518,8 +519,6 @@ class CornerPickingEnv(_TaskEnv):
     def _wall_gaps(self) -> np.ndarray:
         """Smallest gap between the cube and each wall (corner frame x and y)."""
         corner_origin, corner_yaw = self.body_pose(self.corner)[0][:2], self.body_yaw(self.corner)
-        lower, upper = self.sim.getAABB(self.cube)  # world box; use the cube's own corners instead for accuracy
-        del lower, upper
         position, orientation = self.body_pose(self.cube)
         rotation = np.array(self.sim.getMatrixFromQuaternion(orientation)).reshape(3, 3)
         corners = np.array([[sx, sy, 0.0] for sx in (-1, 1) for sy in (-1, 1)]) * CORNER_CUBE / 2

@@ -1,0 +1,93 @@
+"""Planner quality of the manipulation tasks: success rate and episode length of each expert over seeded episodes.
+
+Runs `expert_action()` in every task for `--episodes` episodes (seeds 0..N-1, default settings: 0.3 m workspace,
+dpos 0.05, drot pi/4, 50 steps) and writes benchmarks/results/manipulation_planners.{json,csv}. `--iclr` uses the
+ICLR-2022 paper's settings instead (0.4 m workspace, drot pi/8, 100 steps) and writes manipulation_planners_iclr.*.
+
+    OMP_NUM_THREADS=1 uv run python benchmarks/manipulation_planners.py --episodes 100
+    OMP_NUM_THREADS=1 uv run python benchmarks/manipulation_planners.py --episodes 100 --iclr
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import time
+
+import gymnasium as gym
+import numpy as np
+
+import cleanrl_equi
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+ICLR_SETTINGS = {"workspace_size": 0.4, "drot": math.pi / 8, "max_steps": 100}
+
+
+def evaluate(task: str, episodes: int, gamma: float = 0.99, **env_kwargs) -> dict:
+    env = gym.make(f"cleanrl_equi/{task}-v0", **env_kwargs)
+    successes, lengths, returns, failed_seeds = [], [], [], []
+    start = time.perf_counter()
+    for seed in range(episodes):
+        env.reset(seed=seed)
+        for step in range(1, 10_000):
+            _, _, terminated, truncated, info = env.step(env.unwrapped.expert_action())
+            if terminated or truncated:
+                break
+        successes.append(bool(info["is_success"]))
+        lengths.append(step)
+        returns.append(gamma ** (step - 1) if info["is_success"] else 0.0)
+        if not info["is_success"]:
+            failed_seeds.append(seed)
+    env.close()
+    return {
+        "task": task,
+        "episodes": episodes,
+        "success_rate": float(np.mean(successes)),
+        "mean_length": float(np.mean(lengths)),
+        "mean_length_successful": float(np.mean([n for n, s in zip(lengths, successes) if s])) if any(successes) else None,
+        "max_length": int(np.max(lengths)),
+        "discounted_return": float(np.mean(returns)),
+        "failed_seeds": failed_seeds,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--episodes", type=int, default=100)
+    parser.add_argument("--tasks", nargs="*", default=list(cleanrl_equi.MANIPULATION_TASKS))
+    parser.add_argument("--iclr", action="store_true", help="the ICLR-2022 settings instead of BulletArm's defaults")
+    args = parser.parse_args()
+    env_kwargs = ICLR_SETTINGS if args.iclr else {}
+    rows = []
+    for task in args.tasks:
+        row = evaluate(task, args.episodes, **env_kwargs)
+        rows.append(row)
+        print(f"{task:15s} success {row['success_rate']:.2f}  mean length {row['mean_length']:.1f}  "
+              f"discounted return {row['discounted_return']:.3f}  failed seeds {row['failed_seeds']}  ({row['seconds']} s)",
+              flush=True)
+    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.machine(),
+            "processor": platform.processor() or platform.uname().processor, "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "settings": ("ICLR-2022 settings: workspace 0.4 m, dpos 0.05, drot pi/8, 100 steps" if args.iclr
+                         else "default env kwargs (workspace 0.3 m, dpos 0.05, drot pi/4, 50 steps)"),
+            "seeds": f"0..{args.episodes - 1}"}
+    os.makedirs(RESULTS, exist_ok=True)
+    stem = os.path.join(RESULTS, "manipulation_planners_iclr" if args.iclr else "manipulation_planners")
+    with open(f"{stem}.json", "w") as f:
+        json.dump({"meta": meta, "results": rows}, f, indent=2)
+    with open(f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "failed_seeds"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
