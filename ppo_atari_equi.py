@@ -227,7 +227,7 @@ def run_evaluation(args: Args) -> None:
         agent.load_state_dict(checkpoint["model"])
     except RuntimeError:
         fail(f"checkpoint {args.eval_checkpoint!r} does not fit this script's network (other shapes or settings).")
-    run_name = f"{saved.env_id}__{saved.exp_name}__eval__{int(time.time())}"
+    run_name = f"{saved.env_id}__{saved.exp_name}__{saved.seed}__{int(time.time())}"
     scores = evaluate(agent, saved, device, run_name, capture_video=args.capture_video)
     print(f"{saved.env_id}: mean score {np.mean(scores):.1f} +- {np.std(scores):.1f} over {len(scores)} games")
 

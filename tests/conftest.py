@@ -6,6 +6,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+# Tests run in parallel (pytest-xdist, one worker per core): keep each worker, and the scripts it starts, on one thread.
+torch.set_num_threads(1)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

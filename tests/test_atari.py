@@ -1,6 +1,7 @@
 """The Atari pieces: the mirror-symmetry table against the real emulator, the equivariance of the PPO agent on
 real frames, the two vector-env back-ends, and the two PPO scripts end to end."""
 
+import glob
 import os
 import sys
 
@@ -260,6 +261,12 @@ def test_script_trains_saves_and_evaluates(script, workdir):
     model = os.path.join(run_dir, f"{stem}.cleanrl_model")
     evaluation = run_script(script, "--eval-checkpoint", model, "--eval-episodes", "1", cwd=workdir)
     assert "BreakoutNoFrameskip-v4: mean score" in evaluation.stdout
+
+
+def test_capture_video(workdir):
+    run_script("ppo_atari.py", *TINY, "--capture-video", cwd=workdir)
+    videos = glob.glob(os.path.join(workdir, "videos", "*", "*.mp4"))
+    assert videos and all(os.path.getsize(v) > 1000 for v in videos)
 
 
 def test_episode_scalars_are_logged(workdir):
