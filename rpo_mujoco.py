@@ -42,65 +42,65 @@ SCRIPT = os.path.basename(__file__)
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
+    """name of the experiment; part of the run name (default: this file's stem)"""
     seed: int = 1
-    """seed of the experiment (also seeds the evaluation episodes)"""
+    """seed for python, numpy, torch and the envs (evaluation episodes are seeded with it too)"""
     torch_deterministic: bool = True
-    """if toggled, sets `torch.backends.cudnn.deterministic=True`"""
+    """set torch.backends.cudnn.deterministic, so cuDNN picks deterministic algorithms"""
     cuda: bool = True
-    """if toggled, cuda will be used when it is available"""
+    """run the networks on the GPU when one is visible (for these small MLPs the CPU is often as fast)"""
     track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
+    """log the run to Weights & Biases as well (wandb is imported only then)"""
     wandb_project_name: str = "cleanrl-equi"
-    """the wandb's project name"""
+    """Weights & Biases project of the run"""
     wandb_entity: Optional[str] = None
-    """the entity (team) of wandb's project"""
+    """Weights & Biases team or user (default: your wandb default)"""
     capture_video: bool = False
-    """whether to capture videos of the agent (sub-env 0) into `videos/`"""
+    """record videos of sub-env 0 into videos/{run_name} (MuJoCo renders through OpenGL: EGL on headless Linux)"""
     save_model: bool = False
-    """whether to save the model and its normalisation statistics to `runs/{run_name}` and evaluate it"""
+    """after training, save the network and the normalisation statistics to runs/{run_name} and evaluate them"""
     eval_checkpoint: Optional[str] = None
-    """evaluate this saved model (a `.cleanrl_model` file written with --save-model) instead of training"""
+    """evaluate this saved model (a .cleanrl_model file written with --save-model) instead of training"""
     eval_episodes: int = 10
-    """the number of episodes of an evaluation (deterministic mean action, frozen normalisation statistics)"""
+    """episodes per evaluation (deterministic mean action, frozen normalisation statistics)"""
 
     # Algorithm specific arguments
     env_id: str = "HalfCheetah-v5"
-    """the id of the environment (a gymnasium MuJoCo task)"""
+    """gymnasium MuJoCo task to train on"""
     total_timesteps: int = 8000000
-    """total timesteps of the experiments"""
+    """env steps of the run (rounded down to whole rollouts of num_envs x num_steps)"""
     learning_rate: float = 3e-4
-    """the learning rate of the optimizer"""
+    """Adam learning rate (its starting value when annealed)"""
     num_envs: int = 1
-    """the number of parallel game environments"""
+    """sub-envs stepped together in one synchronous vector env"""
     num_steps: int = 2048
-    """the number of steps to run in each environment per policy rollout"""
+    """steps each sub-env takes per rollout, before every update"""
     anneal_lr: bool = True
-    """toggle learning rate annealing for policy and value networks"""
+    """decay the learning rate linearly to zero over the run"""
     gamma: float = 0.99
-    """the discount factor gamma"""
+    """discount factor (also used by the reward normaliser)"""
     gae_lambda: float = 0.95
-    """the lambda for the general advantage estimation"""
+    """lambda of generalised advantage estimation"""
     num_minibatches: int = 32
-    """the number of mini-batches"""
+    """minibatches each rollout is split into per epoch"""
     update_epochs: int = 10
-    """the K epochs to update the policy"""
+    """passes over each rollout per update"""
     norm_adv: bool = True
-    """toggles advantages normalization"""
+    """standardise the advantages within each minibatch"""
     clip_coef: float = 0.2
-    """the surrogate clipping coefficient"""
+    """PPO clip range of the probability ratio (also the value clip range)"""
     clip_vloss: bool = True
-    """toggles whether or not to use a clipped loss for the value function, as per the paper"""
+    """clip the value update around the rollout's value estimates"""
     ent_coef: float = 0.0
-    """coefficient of the entropy"""
+    """weight of the entropy bonus in the loss"""
     vf_coef: float = 0.5
-    """coefficient of the value function"""
+    """weight of the value loss in the loss"""
     max_grad_norm: float = 0.5
-    """the maximum norm for the gradient clipping"""
+    """clip the global gradient norm to this value"""
     target_kl: Optional[float] = None
-    """the target KL divergence threshold"""
+    """stop an update's epochs early once the approximate KL exceeds this (default: never)"""
     rpo_alpha: float = 0.5
-    """the half-width of the uniform noise added to the action mean in the update (CleanRL: 0.01 for Ant, Hopper, ...)"""
+    """half-width of RPO's U(-alpha, alpha) noise on the mean (CleanRL advises 0.01 for Ant, Hopper, Reacher, Pusher)"""
     bootstrap_truncated: bool = True
     """bootstrap from the value of the final observation when the time limit cuts an episode (CleanRL does not)"""
 
@@ -141,13 +141,18 @@ def _is_registered_atari(env_id: str) -> bool:
     return env_id in gym.registry and "ale_py" in str(gym.registry[env_id].entry_point)
 
 
-def make_env(env_id: str, idx: int, capture_video: bool, video_dir: str, gamma: float, record_every_episode=False):
-    """A thunk building one MuJoCo env with CleanRL's continuous-control wrappers (innermost first)."""
+def make_env(env_id: str, idx: int, capture_video: bool, video_dir: str, gamma: float,
+             video_episodes: Optional[int] = None):
+    """A thunk building one MuJoCo env with CleanRL's continuous-control wrappers (innermost first).
+
+    With `capture_video`, sub-env 0 records episodes 0, 1, 8, 27, ..., 1000, 2000, ... (gymnasium's default
+    schedule), or the first `video_episodes` episodes when that is given (evaluation).
+    """
 
     def thunk():
         if capture_video and idx == 0:
             env = gym.make(env_id, render_mode="rgb_array")
-            trigger = (lambda episode: True) if record_every_episode else None  # None: gymnasium's cubic schedule
+            trigger = None if video_episodes is None else (lambda episode: episode < video_episodes)
             env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=trigger)
         else:
             env = gym.make(env_id)
@@ -193,7 +198,7 @@ def merged_statistics(rms_list) -> dict:
 
 
 def training_statistics(envs: gym.vector.SyncVectorEnv) -> dict:
-    """The normalisation statistics of all sub-envs, merged: what a saved policy needs to see what it saw in training."""
+    """The normalisation statistics of all sub-envs, merged: what a saved policy needs to see as it saw in training."""
     pairs = [normalizers(env) for env in envs.envs]
     return {
         "obs_rms": merged_statistics([obs_norm.obs_rms for obs_norm, _ in pairs]),
@@ -219,26 +224,25 @@ def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.
     return layer
 
 
+def mlp(inputs: int, outputs: int, output_std: float) -> nn.Sequential:
+    """Two hidden tanh layers of 64 units; the last layer's gain sets the initial scale of the output."""
+    return nn.Sequential(
+        layer_init(nn.Linear(inputs, 64)),
+        nn.Tanh(),
+        layer_init(nn.Linear(64, 64)),
+        nn.Tanh(),
+        layer_init(nn.Linear(64, outputs), std=output_std),
+    )
+
+
 class Agent(nn.Module):
-    """Separate 64-64 tanh MLPs for the value and the Gaussian mean; the log-std is a free, state-independent vector."""
+    """Separate MLPs for the value and the Gaussian mean; the log-std is a free, state-independent vector."""
 
     def __init__(self, obs_dim: int, action_dim: int, rpo_alpha: float):
         super().__init__()
         self.rpo_alpha = rpo_alpha
-        self.critic = nn.Sequential(
-            layer_init(nn.Linear(obs_dim, 64)),
-            nn.Tanh(),
-            layer_init(nn.Linear(64, 64)),
-            nn.Tanh(),
-            layer_init(nn.Linear(64, 1), std=1.0),
-        )
-        self.actor_mean = nn.Sequential(
-            layer_init(nn.Linear(obs_dim, 64)),
-            nn.Tanh(),
-            layer_init(nn.Linear(64, 64)),
-            nn.Tanh(),
-            layer_init(nn.Linear(64, action_dim), std=0.01),
-        )
+        self.critic = mlp(obs_dim, 1, output_std=1.0)
+        self.actor_mean = mlp(obs_dim, action_dim, output_std=0.01)  # near-zero initial means
         self.actor_logstd = nn.Parameter(torch.zeros(1, action_dim))
 
     def get_value(self, x: torch.Tensor) -> torch.Tensor:
@@ -247,18 +251,18 @@ class Agent(nn.Module):
     def get_action_and_value(self, x: torch.Tensor, action: Optional[torch.Tensor] = None):
         """Sample an action (rollout) or score a stored one (update); also return log-prob, entropy and value.
 
-        Scoring a stored action is where RPO differs from PPO: the mean is first moved by U(-alpha, alpha) noise.
+        Scoring a stored action is where RPO differs from PPO: the mean is first moved by U(-alpha, alpha) noise,
+        fresh for every call, so the update sees a policy of higher entropy than the one that acted.
         """
-        action_mean = self.actor_mean(x)
+        mean = self.actor_mean(x)
+        std = self.actor_logstd.exp().expand_as(mean)
         if action is None:
-            action_std = torch.exp(self.actor_logstd.expand_as(action_mean))
-            action = Normal(action_mean, action_std).sample()
+            action = Normal(mean, std).sample()
         else:
-            noise = torch.empty_like(action_mean).uniform_(-self.rpo_alpha, self.rpo_alpha)
-            action_mean = action_mean + noise
-        action_std = torch.exp(self.actor_logstd.expand_as(action_mean))
-        probs = Normal(action_mean, action_std)
-        return action, probs.log_prob(action).sum(1), probs.entropy().sum(1), self.critic(x)
+            mean = mean + torch.empty_like(mean).uniform_(-self.rpo_alpha, self.rpo_alpha)
+        distribution = Normal(mean, std)
+        log_prob = distribution.log_prob(action).sum(dim=1)  # independent action dimensions
+        return action, log_prob, distribution.entropy().sum(dim=1), self.critic(x)
 
 
 def truncation_bootstrap(agent: Agent, infos: dict, terminations, truncations, gamma: float, device) -> np.ndarray:
@@ -286,7 +290,7 @@ def evaluate(agent: Agent, env_id: str, statistics: dict, episodes: int, seed: i
     same episodes.
     """
     envs = gym.vector.SyncVectorEnv(
-        [make_env(env_id, 0, video_dir is not None, video_dir or "", gamma, record_every_episode=True)],
+        [make_env(env_id, 0, video_dir is not None, video_dir or "", gamma, video_episodes=episodes)],
         autoreset_mode=AutoresetMode.SAME_STEP,
     )
     restore_statistics(envs.envs[0], statistics)
@@ -304,7 +308,7 @@ def evaluate(agent: Agent, env_id: str, statistics: dict, episodes: int, seed: i
 
 
 def print_evaluation(returns: list[float], lengths: list[int], source: str) -> None:
-    for i, (episodic_return, length) in enumerate(zip(returns, lengths)):
+    for i, (episodic_return, length) in enumerate(zip(returns, lengths, strict=True)):
         print(f"eval episode {i}: return {episodic_return:.6f}, length {length}")
     print(
         f"eval mean return over {len(returns)} episodes: {np.mean(returns):.6f} +- {np.std(returns):.6f} "
@@ -346,6 +350,9 @@ def check_args(args: Args) -> None:
 
 def check_rendering(env_id: str) -> None:
     """Render one frame, so a machine without a working OpenGL backend fails now rather than at the first video."""
+    # torch loads triton (with its own LLVM) lazily, the first time an optimizer is built. Loaded after Mesa's
+    # software EGL (which brings another LLVM), it crashes the process with a segmentation fault, so load it first.
+    import torch._dynamo  # noqa: F401
     try:
         env = gym.make(env_id, render_mode="rgb_array")
         env.reset(seed=0)
@@ -381,7 +388,7 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
 
-    # TRY NOT TO MODIFY: seeding
+    # Seeding (the envs are seeded by their first reset below).
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -394,9 +401,10 @@ if __name__ == "__main__":
         video_dir = f"videos/{run_dir_name}-eval" if args.capture_video else None
         if args.capture_video:
             check_rendering(saved_args["env_id"])
-        print(f"evaluating {args.eval_checkpoint} on {saved_args['env_id']} for {args.eval_episodes} episodes", flush=True)
+        env_id = saved_args["env_id"]
+        print(f"evaluating {args.eval_checkpoint} on {env_id} for {args.eval_episodes} episodes", flush=True)
         returns, lengths = evaluate(
-            agent, saved_args["env_id"], statistics, args.eval_episodes, args.seed, saved_args["gamma"], device, video_dir
+            agent, env_id, statistics, args.eval_episodes, args.seed, saved_args["gamma"], device, video_dir
         )
         print_evaluation(returns, lengths, args.eval_checkpoint)
         raise SystemExit(0)
@@ -417,10 +425,8 @@ if __name__ == "__main__":
             save_code=True,
         )
     writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
+    rows = "\n".join(f"|{name}|{value}|" for name, value in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
 
     # Same-step autoreset: when an episode ends, `step` already returns the first observation of the next one, and
     # the last observation and the episode statistics of the finished one arrive in infos["final_obs"/"final_info"].
@@ -428,7 +434,7 @@ if __name__ == "__main__":
         [make_env(args.env_id, i, args.capture_video, f"videos/{run_name}", args.gamma) for i in range(args.num_envs)],
         autoreset_mode=AutoresetMode.SAME_STEP,
     )
-    assert isinstance(envs.single_action_space, gym.spaces.Box), "only continuous action space is supported"
+    assert isinstance(envs.single_action_space, gym.spaces.Box), "MuJoCo tasks have continuous (Box) actions"
     obs_dim = int(np.prod(envs.single_observation_space.shape))
     action_dim = int(np.prod(envs.single_action_space.shape))
 
@@ -437,12 +443,10 @@ if __name__ == "__main__":
 
     # Rollout storage. ended[t] = 1 when the episode ended with step t (terminated or truncated), so obs[t + 1]
     # (or next_obs after the last step) already belongs to a new episode and must not be bootstrapped from.
-    obs = torch.zeros((args.num_steps, args.num_envs, obs_dim)).to(device)
-    actions = torch.zeros((args.num_steps, args.num_envs, action_dim)).to(device)
-    logprobs = torch.zeros((args.num_steps, args.num_envs)).to(device)
-    rewards = torch.zeros((args.num_steps, args.num_envs)).to(device)
-    ended = torch.zeros((args.num_steps, args.num_envs)).to(device)
-    values = torch.zeros((args.num_steps, args.num_envs)).to(device)
+    rollout_shape = (args.num_steps, args.num_envs)
+    obs = torch.zeros(rollout_shape + (obs_dim,), device=device)
+    actions = torch.zeros(rollout_shape + (action_dim,), device=device)
+    logprobs, rewards, ended, values = (torch.zeros(rollout_shape, device=device) for _ in range(4))
 
     global_step = 0
     start_time = time.time()
@@ -452,9 +456,8 @@ if __name__ == "__main__":
     next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
 
     for iteration in range(1, args.num_iterations + 1):
-        if args.anneal_lr:
-            frac = 1.0 - (iteration - 1.0) / args.num_iterations
-            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+        if args.anneal_lr:  # linear decay: the full rate in the first iteration, 1/num_iterations of it in the last
+            optimizer.param_groups[0]["lr"] = args.learning_rate * (1 - (iteration - 1) / args.num_iterations)
 
         for step in range(args.num_steps):
             global_step += args.num_envs
@@ -482,7 +485,7 @@ if __name__ == "__main__":
 
         # Generalised advantage estimation, backwards through the rollout.
         with torch.no_grad():
-            advantages = torch.zeros_like(rewards).to(device)
+            advantages = torch.zeros_like(rewards)
             last_gae = torch.zeros(args.num_envs, device=device)
             following_value = agent.get_value(next_obs).flatten()
             for t in reversed(range(args.num_steps)):
@@ -494,51 +497,46 @@ if __name__ == "__main__":
                 advantages[t] = last_gae
             returns = advantages + values
 
-        b_obs = obs.reshape(-1, obs_dim)
-        b_logprobs = logprobs.reshape(-1)
-        b_actions = actions.reshape(-1, action_dim)
-        b_advantages = advantages.reshape(-1)
-        b_returns = returns.reshape(-1)
-        b_values = values.reshape(-1)
+        # One update: several epochs over the rollout, flattened to (num_steps * num_envs, ...), in minibatches.
+        flat_obs = obs.reshape(-1, obs_dim)
+        flat_actions = actions.reshape(-1, action_dim)
+        flat_logprobs = logprobs.reshape(-1)
+        flat_advantages = advantages.reshape(-1)
+        flat_returns = returns.reshape(-1)
+        flat_values = values.reshape(-1)
+        clipped_fractions = []
+        for _epoch in range(args.update_epochs):
+            order = torch.as_tensor(np.random.permutation(args.batch_size), device=device)
+            for minibatch in order.split(args.minibatch_size):
+                # RPO's noise on the mean enters here, inside get_action_and_value.
+                _, new_logprob, entropy, new_value = agent.get_action_and_value(
+                    flat_obs[minibatch], flat_actions[minibatch]
+                )
+                log_ratio = new_logprob - flat_logprobs[minibatch]
+                ratio = log_ratio.exp()
+                with torch.no_grad():  # diagnostics: two estimators of KL(old || new), share of clipped ratios
+                    old_approx_kl = (-log_ratio).mean()
+                    approx_kl = (ratio - 1 - log_ratio).mean()
+                    clipped_fractions.append(((ratio - 1).abs() > args.clip_coef).float().mean().item())
 
-        # Optimise the clipped surrogate over shuffled minibatches; RPO's noise enters inside get_action_and_value.
-        b_inds = np.arange(args.batch_size)
-        clipfracs = []
-        for epoch in range(args.update_epochs):
-            np.random.shuffle(b_inds)
-            for start in range(0, args.batch_size, args.minibatch_size):
-                mb_inds = b_inds[start : start + args.minibatch_size]
-                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
-                logratio = newlogprob - b_logprobs[mb_inds]
-                ratio = logratio.exp()
-
-                with torch.no_grad():
-                    old_approx_kl = (-logratio).mean()
-                    approx_kl = ((ratio - 1) - logratio).mean()
-                    clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean().item())
-
-                mb_advantages = b_advantages[mb_inds]
+                adv = flat_advantages[minibatch]
                 if args.norm_adv:
-                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+                    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                # Pessimistic (clipped) surrogate objective, negated into a loss.
+                surrogate = torch.min(ratio * adv, ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * adv)
+                pg_loss = -surrogate.mean()
 
-                pg_loss1 = -mb_advantages * ratio
-                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-
-                newvalue = newvalue.view(-1)
-                if args.clip_vloss:
-                    v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
-                    v_clipped = b_values[mb_inds] + torch.clamp(
-                        newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef
-                    )
-                    v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
-                    v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
-                else:
-                    v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
+                new_value = new_value.flatten()
+                target = flat_returns[minibatch]
+                value_error = (new_value - target) ** 2
+                if args.clip_vloss:  # also pessimistic: the larger error of the clipped and the free value update
+                    old_value = flat_values[minibatch]
+                    clipped_value = old_value + (new_value - old_value).clamp(-args.clip_coef, args.clip_coef)
+                    value_error = torch.max(value_error, (clipped_value - target) ** 2)
+                v_loss = 0.5 * value_error.mean()
 
                 entropy_loss = entropy.mean()
-                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
-
+                loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy_loss
                 optimizer.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
@@ -547,9 +545,9 @@ if __name__ == "__main__":
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
 
-        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
-        var_y = np.var(y_true)
-        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+        # How much of the variance of the return targets the rollout's value estimates explained (1 = all).
+        return_var = flat_returns.var().item()
+        explained_var = float("nan") if return_var == 0 else 1 - (flat_returns - flat_values).var().item() / return_var
 
         sps = int(global_step / (time.time() - start_time))
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
@@ -558,7 +556,7 @@ if __name__ == "__main__":
         writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
         writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
         writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
-        writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
+        writer.add_scalar("losses/clipfrac", np.mean(clipped_fractions), global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
 

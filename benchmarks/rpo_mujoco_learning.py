@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> None:
             log_path = os.path.join(args.workdir, f"{env_id}__seed{seed}.log")
             print(f"start: {' '.join(command)}  (log: {log_path})", flush=True)
             log = open(log_path, "w")
-            running.append((subprocess.Popen(command, cwd=args.workdir, env=env, stdout=log, stderr=subprocess.STDOUT), log_path))
+            proc = subprocess.Popen(command, cwd=args.workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+            running.append((proc, log_path))
         time.sleep(5)
         for proc, log_path in list(running):
             if proc.poll() is not None:
@@ -87,6 +88,30 @@ def read_scalars(run_dir: str) -> tuple[dict[str, list[tuple[int, float]]], list
             scalars.setdefault(tag, []).extend((e.step, e.value) for e in events)
             wall_times.extend(e.wall_time for e in events)
     return scalars, wall_times
+
+
+def fresh_normaliser_return(model_path: str, env_id: str, episodes: int = 10, seed: int = 1) -> float:
+    """Mean return of a saved policy evaluated the way CleanRL evaluates: a fresh observation normaliser (mean 0,
+    variance 1) that keeps updating during the evaluation, instead of the saved, frozen training statistics."""
+    import gymnasium as gym
+    import torch
+
+    sys.path.insert(0, REPO)
+    import rpo_mujoco
+
+    agent, _, saved_args = rpo_mujoco.load_policy(model_path, "cpu")
+    envs = gym.vector.SyncVectorEnv([rpo_mujoco.make_env(env_id, 0, False, "", saved_args["gamma"])],
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    obs, _ = envs.reset(seed=seed)
+    returns = []
+    while len(returns) < episodes:
+        with torch.no_grad():
+            action = agent.actor_mean(torch.as_tensor(obs, dtype=torch.float32))
+        obs, _, _, _, infos = envs.step(action.numpy())
+        if "final_info" in infos and infos["final_info"]["_episode"][0]:
+            returns.append(float(infos["final_info"]["episode"]["r"][0]))
+    envs.close()
+    return float(np.mean(returns))
 
 
 def hardware() -> dict:
@@ -131,6 +156,10 @@ def collect(args: argparse.Namespace) -> None:
         last_step = max(step for step, _ in scalars.get("charts/SPS", curve))
         final = [value for _, value in curve[-100:]]
         eval_returns = [value for _, value in sorted(scalars.get("eval/episodic_return", []))]
+        model_path = os.path.join(run_dir, "rpo_mujoco.cleanrl_model")
+        fresh = None
+        if eval_returns and os.path.exists(model_path):
+            fresh = fresh_normaliser_return(model_path, match["env"])
         runs.append({
             "env_id": match["env"],
             "seed": int(match["seed"]),
@@ -138,8 +167,10 @@ def collect(args: argparse.Namespace) -> None:
             "global_step": last_step,
             "finished": last_step >= args.total_timesteps - 2048 and bool(eval_returns),
             "return_last_100_episodes": float(np.mean(final)),
+            "return_last_10_episodes": float(np.mean([value for _, value in curve[-10:]])),
             "episodes": len(curve),
             "eval_return_deterministic_10ep": float(np.mean(eval_returns)) if eval_returns else None,
+            "eval_return_fresh_normaliser_10ep": fresh,
             "sps": float(scalars["charts/SPS"][-1][1]) if "charts/SPS" in scalars else None,
             "wall_minutes": (max(wall_times) - min(wall_times)) / 60 if wall_times else None,
             "curve": curve,
@@ -157,14 +188,21 @@ def collect(args: argparse.Namespace) -> None:
     env_ids = sorted({r["env_id"] for r in runs})
     summary = {}
     for env_id in env_ids:
-        env_runs = [r for r in runs if r["env_id"] == env_id]
+        env_runs = [r for r in runs if r["env_id"] == env_id and r["finished"]]
+        if not env_runs:
+            continue
         finals = [r["return_last_100_episodes"] for r in env_runs]
-        evals = [r["eval_return_deterministic_10ep"] for r in env_runs if r["eval_return_deterministic_10ep"] is not None]
+        evals = [r["eval_return_deterministic_10ep"] for r in env_runs]
+        evals = [value for value in evals if value is not None]
         summary[env_id] = {
             "seeds": [r["seed"] for r in env_runs],
             "return_last_100_episodes_mean": float(np.mean(finals)),
             "return_last_100_episodes_std": float(np.std(finals)),
+            "return_last_10_episodes_mean": float(np.mean([r["return_last_10_episodes"] for r in env_runs])),
             "eval_return_deterministic_mean": float(np.mean(evals)) if evals else None,
+            "eval_return_fresh_normaliser_mean": float(
+                np.mean([r["eval_return_fresh_normaliser_10ep"] for r in env_runs])
+            ),
             "sps_mean": float(np.mean([r["sps"] for r in env_runs])),
             "cleanrl_published": PUBLISHED.get(env_id.split("-")[0], {}),
         }
@@ -173,8 +211,11 @@ def collect(args: argparse.Namespace) -> None:
         "command": f"OMP_NUM_THREADS=1 python rpo_mujoco.py --env-id <env> --seed <seed> --total-timesteps "
         f"{args.total_timesteps} --save-model --no-cuda (other flags at their defaults: rpo_alpha 0.5, 1 env x 2048)",
         "metric": "return_last_100_episodes = mean raw episodic return of the last 100 training episodes (CleanRL's "
-        "table metric); eval_return_deterministic = mean of 10 episodes of the saved policy's mean action with its "
-        "saved, frozen normalisation statistics",
+        "table metric; for HalfCheetah the steps 900k-1M); return_last_10_episodes likewise for the last 10; "
+        "eval_return_deterministic = mean of 10 episodes of the saved policy's mean action with its "
+        "saved, frozen normalisation statistics; eval_return_fresh_normaliser = the same saved policy evaluated as "
+        "CleanRL evaluates (a fresh observation normaliser that keeps updating), to show what restoring the "
+        "statistics is worth",
         "date": datetime.date.today().isoformat(),
         "hardware": {**hardware(), "note": args.hardware_note},
         "summary": summary,
@@ -184,14 +225,16 @@ def collect(args: argparse.Namespace) -> None:
         json.dump(report, f, indent=2)
 
     fig, axes = plt.subplots(1, len(env_ids), figsize=(6 * len(env_ids), 4.2), squeeze=False)
-    for ax, env_id in zip(axes[0], env_ids):
-        for r in (r for r in runs if r["env_id"] == env_id):
+    for ax, env_id in zip(axes[0], env_ids, strict=True):
+        for r in (r for r in runs if r["env_id"] == env_id):  # unfinished runs are drawn too, labelled as such
             steps = np.array([s for s, _ in r["curve"]])
             values = np.array([v for _, v in r["curve"]])
-            window = max(1, min(20, len(values) // 10))
+            window = max(1, min(100, len(values) // 50))  # moving average over about 2% of the run's episodes
             smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-            ax.plot(steps, values, alpha=0.15, linewidth=0.6)
-            ax.plot(steps[window - 1 :], smooth, linewidth=1.5, label=f"ours (v5), seed {r['seed']}")
+            status = "" if r["finished"] else f" (unfinished, {r['global_step']} steps)"
+            line, = ax.plot(steps[window - 1 :], smooth, linewidth=1.5,
+                            label=f"ours (v5), seed {r['seed']}{status}, {window}-episode mean")
+            ax.plot(steps, values, alpha=0.12, linewidth=0.5, color=line.get_color())
         published = PUBLISHED.get(env_id.split("-")[0], {})
         styles = {"rpo_8M_alpha_0.5": ("k", "--", "CleanRL RPO α=0.5, final at 8M (v4)"),
                   "rpo_8M_alpha_0.01": ("gray", "--", "CleanRL RPO α=0.01, final at 8M (v4)"),
@@ -203,19 +246,22 @@ def collect(args: argparse.Namespace) -> None:
         ax.set_xlabel("global step")
         ax.set_ylabel("episodic return (training, raw)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="lower right")
     hw = report["hardware"]
     fig.suptitle(f"{hw['cpu']}, {hw['logical_cores']} logical cores, CPU only; {report['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, "rpo_mujoco_learning.png"), dpi=120)
 
-    print("| task | seeds | return, last 100 episodes at 1M | deterministic eval (saved policy) | SPS | CleanRL RPO α=0.5 at 8M (v4) |")
-    print("|---|---|---|---|---|---|")
+    print("| task | seeds | return, last 100 episodes at 1M | eval, saved statistics | eval, fresh normaliser | SPS "
+          "| CleanRL RPO α=0.5 at 8M (v4) |")
+    print("|---|---|---|---|---|---|---|")
     for env_id, s in summary.items():
         published = s["cleanrl_published"].get("rpo_8M_alpha_0.5", [float("nan"), float("nan")])
-        eval_text = f"{s['eval_return_deterministic_mean']:.1f}" if s["eval_return_deterministic_mean"] is not None else "-"
-        print(f"| {env_id} | {len(s['seeds'])} | {s['return_last_100_episodes_mean']:.1f} ± "
-              f"{s['return_last_100_episodes_std']:.1f} | {eval_text} | {s['sps_mean']:.0f} | "
+        eval_mean = s["eval_return_deterministic_mean"]
+        eval_text = "-" if eval_mean is None else f"{eval_mean:.1f}"
+        spread = f" ± {s['return_last_100_episodes_std']:.1f}" if len(s["seeds"]) > 1 else ""
+        print(f"| {env_id} | {', '.join(map(str, s['seeds']))} | {s['return_last_100_episodes_mean']:.1f}{spread} | "
+              f"{eval_text} | {s['eval_return_fresh_normaliser_mean']:.1f} | {s['sps_mean']:.0f} | "
               f"{published[0]:.1f} ± {published[1]:.1f} |")
     for r in runs:
         if not r["finished"]:

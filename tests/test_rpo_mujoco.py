@@ -1,9 +1,8 @@
-"""rpo_mujoco.py: a tiny real training run, the saved normalisation statistics, truncation bootstrapping, start-up errors.
+"""rpo_mujoco.py: a tiny real training run, saved normalisation statistics, truncation bootstrapping, start-up errors.
 
 The training run is shared by several tests (module fixture) to keep the file fast on a small CPU.
 """
 
-import importlib.util
 import os
 import re
 import sys
@@ -15,6 +14,9 @@ import torch
 from conftest import REPO, only_run_dir, read_scalars, run_script
 
 from cleanrl_equi.utils import save_checkpoint
+
+sys.path.insert(0, REPO)
+import rpo_mujoco  # noqa: E402
 
 SCRIPT = "rpo_mujoco.py"
 # Hopper: a random policy falls within ~20-60 steps, so even 1024 steps finish many episodes.
@@ -30,14 +32,6 @@ CLEANRL_SCALARS = [
 ]
 
 
-def load_rpo_module():
-    """Import rpo_mujoco.py as a module (its training code sits under `if __name__ == "__main__"`)."""
-    spec = importlib.util.spec_from_file_location("rpo_mujoco", os.path.join(REPO, SCRIPT))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def eval_lines(stdout: str) -> list[tuple[int, str, int]]:
     """The per-episode evaluation lines the script prints: (episode, return as printed, length)."""
     return [(int(i), r, int(n)) for i, r, n in re.findall(r"eval episode (\d+): return (\S+), length (\d+)", stdout)]
@@ -45,16 +39,32 @@ def eval_lines(stdout: str) -> list[tuple[int, str, int]]:
 
 @pytest.fixture(scope="module")
 def rpo():
-    return load_rpo_module()
+    """The script as a module: its helpers are importable, its training code sits under `if __name__ == ...`."""
+    return rpo_mujoco
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One tiny Hopper-v5 training run with --save-model (which saves and then evaluates the in-memory agent)."""
-    cwd = str(tmp_path_factory.mktemp("rpo_train"))
-    proc = run_script(SCRIPT, *TINY, "--seed", str(SEED), "--save-model", "--eval-episodes", str(EVAL_EPISODES), cwd=cwd)
-    run_dir = only_run_dir(cwd)
-    return {"cwd": cwd, "run_dir": run_dir, "stdout": proc.stdout, "model": os.path.join(run_dir, "rpo_mujoco.cleanrl_model")}
+    """One tiny Hopper-v5 training run with --save-model (which saves and then evaluates the in-memory agent).
+
+    Under pytest-xdist every worker would build its own module fixture; the run is made once, under a file lock in
+    the directory the workers share, and the others reuse it.
+    """
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    cwd = shared / "rpo_mujoco_trained"
+    with FileLock(str(shared / "rpo_mujoco_trained.lock")):
+        if not (cwd / "stdout.txt").exists():
+            cwd.mkdir(exist_ok=True)
+            proc = run_script(SCRIPT, *TINY, "--seed", str(SEED), "--save-model", "--eval-episodes",
+                              str(EVAL_EPISODES), cwd=str(cwd))
+            (cwd / "stdout.txt").write_text(proc.stdout)
+    run_dir = only_run_dir(str(cwd))
+    model = os.path.join(run_dir, "rpo_mujoco.cleanrl_model")
+    return {"cwd": str(cwd), "run_dir": run_dir, "stdout": (cwd / "stdout.txt").read_text(), "model": model}
 
 
 def test_training_writes_cleanrl_scalars(trained):
@@ -114,11 +124,29 @@ def test_checkpoint_restores_and_freezes_the_statistics(trained, rpo):
     assert not np.allclose(unrestored, restored)
 
 
+def test_statistics_of_several_envs_merge_like_one_tracker_over_all_data(rpo):
+    from gymnasium.wrappers.utils import RunningMeanStd
+
+    rng = np.random.default_rng(0)
+    parts = [rng.normal(i, 1 + i, size=(50 + 30 * i, 4)) for i in range(3)]
+    trackers, everything = [], RunningMeanStd(shape=(4,))
+    for part in parts:
+        tracker = RunningMeanStd(shape=(4,))
+        tracker.update(part)
+        trackers.append(tracker)
+    everything.update(np.concatenate(parts))
+    merged = rpo.merged_statistics(trackers)
+    np.testing.assert_allclose(merged["mean"], everything.mean, rtol=1e-5)  # up to the 1e-4 prior counts
+    np.testing.assert_allclose(merged["var"], everything.var, rtol=1e-5)
+    assert merged["count"] == pytest.approx(everything.count + 2e-4)  # each tracker starts with a count of 1e-4
+
+
 def test_time_limit_cut_bootstraps_from_the_final_observation(rpo):
     torch.manual_seed(0)
     agent = rpo.Agent(17, 6, rpo_alpha=0.5)
     envs = gym.vector.SyncVectorEnv(
-        [lambda: gym.make("HalfCheetah-v5", max_episode_steps=3), lambda: gym.make("HalfCheetah-v5", max_episode_steps=5)],
+        [lambda: gym.make("HalfCheetah-v5", max_episode_steps=3),
+         lambda: gym.make("HalfCheetah-v5", max_episode_steps=5)],
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
     )
     envs.reset(seed=0)
@@ -157,31 +185,65 @@ def write_corrupt_file(path):
         f.write("not a checkpoint")
 
 
+def assert_one_sentence_exit(capsys, call, expected):
+    """`call` must stop with exit status 2 and one `error: ...` line on stderr that contains `expected`."""
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    assert exit_info.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(error_lines) == 1 and error_lines[0].startswith("error: ") and expected in error_lines[0], error_lines
+
+
 @pytest.mark.parametrize(
-    "flags, setup, expected",
+    "flags, expected",
     [
-        (["--env-id", "HalfCheeta-v5"], None, "unknown env id 'HalfCheeta-v5'"),
-        (["--env-id", "BreakoutNoFrameskip-v4"], None, "use ppo_atari.py"),
-        (["--env-id", "ALE/Pong-v5"], None, "use ppo_atari.py"),
-        (["--env-id", "CartPole-v1"], None, "not a MuJoCo continuous-control task"),
-        (["--env-id", "Hopper-v3"], None, "use Hopper-v5"),
-        (["--num-minibatches", "30"], None, "choose a number of minibatches that divides 2048"),
-        (["--eval-checkpoint", "missing.cleanrl_model"], None, "does not exist"),
-        (["--eval-checkpoint", "ckpt"], write_foreign_checkpoint, "written by ppo_atari.py"),
-        (["--eval-checkpoint", "ckpt"], write_incomplete_checkpoint, "lacks obs_rms"),
-        (["--eval-checkpoint", "ckpt"], write_corrupt_file, "corrupt"),
+        ({"env_id": "HalfCheeta-v5"}, "unknown env id 'HalfCheeta-v5'"),
+        ({"env_id": "BreakoutNoFrameskip-v4"}, "use ppo_atari.py"),
+        ({"env_id": "PongNoFrameskip-v4"}, "use ppo_atari.py"),
+        ({"env_id": "Pong-v4"}, "use ppo_atari.py"),
+        ({"env_id": "CartPole-v1"}, "not a MuJoCo continuous-control task"),
+        ({"env_id": "Pendulum-v1"}, "not a MuJoCo continuous-control task"),
+        ({"env_id": "Hopper-v3"}, "use Hopper-v5"),
+        ({"num_minibatches": 30}, "choose a number of minibatches that divides 2048"),
+        ({"num_steps": 64, "total_timesteps": 32}, "less than one rollout of 64 steps"),
+        ({"rpo_alpha": -0.1}, "must be >= 0"),
+        ({"eval_episodes": 0}, "--eval-episodes must be at least 1"),
     ],
-    ids=["typo", "atari-v4", "atari-ale", "cartpole", "mujoco-py", "minibatches", "missing-ckpt", "foreign-ckpt",
-         "incomplete-ckpt", "corrupt-ckpt"],
 )
-def test_start_up_errors_are_one_sentence(workdir, flags, setup, expected):
+def test_bad_flags_stop_with_one_sentence(rpo, capsys, flags, expected):
+    assert_one_sentence_exit(capsys, lambda: rpo.check_args(rpo.Args(**flags)), expected)
+
+
+@pytest.mark.parametrize(
+    "setup, expected",
+    [
+        (None, "does not exist"),
+        (write_foreign_checkpoint, "written by ppo_atari.py"),
+        (write_incomplete_checkpoint, "lacks obs_rms"),
+        (write_corrupt_file, "corrupt"),
+    ],
+    ids=["missing", "foreign", "incomplete", "corrupt"],
+)
+def test_unusable_checkpoints_stop_with_one_sentence(rpo, capsys, tmp_path, setup, expected):
+    path = str(tmp_path / "checkpoint.cleanrl_model")
     if setup is not None:
-        setup(os.path.join(workdir, "ckpt"))
+        setup(path)
+    assert_one_sentence_exit(capsys, lambda: rpo.load_policy(path, "cpu"), expected)
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--env-id", "ALE/Pong-v5"], "ALE/Pong-v5 is an Atari game and this script trains MuJoCo tasks; use ppo_"),
+        (["--eval-checkpoint", "nowhere.cleanrl_model"], "does not exist; pass the path of a file written with --save"),
+    ],
+    ids=["atari", "missing-checkpoint"],
+)
+def test_the_script_itself_stops_before_creating_a_run(workdir, flags, expected):
     proc = run_script(SCRIPT, *flags, cwd=workdir, check=False)
     assert proc.returncode == 2, proc.stderr
-    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(error_lines) == 1 and expected in error_lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
     assert not os.path.exists(os.path.join(workdir, "runs")), "a failed start must not create a run"
 
 
@@ -197,10 +259,10 @@ def rendering_works() -> bool:
 
 @pytest.mark.skipif(not rendering_works(), reason="no OpenGL backend for MuJoCo here (EGL needs libegl1)")
 def test_capture_video_writes_training_and_evaluation_videos(workdir):
-    run_script(SCRIPT, "--env-id", "Hopper-v5", "--num-steps", "256", "--total-timesteps", "256", "--num-minibatches",
-               "4", "--update-epochs", "1", "--capture-video", "--save-model", "--eval-episodes", "1", cwd=workdir)
+    run_script(SCRIPT, "--env-id", "Hopper-v5", "--num-steps", "64", "--total-timesteps", "64", "--num-minibatches",
+               "2", "--update-epochs", "1", "--capture-video", "--save-model", "--eval-episodes", "1", cwd=workdir)
     run_name = os.path.basename(only_run_dir(workdir))
     train_videos = os.listdir(os.path.join(workdir, "videos", run_name))
     eval_videos = os.listdir(os.path.join(workdir, "videos", f"{run_name}-eval"))
     assert any(name.endswith(".mp4") for name in train_videos), train_videos
-    assert [name for name in eval_videos if name.endswith(".mp4")], eval_videos
+    assert sorted(name for name in eval_videos if name.endswith(".mp4")) == ["rl-video-episode-0.mp4"], eval_videos
