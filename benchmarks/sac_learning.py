@@ -1,0 +1,185 @@
+"""Learning curves of sac_equi_bullet.py: run tasks x models x seeds, then tabulate and plot the evaluations.
+
+Runs the training script once per (task, model, seed) as a user would (its own process, its TensorBoard run under
+--runs-dir), then reads every run's eval/success_rate and eval/discounted_return against gradient steps, and
+writes benchmarks/results/sac_learning<tag>.{json,csv,png}: mean and spread over seeds per (task, experiment), the
+first gradient step and wall time at which the seed-mean success reached --target, and the hardware.
+
+    # the paper's comparison on a GPU node (equivariant vs CNN, Block Pulling, 3 seeds, 2.5k+ gradient steps)
+    uv run python benchmarks/sac_learning.py --device cuda --tasks BlockPulling --models equi,cnn --seeds 1,2,3 \\
+        --total-timesteps 25000 --parallel 3 --tag _gpu
+    # only tabulate / plot runs that already exist (any runs folder written by sac_equi_bullet.py)
+    uv run python benchmarks/sac_learning.py --collect-only --runs-dir /tmp/sac_learn --tag _cpu
+Extra flags after `--` go to every training run (e.g. `-- --group-order 4 --n-hidden 16 --image-size 64`).
+"""
+
+import argparse
+import glob
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections import defaultdict
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+
+def run_all(opts, extra):
+    """Launch the training runs, at most --parallel at a time; each one's stdout goes to <runs-dir>/runs/<name>.log."""
+    os.makedirs(os.path.join(opts.runs_dir, "runs"), exist_ok=True)  # logs beside the runs (git-ignored)
+    jobs = [(task, model, seed) for task in opts.tasks.split(",") for model in opts.models.split(",")
+            for seed in opts.seeds.split(",")]
+    env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads), MKL_NUM_THREADS=str(opts.threads))
+    running = []
+    for task, model, seed in jobs:
+        while len(running) >= opts.parallel:
+            running = [p for p in running if p.poll() is None]
+            time.sleep(5)
+        name = f"{opts.exp_prefix}_{model}"
+        cmd = [sys.executable, os.path.join(REPO, "sac_equi_bullet.py"), "--env-id", f"cleanrl_equi/{task}-v0",
+               "--model", model, "--seed", seed, "--exp-name", name, "--total-timesteps", str(opts.total_timesteps),
+               "--eval-frequency", str(opts.eval_frequency), "--eval-episodes", str(opts.eval_episodes),
+               *(["--no-cuda"] if opts.device == "cpu" else []), *extra]
+        log = open(os.path.join(opts.runs_dir, "runs", f"{task}_{name}_{seed}.log"), "w")
+        print(" ".join(cmd), flush=True)
+        running.append(subprocess.Popen(cmd, cwd=opts.runs_dir, env=env, stdout=log, stderr=subprocess.STDOUT))
+    for p in running:
+        p.wait()
+
+
+def read_runs(runs_dir):
+    """{(env_id, exp_name): {seed: {"steps": [...], "success": [...], "return": [...], "wall": [...]}}}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = defaultdict(dict)
+    for run_dir in sorted(glob.glob(os.path.join(runs_dir, "**", "runs", "*__*__*__*"), recursive=True)):
+        env_id, exp_name, seed, _ = os.path.basename(run_dir).split("__")
+        acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+        acc.Reload()
+        tags = acc.Tags()["scalars"]
+        if "eval/success_rate" not in tags:
+            continue
+        start = min(e.wall_time for tag in tags for e in acc.Scalars(tag)[:1])
+        runs[(env_id, exp_name)][int(seed)] = {
+            "steps": [int(e.value) for e in acc.Scalars("eval/gradient_steps")],
+            "success": [e.value for e in acc.Scalars("eval/success_rate")],
+            "return": [e.value for e in acc.Scalars("eval/discounted_return")],
+            "smoothness": [e.value for e in acc.Scalars("eval/action_smoothness")],
+            "wall": [e.wall_time - start for e in acc.Scalars("eval/success_rate")],
+        }
+    return runs
+
+
+def summarise(runs, target):
+    summary = []
+    for (env_id, exp_name), seeds in sorted(runs.items()):
+        n = min(len(r["steps"]) for r in seeds.values())
+        steps = list(seeds.values())[0]["steps"][:n]
+        success = np.array([r["success"][:n] for r in seeds.values()])
+        returns = np.array([r["return"][:n] for r in seeds.values()])
+        wall = np.array([r["wall"][:n] for r in seeds.values()])
+        mean = success.mean(0)
+        reached = [i for i in range(n) if mean[i] >= target]
+        summary.append({
+            "env_id": env_id, "experiment": exp_name, "seeds": sorted(seeds), "gradient_steps": steps,
+            "success_mean": mean.tolist(), "success_std": success.std(0).tolist(),
+            "return_mean": returns.mean(0).tolist(), "return_std": returns.std(0).tolist(),
+            "final_success": float(mean[-1]), "best_success": float(mean.max()),
+            "first_step_at_target": steps[reached[0]] if reached else None,
+            "wall_seconds_at_target": float(wall[:, reached[0]].mean()) if reached else None,
+            "wall_seconds_total": float(wall[:, -1].mean()),
+            "per_seed_first_step_at_target": {
+                s: next((st for st, v in zip(r["steps"], r["success"]) if v >= target), None)
+                for s, r in seeds.items()},
+        })
+    return summary
+
+
+def plot(summary, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    envs = sorted({s["env_id"] for s in summary})
+    fig, axes = plt.subplots(len(envs), 2, figsize=(10, 3.4 * len(envs)), squeeze=False)
+    for row, env_id in enumerate(envs):
+        for s in (s for s in summary if s["env_id"] == env_id):
+            for col, key in enumerate(("success", "return")):
+                mean, std = np.array(s[f"{key}_mean"]), np.array(s[f"{key}_std"])
+                ax = axes[row, col]
+                ax.plot(s["gradient_steps"], mean, label=f"{s['experiment']} ({len(s['seeds'])} seeds)")
+                ax.fill_between(s["gradient_steps"], mean - std, mean + std, alpha=0.2)
+                ax.set_ylim(-0.02, 1.02)
+                ax.set_xlabel("gradient steps")
+                ax.set_ylabel("eval success rate" if key == "success" else "eval discounted return")
+                ax.set_title(env_id.replace("cleanrl_equi_", ""))
+                ax.grid(alpha=0.3)
+        axes[row, 0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--tasks", default="BlockPulling")
+    parser.add_argument("--models", default="equi,cnn")
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--total-timesteps", type=int, default=25000,
+                        help="env steps per run (5 envs: 5k gradient steps)")
+    parser.add_argument("--eval-frequency", type=int, default=250)
+    parser.add_argument("--eval-episodes", type=int, default=50)
+    parser.add_argument("--parallel", type=int, default=1, help="runs at the same time")
+    parser.add_argument("--threads", type=int, default=1, help="OMP/MKL threads per run")
+    parser.add_argument("--exp-prefix", default="sac")
+    parser.add_argument("--runs-dir", default=os.path.join(REPO, "benchmarks", "sac_runs"))
+    parser.add_argument("--collect-only", action="store_true", help="skip training; tabulate --runs-dir")
+    parser.add_argument("--target", type=float, default=0.9)
+    parser.add_argument("--hardware", default="", help="hardware description for the results (default: detected)")
+    parser.add_argument("--tag", default="")
+    opts, extra = parser.parse_known_args()
+    extra = [a for a in extra if a != "--"]
+    if not opts.collect_only:
+        run_all(opts, extra)
+    runs = read_runs(opts.runs_dir)
+    if not runs:
+        raise SystemExit(f"no runs with evaluations under {opts.runs_dir}/runs")
+    summary = summarise(runs, opts.target)
+    hardware = opts.hardware
+    if not hardware:
+        try:
+            import torch
+
+            hardware = (torch.cuda.get_device_name(0) if opts.device == "cuda" and torch.cuda.is_available()
+                        else f"{platform.machine()} CPU, {os.cpu_count()} cores")
+        except Exception:
+            hardware = platform.machine()
+    info = {"date": time.strftime("%Y-%m-%d"), "hardware": hardware, "target": opts.target,
+            "extra_flags": extra, "results": summary}
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    stem = os.path.join(HERE, "results", f"sac_learning{opts.tag}")
+    with open(stem + ".json", "w") as f:
+        json.dump(info, f, indent=1)
+    with open(stem + ".csv", "w") as f:
+        f.write("env_id,experiment,seeds,final_success,best_success,first_step_at_target,wall_seconds_at_target,"
+                "wall_seconds_total\n")
+        for s in summary:
+            f.write(f"{s['env_id']},{s['experiment']},{len(s['seeds'])},{s['final_success']:.3f},{s['best_success']:.3f},"
+                    f"{s['first_step_at_target']},{s['wall_seconds_at_target']},{s['wall_seconds_total']:.0f}\n")
+    plot(summary, stem + ".png", f"sac_equi_bullet.py, {hardware}, {info['date']}")
+    for s in summary:
+        print(f"{s['env_id']} {s['experiment']}: seeds {s['seeds']} final {s['final_success']:.2f} best "
+              f"{s['best_success']:.2f} first >= {opts.target} at {s['first_step_at_target']} steps "
+              f"({s['wall_seconds_at_target']} s)")
+    print(f"wrote {stem}.json/.csv/.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""sac_equi_bullet.py: exact symmetry on real observations, buffer, CAPS terms, short runs, checkpoints, errors.
+
+Everything runs on CPU with tiny networks (C4 / C8, n_hidden 8, 32x32 images) so the file takes about two minutes.
+"""
+
+import importlib.util
+import math
+import os
+import re
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import cleanrl_equi  # noqa: F401  (registers the tasks)
+from cleanrl_equi.manipulation import rotate_scene_state
+from cleanrl_equi.utils import save_checkpoint
+from conftest import REPO, only_run_dir, read_scalars, run_script
+
+SCRIPT = "sac_equi_bullet.py"
+QUARTER_TURN = torch.tensor([[0.0, -1.0], [1.0, 0.0]])  # +90 degrees about +z acting on (dx, dy)
+TINY = ["--group-order", "4", "--n-hidden", "8", "--image-size", "32", "--batch-size", "8", "--learning-starts", "8",
+        "--num-envs", "2", "--num-demos", "2", "--max-steps", "6", "--total-timesteps", "40", "--eval-frequency", "10",
+        "--eval-episodes", "2", "--num-eval-envs", "2", "--log-frequency", "4"]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("sac_equi_bullet", os.path.join(REPO, SCRIPT))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sac = load_script()
+
+
+def tiny_args(**kwargs):
+    return sac.Args(**{"group_order": 4, "n_hidden": 8, "image_size": 32, **kwargs})
+
+
+def real_observations(task: str, image_size: int = 32, steps: int = 4):
+    """Observations and scene states along an expert episode (the gripper holds something in picking tasks)."""
+    env = gym.make(f"cleanrl_equi/{task}-v0", image_size=image_size).unwrapped
+    obs, _ = env.reset(seed=5)
+    observations, states = [obs], [env.get_scene_state()]
+    for _ in range(steps):
+        obs, _, terminated, truncated, _ = env.step(env.expert_action())
+        if terminated or truncated:
+            break
+        observations.append(obs)
+        states.append(env.get_scene_state())
+    return env, np.stack(observations), states
+
+
+def turn(x: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.rot90(x, k, dims=(-2, -1))
+
+
+@pytest.mark.parametrize("task", ["BlockPulling", "DrawerOpening"])
+def test_env_turn_matches_the_networks_convention(task):
+    """The convention the networks rely on, on real scenes: turning the world +90 degrees about the gripper gives
+    torch.rot90(k=1) of the image and (dx, dy) -> R (dx, dy), R = [[0, -1], [1, 0]] (escnn's irrep(1) at 90°)."""
+    env, observations, states = real_observations(task, image_size=64, steps=1)
+    for obs, state in zip(observations, states):
+        env.reset(options={"scene_state": state})
+        action = torch.as_tensor(env.expert_action())
+        turned_obs, _ = env.reset(options={"scene_state": rotate_scene_state(state, 1)})
+        turned_action = torch.as_tensor(env.expert_action())
+        differing = (turn(torch.as_tensor(obs[0]).int(), 1) - torch.as_tensor(turned_obs[0]).int()).abs() > 1
+        assert differing.float().mean() < 0.002
+        torch.testing.assert_close(turned_action[1:3].float(), QUARTER_TURN @ action[1:3].float(), atol=1e-4, rtol=0)
+    env.close()
+    from cleanrl_equi.equivariant import gspaces
+
+    gspace = gspaces.rot2dOnR2(8)
+    np.testing.assert_allclose(gspace.irrep(1)(gspace.fibergroup.element(2)), QUARTER_TURN.numpy(), atol=1e-7)
+
+
+@pytest.mark.parametrize("group_order", [4, 8])
+def test_actor_equivariant_and_critic_invariant_on_real_observations(group_order):
+    torch.manual_seed(0)
+    actor, critic = sac.build_networks(tiny_args(group_order=group_order))
+    observations = []
+    for task in ("BlockPulling", "BlockPicking"):
+        env, obs, _ = real_observations(task)
+        env.close()
+        observations.append(obs)
+    x = sac.obs_to_tensor(np.concatenate(observations), "cpu")
+    assert x[:, 1].max() == 1.0 and x[:, 1].min() == 0.0  # holding and not holding both appear
+    actions = torch.rand(len(x), 5) * 2 - 1
+    with torch.no_grad():
+        mean, log_std = actor(x)
+        q1, q2 = critic(x, actions)
+        assert mean[:, 1:3].abs().max() > 1e-3 and q1.abs().max() > 1e-3  # not trivially zero
+        for k in (1, 2, 3):
+            rotation = torch.linalg.matrix_power(QUARTER_TURN, k)
+            turned_mean, turned_log_std = actor(turn(x, k))
+            torch.testing.assert_close(turned_mean[:, 1:3], mean[:, 1:3] @ rotation.T, atol=1e-5, rtol=0)
+            torch.testing.assert_close(turned_mean[:, [0, 3, 4]], mean[:, [0, 3, 4]], atol=1e-5, rtol=0)
+            torch.testing.assert_close(turned_log_std, log_std, atol=1e-5, rtol=0)
+            turned_actions = actions.clone()
+            turned_actions[:, 1:3] = actions[:, 1:3] @ rotation.T
+            turned_q1, turned_q2 = critic(turn(x, k), turned_actions)
+            torch.testing.assert_close(turned_q1, q1, atol=1e-5, rtol=0)
+            torch.testing.assert_close(turned_q2, q2, atol=1e-5, rtol=0)
+        # turning the image without the action is a different state-action pair: Q must be free to change
+        assert (critic(turn(x, 1), actions)[0] - q1).abs().max() > 1e-4
+
+
+def test_rotation_augmentation_is_the_same_turn():
+    x = sac.obs_to_tensor(real_observations("BlockPulling")[1], "cpu")
+    batch = {"obs": x, "next_obs": x.flip(0), "actions": torch.rand(len(x), 5) * 2 - 1}
+    turned = sac.rotate_batch(batch, torch.full((len(x),), math.pi / 2))
+    torch.testing.assert_close(turned["obs"], turn(x, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(turned["next_obs"], turn(x.flip(0), 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(turned["actions"][:, 1:3], batch["actions"][:, 1:3] @ QUARTER_TURN.T)
+    torch.testing.assert_close(turned["actions"][:, [0, 3, 4]], batch["actions"][:, [0, 3, 4]])
+    assert sac.augment(batch, 0) is batch
+
+
+def test_replay_buffer_stores_each_observation_once_and_never_joins_episodes():
+    rb = sac.ReplayBuffer(capacity=12, num_envs=2, image_size=16)
+
+    def frames(value0, value1):  # env 0 sees heights `value0` and holds nothing; env 1 sees `value1` and holds
+        obs = np.zeros((2, 2, 16, 16), np.uint8)
+        obs[0, 0], obs[1, 0], obs[1, 1] = value0, value1, 255
+        return obs
+
+    rb.start(frames(0, 100))
+    # env 0 ends its episode on step 2; the vector env resets it on step 3 (that row must never be sampled)
+    for step, done0 in ((1, False), (2, True), (3, False)):
+        next_obs = frames(step, 100 + step)
+        resetting = np.array([step == 3, False])
+        rb.add(np.full((2, 5), step / 10, np.float32), np.array([float(done0), 0.0]), np.array([done0, False]),
+               ~resetting, np.zeros(2, bool), next_obs)
+    assert len(rb) == 5
+    batch = rb.sample(200, torch.device("cpu"))
+    step_of = torch.round(batch["actions"][:, 0] * 10)
+    obs_value, next_value = batch["obs"][:, 0, 0, 0] * 255, batch["next_obs"][:, 0, 0, 0] * 255
+    torch.testing.assert_close(next_value - obs_value, torch.ones_like(obs_value), atol=1e-3, rtol=0)
+    torch.testing.assert_close(obs_value % 100, step_of - 1, atol=1e-3, rtol=0)  # obs s_{t-1}, action a_t, next s_t
+    assert ((batch["obs"][:, 1] == 1) == (obs_value >= 100)[:, None, None]).all()  # env 1's flag, tiled
+    assert not ((obs_value == 2) & (next_value == 3)).any()  # the reset row is never sampled
+    # memory: the paper's 100k-transition buffer of 2x128x128 observations
+    big = sac.ReplayBuffer(capacity=100_000, num_envs=5, image_size=128)  # np.zeros: pages are touched lazily
+    nbytes = sum(a.nbytes for a in vars(big).values() if isinstance(a, np.ndarray))
+    assert nbytes < 1.75e9, nbytes
+
+
+def test_caps_terms_zero_for_a_constant_policy_and_positive_otherwise():
+    torch.manual_seed(0)
+    x = sac.obs_to_tensor(real_observations("BlockPicking")[1], "cpu")
+    for model in ("equi", "cnn"):
+        actor, _ = sac.build_networks(tiny_args(model=model))
+        temporal, spatial = sac.caps_terms(actor, x[:-1], x[1:], sigma=0.05)
+        assert temporal.item() > 0 and spatial.item() > 0
+        temporal.backward()  # the terms train the actor
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in actor.parameters())
+        with torch.no_grad():  # a policy that ignores its input: every weight before the output bias set to zero
+            for name, p in actor.named_parameters():
+                if not name.startswith("head.") or "weight" in name:
+                    p.zero_()
+        temporal, spatial = sac.caps_terms(actor, x[:-1], x[1:], sigma=0.05)
+        assert temporal.item() == 0.0 and spatial.item() == 0.0
+
+
+def test_smoothness_metric():
+    constant = np.tile(np.array([0.5, 0.1, -0.2, 0.0, 0.3]), (10, 1))
+    alternating = constant * np.array([[1.0], [-1.0]] * 5)
+    assert sac.action_smoothness(constant) < 1e-12
+    assert sac.action_smoothness(alternating) > sac.action_smoothness(constant + 0.01 * np.arange(10)[:, None]) > 0
+
+
+def check_scalars(cwd):
+    scalars = read_scalars(only_run_dir(cwd))
+    for tag in ("charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/updates_per_second",
+                "losses/qf1_loss", "losses/qf2_loss", "losses/qf1_values", "losses/actor_loss", "losses/alpha",
+                "losses/alpha_loss", "losses/demo_loss", "losses/caps_temporal", "losses/caps_spatial",
+                "eval/success_rate", "eval/discounted_return", "eval/action_smoothness", "eval/action_change"):
+        assert tag in scalars, f"{tag} missing; got {sorted(scalars)}"
+        assert all(np.isfinite(v) for _, v in scalars[tag])
+    assert len(scalars["eval/success_rate"]) == 2  # after 10 and 20 gradient steps
+    assert max(v for _, v in scalars["losses/caps_temporal"]) > 0 and max(v for _, v in scalars["losses/demo_loss"]) > 0
+
+
+def test_short_cnn_run_writes_the_scalars(workdir):
+    proc = run_script(SCRIPT, *TINY, "--model", "cnn", "--demo-loss-weight", "1", "--caps-temporal-weight", "0.1",
+                      "--caps-spatial-weight", "0.1", cwd=workdir)
+    assert "demo episodes" in proc.stdout and "eval @ 20 gradient steps" in proc.stdout
+    check_scalars(workdir)
+
+
+def test_short_equi_run_writes_the_scalars_and_its_checkpoint_acts_the_same(workdir):
+    proc = run_script(SCRIPT, *TINY, "--demo-loss-weight", "1", "--caps-temporal-weight", "0.1",
+                      "--caps-spatial-weight", "0.1", "--save-model", cwd=workdir)
+    assert "demo episodes" in proc.stdout and "eval @ 20 gradient steps" in proc.stdout
+    check_scalars(workdir)
+    # save -> load in a fresh process -> the same evaluation episodes give the same metrics, to every digit
+    (path,) = [os.path.join(d, f) for d, _, fs in os.walk(workdir) for f in fs if f.endswith(".cleanrl_model")]
+    in_training = re.search(r"checkpoint eval: (.*) over", proc.stdout).group(1)
+    proc = run_script(SCRIPT, "--eval-checkpoint", path, "--eval-episodes", "2", "--num-eval-envs", "2", cwd=workdir)
+    assert re.search(r"\(equi\): (.*) over", proc.stdout).group(1) == in_training
+    checkpoint = torch.load(path, weights_only=False)
+    assert not any("filter" in key or "expanded_bias" in key for key in checkpoint["actor"])  # parameters only
+    x = sac.obs_to_tensor(real_observations("BlockPulling")[1], "cpu")
+    (actor_a, _), (actor_b, _) = sac.load_actor(path, "cpu"), sac.load_actor(path, "cpu")
+    with torch.no_grad():
+        first = actor_a(x)[0]
+        actor_b.eval()  # the cached eval-mode filters give the same actions as train mode
+        torch.testing.assert_close(actor_b(x)[0], first, atol=1e-6, rtol=0)
+        actor_b.train()
+        torch.testing.assert_close(actor_b(x)[0], first, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("args, words", [
+    (dict(env_id="cleanrl_equi/NoSuchTask-v0"), "unknown env id"),
+    (dict(env_id="CartPole-v1"), "not a manipulation task"),
+    (dict(model="mlp"), "--model"),
+    (dict(image_size=100), "--image-size"),
+    (dict(group_order=6), "--group-order"),
+    (dict(batch_size=256, learning_starts=100), "--learning-starts"),
+    (dict(num_demos=0, demo_loss_weight=1.0), "--num-demos"),
+    (dict(buffer_size=10), "--buffer-size"),
+])
+def test_bad_settings_stop_with_one_sentence(args, words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sac.check_args(tiny_args(**args))
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("error:") and words in message and "\n" not in message
+
+
+def test_bad_checkpoints_stop_with_one_sentence(tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.cleanrl_model"
+    corrupt.write_bytes(b"not a checkpoint")
+    foreign = str(tmp_path / "foreign.cleanrl_model")
+    save_checkpoint(foreign, "ppo_atari_equi", tiny_args(), model={})
+    mismatched = str(tmp_path / "mismatched.cleanrl_model")
+    other_actor, _ = sac.build_networks(tiny_args(n_hidden=16))
+    save_checkpoint(mismatched, "sac_equi_bullet", tiny_args(), actor=other_actor.state_dict())
+    for path, words in ((str(tmp_path / "missing.cleanrl_model"), "does not exist"), (str(corrupt), "corrupt"),
+                        (foreign, "ppo_atari_equi"), (mismatched, "does not fit")):
+        with pytest.raises(SystemExit):
+            sac.load_actor(path, "cpu")
+        message = capsys.readouterr().err.strip()
+        assert message.startswith("error:") and words in message and "\n" not in message
+
+
+def test_unknown_env_id_from_the_command_line(workdir):
+    proc = run_script(SCRIPT, "--env-id", "cleanrl_equi/NoSuchTask-v0", cwd=workdir, check=False)
+    assert proc.returncode == 2 and "unknown env id" in proc.stderr and "Traceback" not in proc.stderr
