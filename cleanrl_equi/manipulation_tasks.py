@@ -72,6 +72,13 @@ class _TaskEnv(ManipulationEnv):
         half = self.workspace_size / 2 - padding
         return self.np_random.uniform(-half, half, size=2)
 
+    def sample_two_apart(self, padding_a: float, padding_b: float, min_distance: float) -> tuple[np.ndarray, np.ndarray]:
+        """Two positions (a first, then b, on every try) whose centres are at least `min_distance` apart."""
+        while True:
+            a, b = self.sample_xy(padding_a), self.sample_xy(padding_b)
+            if np.linalg.norm(a - b) >= min_distance:
+                return a, b
+
     def bottom_height(self, body: int) -> float:
         return float(self.sim.getAABB(body)[0][2])
 
@@ -379,10 +386,7 @@ class BlockInBowlEnv(_TaskEnv):
         self.bowl = self.add_body(bowl_pieces(), 0.4, "white")
 
     def _sample_scene(self):
-        while True:
-            cube_xy, bowl_xy = self.sample_xy(0.04), self.sample_xy(0.08)
-            if np.linalg.norm(cube_xy - bowl_xy) >= 0.16:
-                break
+        cube_xy, bowl_xy = self.sample_two_apart(0.04, 0.08, 0.16)
         self.set_body_pose(self.cube, (*cube_xy, CUBE / 2), random_yaw(self.np_random))
         self.set_body_pose(self.bowl, (*bowl_xy, 0.0), random_yaw(self.np_random))
 
@@ -412,10 +416,7 @@ class BlockStackingEnv(_TaskEnv):
         self.cubes = [self.add_body(cube_pieces(), 0.1, color) for color in ("red", "green")]
 
     def _sample_scene(self):
-        while True:
-            xy = [self.sample_xy(0.04) for _ in range(2)]
-            if np.linalg.norm(xy[0] - xy[1]) >= 0.12:
-                break
+        xy = self.sample_two_apart(0.04, 0.04, 0.12)
         for cube, position in zip(self.cubes, xy):
             self.set_body_pose(cube, (*position, CUBE / 2), random_yaw(self.np_random))
 
@@ -443,10 +444,7 @@ class HouseBuildingEnv(_TaskEnv):
         self.roof = self.add_body(roof_pieces(), 0.1, "red")
 
     def _sample_scene(self):
-        while True:
-            cube_xy, roof_xy = self.sample_xy(0.04), self.sample_xy(0.06)
-            if np.linalg.norm(cube_xy - roof_xy) >= 0.14:
-                break
+        cube_xy, roof_xy = self.sample_two_apart(0.04, 0.06, 0.14)
         self.set_body_pose(self.cube, (*cube_xy, CUBE / 2), random_yaw(self.np_random))
         self.set_body_pose(self.roof, (*roof_xy, -ROOF_BOTTOM), random_yaw(self.np_random))
 
