@@ -1,4 +1,4 @@
-"""Start-up checks and checkpoint files shared by the training scripts.
+"""Start-up checks, checkpoint files and resumable runs shared by the training scripts.
 
 A mistake a user can make (a bad flag, a missing file) should stop the script with one sentence that names the
 fix, not a stack trace from deep inside training: `fail` prints that sentence and exits with status 2.
@@ -7,9 +7,15 @@ fix, not a stack trace from deep inside training: `fail` prints that sentence an
 from __future__ import annotations
 
 import os
+import random
+import shutil
+import signal
+import subprocess
 import sys
+import time
 from typing import Any, NoReturn
 
+import numpy as np
 import torch
 
 
@@ -45,3 +51,116 @@ def load_checkpoint(path: str, script: str, map_location: str | torch.device = "
     if payload["script"] != script:
         fail(f"checkpoint {path!r} was written by {payload['script']}, not {script}; evaluate it with that script.")
     return payload
+
+
+# ---- Runs that survive SLURM time limits and preemption ------------------------------------------------------------
+# A training script keeps one resume file in its run directory, written every `--checkpoint-minutes` and when a
+# signal says the job is about to stop: SLURM sends `--signal=B:USR1@<seconds>` before the wall-time limit and TERM
+# on preemption or scancel. The script then asks SLURM to requeue the job and exits; the requeued job runs the same
+# command, finds the same run directory (its name comes from the SLURM job id, or from --run-name) and continues
+# from the same global step with the same network, optimiser and RNG state (and replay buffer, where there is one).
+RESUME_FILE = "resume.pt"
+RESUMABLE_CHANGES = ("total_timesteps", "checkpoint_minutes", "progress_interval", "cuda", "track",
+                     "wandb_project_name", "wandb_entity", "save_model", "capture_video", "run_name")
+"""Flags that may differ between an interrupted run and its resumption; any other difference is refused."""
+
+
+def make_run_name(run_name: str | None, env_label: str, exp_name: str, seed: int) -> str:
+    """`--run-name` if given; under SLURM `{env}__{exp}__{seed}__slurm{job}` (array task: `{array_job}_{task}`),
+    which a requeued job finds again; otherwise CleanRL's `{env}__{exp}__{seed}__{unix time}`."""
+    if run_name:
+        return run_name
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{env_label}__{exp_name}__{seed}__slurm{array_job}_{task}"
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"{env_label}__{exp_name}__{seed}__slurm{os.environ['SLURM_JOB_ID']}"
+    return f"{env_label}__{exp_name}__{seed}__{int(time.time())}"
+
+
+class StopSignal:
+    """Remembers that SLURM (or anyone) asked the job to stop: USR1 (the wall-time warning) or TERM (preemption,
+    scancel). The training loop checks `requested` at a step boundary, where a checkpoint is consistent."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
+        self.received: int | None = None
+        for signum in signals:
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+
+class CheckpointClock:
+    """True every `minutes` of wall time (0 = never): the periodic checkpoint that a hard kill cannot take away."""
+
+    def __init__(self, minutes: float):
+        self.seconds, self.last = 60.0 * minutes, time.time()
+
+    def due(self) -> bool:
+        if self.seconds <= 0 or time.time() - self.last < self.seconds:
+            return False
+        self.last = time.time()
+        return True
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global random generator a script draws from (Python, NumPy, torch CPU and CUDA)."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_resume(run_dir: str, script: str, args: Any, **state: Any) -> None:
+    """Write the run's resume file (atomically, with the RNG state); `state` is whatever the loop needs to go on."""
+    save_checkpoint(os.path.join(run_dir, RESUME_FILE), script, args, rng=rng_state(), **state)
+
+
+def load_resume(run_dir: str, script: str, args: Any, may_differ: tuple[str, ...] = RESUMABLE_CHANGES) -> dict | None:
+    """The run's resume file if there is one (None for a new run), after checking it was written by `script` with
+    the same settings; restores the RNG state. Fails with one sentence if the file cannot be used."""
+    path = os.path.join(run_dir, RESUME_FILE)
+    if not os.path.exists(path):
+        return None
+    payload = load_checkpoint(path, script)
+    saved, now = payload["args"], dict(vars(args))
+    changed = sorted(k for k in set(saved) | set(now) if k not in may_differ and saved.get(k) != now.get(k))
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} ({saved.get(k)!r} there, {now.get(k)!r} now)" for k in changed)
+        fail(f"{path!r} was saved with other settings: {flags}; resume with the same flags or pick a new --run-name.")
+    set_rng_state(payload["rng"])
+    return payload
+
+
+def load_state(module: Any, state: dict, path: str) -> None:
+    """`module.load_state_dict(state)`, failing with one sentence when the shapes or names do not match."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        fail(f"checkpoint {path!r} does not fit this network ({first[:160]}); it has other shapes or settings.")
+
+
+def stop_for_requeue(stop: StopSignal) -> NoReturn:
+    """After the resume file is written: under SLURM, requeue this job (it restarts and resumes); then exit.
+
+    Without SLURM the exit status is the usual 128 + signal number, so a caller sees the run did not finish."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    name = signal.Signals(stop.received).name if stop.received else "stop"
+    if job_id and shutil.which("scontrol"):
+        print(f"{name} received: checkpoint written; requeueing SLURM job {job_id}", flush=True)
+        subprocess.run(["scontrol", "requeue", job_id], check=False)
+        raise SystemExit(0)
+    print(f"{name} received: checkpoint written; run the same command again to resume", flush=True)
+    raise SystemExit(128 + (stop.received or 0))
