@@ -28,7 +28,6 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
@@ -36,12 +35,13 @@ import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-import cleanrl_equi
-from cleanrl_equi.equivariant import TensorToField, count_parameters, enn, gspaces, planar_action_type
-from cleanrl_equi.utils import fail, load_checkpoint, save_checkpoint
+from cleanrl_equi.equivariant import count_parameters
+from cleanrl_equi.manipulation_rl import (build_networks, check_network_args, evaluate, format_eval, make_envs,
+                                          obs_to_tensor, rotate_batch, run_evaluation, sample_action)
+from cleanrl_equi.utils import (CheckpointClock, StopSignal, fail, load_resume, load_state, make_run_name,
+                                save_checkpoint, save_resume, set_rng_state, stop_for_requeue)
 
 SCRIPT = os.path.basename(__file__)[: -len(".py")]
-LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 
 
 @dataclass
@@ -66,6 +66,12 @@ class Args:
     """whether to save the model to `runs/{run_name}` at the end"""
     eval_checkpoint: Optional[str] = None
     """evaluate this saved model (a `.cleanrl_model` file) for `eval_episodes` episodes instead of training"""
+    run_name: Optional[str] = None
+    """name of the run directory under runs/ (default: {env}__{exp}__{seed}__{SLURM job id or unix time}); if it
+    holds a resume file, training continues from it"""
+    checkpoint_minutes: float = 30.0
+    """write the resume file runs/{run_name}/resume.pt (networks, optimisers, RNG and the replay buffer) every this
+    many minutes (0 = only on a USR1/TERM signal)"""
 
     # Environment
     env_id: str = "cleanrl_equi/BlockPulling-v0"
@@ -138,37 +144,9 @@ class Args:
     """seconds between progress lines on stdout"""
 
 
-def layer_plan(n_hidden: int, image_size: int) -> list[tuple[int, int, bool]]:
-    """The encoder's 3x3 conv layers as (width, padding, max-pool after) for an image_size x image_size input.
-
-    The paper's 128-pixel schedule is 128 -> 64 -> 32 -> 16 -> 8 (padded convs, each followed by a 2x2 max-pool, of
-    widths n/8, n/4, n/2, n), then a padded conv of width 2n at 8x8, an unpadded conv of width n (8 -> 6) and a
-    pool (-> 3), and an unpadded conv of width n (3 -> 1). A smaller image drops the first (narrowest) halving
-    layers; every stage keeps the grid symmetric, so 90-degree turns stay exact.
-    """
-    halvings = int(round(math.log2(image_size // 8)))
-    widths = [max(1, n_hidden >> shift) for shift in range(halvings - 1, -1, -1)]  # ..., n/4, n/2, n
-    return [(w, 1, True) for w in widths] + [(2 * n_hidden, 1, False), (n_hidden, 0, True), (n_hidden, 0, False)]
-
-
 def check_args(args: Args) -> None:
     """Stop at start-up, with one sentence, on settings that cannot work."""
-    task = args.env_id.removeprefix("cleanrl_equi/").removesuffix("-v0")
-    if args.env_id not in gym.registry:
-        tasks = ",".join(cleanrl_equi.MANIPULATION_TASKS)
-        fail(f"unknown env id {args.env_id!r}; use one of cleanrl_equi/{{{tasks}}}-v0.")
-    if not args.env_id.startswith("cleanrl_equi/") or task not in cleanrl_equi.MANIPULATION_TASKS:
-        fail(f"{args.env_id!r} is not a manipulation task; use cleanrl_equi/<Task>-v0 "
-             "(e.g. cleanrl_equi/BlockPulling-v0).")
-    if args.model not in ("equi", "cnn"):
-        fail(f"--model must be 'equi' or 'cnn', not {args.model!r}.")
-    if args.image_size not in (16, 32, 64, 128, 256):
-        fail(f"--image-size {args.image_size} does not halve down to 8 pixels; use 16, 32, 64, 128 or 256.")
-    if args.group_order < 2 or (args.group_order != 2 and args.group_order % 4 != 0):
-        fail(f"--group-order {args.group_order} does not contain the 90-degree turns of the pixel grid; "
-             "use 4, 8, 12, 16 (or 2).")
-    if args.n_hidden < 8 or args.n_hidden % 8 != 0:
-        fail(f"--n-hidden {args.n_hidden} must be a multiple of 8 (the first layer has n/8 fields).")
+    check_network_args(args)
     for name in ("num_envs", "num_eval_envs", "batch_size", "eval_frequency", "eval_episodes", "log_frequency",
                  "updates_per_step", "max_steps"):
         if getattr(args, name) < 1:
@@ -185,172 +163,6 @@ def check_args(args: Args) -> None:
         fail("--demo-loss-weight needs demonstrations; set --num-demos to at least 1 (or the weight to 0).")
     if min(args.demo_loss_weight, args.caps_temporal_weight, args.caps_spatial_weight, args.caps_sigma) < 0:
         fail("loss weights and --caps-sigma must not be negative.")
-
-
-# ---- Networks -----------------------------------------------------------------------------------------------------
-# Action layout, everywhere: a = (p, dx, dy, dz, dtheta). Under a turn R of the world about the gripper axis the
-# image turns (torch.rot90 for R = +90 degrees) and (dx, dy) -> R (dx, dy); p, dz and dtheta are invariant.
-#
-# escnn and train/eval mode. In train mode an escnn layer rebuilds its dense filter from the learnable basis
-# coefficients at every forward pass, so gradients reach the coefficients and nothing can go stale. In eval mode it
-# builds the filter once, when the module enters eval mode, and reuses it: fast, but stale after any weight update,
-# and (if built under autograd) a backward through it works once only. So this script keeps every network in
-# train mode (acting during training also runs in train mode, under no_grad: one filter build per step, as an
-# eval-mode refresh after each update would cost) and uses eval mode only inside `evaluate`, entered under
-# no_grad after the last update and left before the next. Checkpoints are saved in train mode, where state_dicts
-# hold only parameters (eval mode adds the cached filters as buffers, with other keys).
-
-
-class EscnnModule(nn.Module):
-    """Base for the escnn networks: mode switches happen outside autograd, and modules start in train mode."""
-
-    def train(self, mode: bool = True):
-        with torch.no_grad():  # leaving train mode expands and caches the filters: keep that cache graph-free
-            return super().train(mode)
-
-
-class EquiEncoder(EscnnModule):
-    """2 x S x S image (height, holding flag: both trivial fields) -> n regular fields of C_N at 1 x 1."""
-
-    def __init__(self, gspace, n_hidden: int, image_size: int):
-        super().__init__()
-        self.in_type = enn.FieldType(gspace, 2 * [gspace.trivial_repr])
-        layers, field_type = [], self.in_type
-        for width, padding, pool in layer_plan(n_hidden, image_size):
-            out_type = enn.FieldType(gspace, width * [gspace.regular_repr])
-            layers += [enn.R2Conv(field_type, out_type, 3, padding=padding), enn.ReLU(out_type, inplace=True)]
-            if pool:
-                layers.append(enn.PointwiseMaxPool2D(out_type, 2))
-            field_type = out_type
-        self.out_type = field_type
-        self.input = TensorToField(self.in_type)
-        self.net = enn.SequentialModule(*layers)
-
-    def forward(self, x: torch.Tensor) -> enn.GeometricTensor:
-        return self.net(self.input(x))
-
-
-class EquiActor(EscnnModule):
-    """Equivariant Gaussian policy: a 1x1 conv from the encoder to [(dx, dy) mean as one vector field] + [means of
-    p, dz, dtheta and the five log-stds as eight invariant fields]."""
-
-    def __init__(self, args: Args):
-        super().__init__()
-        gspace = gspaces.rot2dOnR2(args.group_order)
-        self.encoder = EquiEncoder(gspace, args.n_hidden, args.image_size)
-        self.head = enn.R2Conv(self.encoder.out_type, planar_action_type(gspace, 8), 1)
-        self.train()  # escnn layers are born holding empty filter buffers: drop them (see the note above)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.head(self.encoder(x)).tensor.flatten(1)  # (dx, dy, p, dz, dtheta, log-std x 5)
-        mean = torch.cat([out[:, 2:3], out[:, 0:2], out[:, 3:5]], dim=1)  # -> (p, dx, dy, dz, dtheta)
-        return mean, out[:, 5:10].clamp(LOG_STD_MIN, LOG_STD_MAX)
-
-
-class EquiCritic(EscnnModule):
-    """Twin invariant Q: one encoder; the action joins at the 1x1 bottleneck ((dx, dy) as a vector field, p, dz,
-    dtheta as invariant fields); each head is a 1x1 conv to n regular fields, ReLU, a max over the group (an
-    invariant feature per field), and a 1x1 conv to one invariant Q value."""
-
-    def __init__(self, args: Args):
-        super().__init__()
-        gspace = gspaces.rot2dOnR2(args.group_order)
-        self.encoder = EquiEncoder(gspace, args.n_hidden, args.image_size)
-        self.action_type = planar_action_type(gspace, 3)  # (dx, dy), p, dz, dtheta
-        joint_type = self.encoder.out_type + self.action_type
-        hidden_type = enn.FieldType(gspace, args.n_hidden * [gspace.regular_repr])
-        pooled_type = enn.FieldType(gspace, args.n_hidden * [gspace.trivial_repr])
-        q_type = enn.FieldType(gspace, [gspace.trivial_repr])
-        self.q1, self.q2 = [
-            enn.SequentialModule(enn.R2Conv(joint_type, hidden_type, 1), enn.ReLU(hidden_type, inplace=True),
-                                 enn.GroupPooling(hidden_type), enn.R2Conv(pooled_type, q_type, 1))
-            for _ in range(2)
-        ]
-        self.joint_type = joint_type
-        self.train()
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x).tensor
-
-    def q_values(self, features: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fields = action[:, [1, 2, 0, 3, 4]].reshape(-1, 5, 1, 1)  # (dx, dy) first, as the field type lists them
-        joint = enn.GeometricTensor(torch.cat([features, fields], dim=1), self.joint_type)
-        return self.q1(joint).tensor.flatten(), self.q2(joint).tensor.flatten()
-
-    def forward(self, x, action):
-        return self.q_values(self.encode(x), action)
-
-
-def cnn_width_scale(group_order: int) -> float:
-    return math.sqrt(2 * group_order / 3)
-
-
-class CNNEncoder(nn.Module):
-    """The same layer schedule with plain convs of sqrt(2N/3) x as many channels as the equivariant layer has
-    regular fields: a pair of C_N regular fields linked by a 3x3 kernel has about 6N free parameters (a plain
-    channel pair 9), so the parameter counts match within a few percent (both are printed at start-up)."""
-
-    def __init__(self, args: Args):
-        super().__init__()
-        scale, layers, channels = cnn_width_scale(args.group_order), [], 2
-        for width, padding, pool in layer_plan(args.n_hidden, args.image_size):
-            out_channels = max(1, round(scale * width))
-            layers += [nn.Conv2d(channels, out_channels, 3, padding=padding), nn.ReLU(inplace=True)]
-            if pool:
-                layers.append(nn.MaxPool2d(2))
-            channels = out_channels
-        self.out_channels = channels
-        self.net = nn.Sequential(*layers, nn.Flatten())
-
-    def forward(self, x):
-        return self.net(x)
-
-
-class CNNActor(nn.Module):
-    def __init__(self, args: Args):
-        super().__init__()
-        self.encoder = CNNEncoder(args)
-        self.head = nn.Linear(self.encoder.out_channels, 10)
-
-    def forward(self, x):
-        out = self.head(self.encoder(x))
-        return out[:, :5], out[:, 5:].clamp(LOG_STD_MIN, LOG_STD_MAX)
-
-
-class CNNCritic(nn.Module):
-    def __init__(self, args: Args):
-        super().__init__()
-        self.encoder = CNNEncoder(args)
-        hidden = round(cnn_width_scale(args.group_order) * args.n_hidden)
-        self.q1, self.q2 = [
-            nn.Sequential(nn.Linear(self.encoder.out_channels + 5, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
-            for _ in range(2)
-        ]
-
-    def encode(self, x):
-        return self.encoder(x)
-
-    def q_values(self, features, action):
-        joint = torch.cat([features, action], dim=1)
-        return self.q1(joint).flatten(), self.q2(joint).flatten()
-
-    def forward(self, x, action):
-        return self.q_values(self.encode(x), action)
-
-
-def build_networks(args: Args) -> tuple[nn.Module, nn.Module]:
-    if args.model == "equi":
-        return EquiActor(args), EquiCritic(args)
-    return CNNActor(args), CNNCritic(args)
-
-
-def sample_action(mean: torch.Tensor, log_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A reparameterised tanh-squashed Gaussian sample in [-1, 1]^5 and its log-probability."""
-    std = log_std.exp()
-    pre_tanh = mean + std * torch.randn_like(mean)
-    action = torch.tanh(pre_tanh)
-    log_prob = torch.distributions.Normal(mean, std).log_prob(pre_tanh) - torch.log(1 - action.pow(2) + 1e-6)
-    return action, log_prob.sum(1)
 
 
 def caps_terms(actor: nn.Module, obs: torch.Tensor, next_obs: torch.Tensor, sigma: float,
@@ -408,6 +220,17 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return int(self.valid.sum())
 
+    def state_dict(self) -> dict:
+        return {"pos": self.pos, **{k: v for k, v in vars(self).items() if isinstance(v, np.ndarray)}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, array in vars(self).items():
+            if isinstance(array, np.ndarray):
+                if state[key].shape != array.shape:
+                    raise ValueError(f"replay buffer {key} has shape {state[key].shape}, not {array.shape}")
+                array[...] = state[key]
+        self.pos = state["pos"]
+
     def sample(self, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
         flat = np.random.choice(np.flatnonzero(self.valid.ravel()), batch_size)
         rows, envs = np.divmod(flat, self.num_envs)
@@ -424,29 +247,6 @@ class ReplayBuffer:
                 "expert": as_tensor(self.expert)}
 
 
-def rotate_batch(batch: dict[str, torch.Tensor], angles: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Turn each sample's world by its angle (radians, counter-clockwise seen from above) about the gripper axis:
-    the height channels of obs and next_obs rotate about the image centre (bilinear, the table's 0 fills the
-    corners; pi/2 gives exactly torch.rot90(x, 1, dims=(-2, -1))), (dx, dy) rotates by the same angle and is clipped
-    to [-1, 1]; p, dz, dtheta, the holding flag and the reward are unchanged."""
-    cos, sin = torch.cos(angles), torch.sin(angles)
-    # affine_grid maps output coordinates (x = column, y = row, in [-1, 1]) to input coordinates; a +90 degree
-    # rot90 takes output (row, col) from input (col, S-1-row), i.e. x_in = -y_out, y_in = x_out at angle pi/2
-    theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1),
-                         torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1)
-    out = dict(batch)
-    for key in ("obs", "next_obs"):
-        obs = batch[key]
-        grid = F.affine_grid(theta, list(obs[:, :1].shape), align_corners=False)
-        heights = F.grid_sample(obs[:, :1], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        out[key] = torch.cat([heights, obs[:, 1:]], dim=1)
-    actions = batch["actions"].clone()
-    dx, dy = actions[:, 1].clone(), actions[:, 2].clone()
-    actions[:, 1], actions[:, 2] = cos * dx - sin * dy, sin * dx + cos * dy
-    out["actions"] = actions.clamp(-1.0, 1.0)
-    return out
-
-
 def augment(batch: dict[str, torch.Tensor], aug_copies: int) -> dict[str, torch.Tensor]:
     """The paper's buffer augmentation, sampled lazily: its buffer stores each transition and `aug_copies` copies
     rotated by random angles; here each sampled transition is a rotated copy with probability k / (k + 1), so the
@@ -460,132 +260,32 @@ def augment(batch: dict[str, torch.Tensor], aug_copies: int) -> dict[str, torch.
     return rotate_batch(batch, torch.where(keep, torch.zeros_like(angles), angles))
 
 
-# ---- Environments and evaluation ------------------------------------------------------------------------------------
-def make_envs(args: Args, num_envs: int, asynchronous: bool = False, video_folder: Optional[str] = None):
-    def thunk(idx: int):
-        def make():
-            render_mode = "rgb_array" if video_folder and idx == 0 else None
-            env = gym.make(args.env_id, image_size=args.image_size, max_steps=args.max_steps, render_mode=render_mode)
-            if render_mode:
-                env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda e: True)
-            return env
-
-        return make
-
-    vector_cls = gym.vector.AsyncVectorEnv if asynchronous and num_envs > 1 else gym.vector.SyncVectorEnv
-    envs = vector_cls([thunk(i) for i in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
-    return gym.wrappers.vector.RecordEpisodeStatistics(envs)
-
-
-def obs_to_tensor(obs: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 (B, 2, S, S) from the env -> float in [0, 1]: height / 255, holding flag 0/1."""
-    return torch.as_tensor(obs, device=device).float().div_(255.0)
-
-
-def action_smoothness(actions: np.ndarray) -> float:
-    """CAPS's smoothness measure of one episode's executed actions (T x 5): the amplitude-weighted mean frequency
-    of their spectrum, Sm = 2 / (n f_s) sum_i M_i f_i with f_s = 1 per step, averaged over action dimensions.
-    0 for a constant action sequence; larger means more high-frequency jitter."""
-    if len(actions) < 2:
-        return 0.0
-    spectrum = np.abs(np.fft.rfft(actions, axis=0))  # (n_freq, 5)
-    freqs = np.fft.rfftfreq(len(actions))[:, None]
-    return float((2.0 / len(freqs) * (spectrum * freqs).sum(0)).mean())
-
-
-def evaluate(actor: nn.Module, args: Args, device: torch.device, seed: int,
-             video_folder: Optional[str] = None) -> dict[str, float]:
-    """Run `args.eval_episodes` episodes with the deterministic action tanh(mean); return the mean success rate,
-    discounted return (gamma^(T-1) for success at step T: the papers' metric), length and action smoothness."""
-    num_envs = min(args.num_eval_envs, args.eval_episodes)
-    quota = [args.eval_episodes // num_envs + (i < args.eval_episodes % num_envs) for i in range(num_envs)]
-    envs = make_envs(args, num_envs, video_folder=video_folder)
-    obs, _ = envs.reset(seed=seed)
-    returns, successes, lengths, smooth, change = [], [], [], [], []
-    episode_actions: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
-    discounted, steps = np.zeros(num_envs), np.zeros(num_envs, dtype=int)
-    resetting = np.zeros(num_envs, dtype=bool)
-    with torch.no_grad():
-        actor.eval()  # escnn: expand the filters once for the whole evaluation (no updates happen in between)
-        while any(q > 0 for q in quota):
-            actions = torch.tanh(actor(obs_to_tensor(obs, device))[0]).cpu().numpy()
-            obs, rewards, terminations, truncations, infos = envs.step(actions)
-            for i in range(num_envs):
-                if resetting[i] or quota[i] == 0:  # this step reset env i (its action was ignored), or it is done
-                    continue
-                discounted[i] += args.gamma ** steps[i] * rewards[i]
-                steps[i] += 1
-                episode_actions[i].append(actions[i])
-                if terminations[i] or truncations[i]:
-                    acts = np.array(episode_actions[i])
-                    returns.append(discounted[i])
-                    successes.append(float(infos["is_success"][i]))
-                    lengths.append(steps[i])
-                    smooth.append(action_smoothness(acts))
-                    change.append(float(np.linalg.norm(np.diff(acts, axis=0), axis=1).mean()) if len(acts) > 1 else 0.0)
-                    quota[i] -= 1
-                    discounted[i], steps[i], episode_actions[i] = 0.0, 0, []
-            resetting = np.logical_or(terminations, truncations)
-    actor.train()  # back to rebuilding the filters at every forward, for the next updates
-    envs.close()
-    return {"success_rate": float(np.mean(successes)), "discounted_return": float(np.mean(returns)),
-            "episode_length": float(np.mean(lengths)), "action_smoothness": float(np.mean(smooth)),
-            "action_change": float(np.mean(change))}
-
-
-def format_eval(result: dict[str, float]) -> str:
-    return (f"success {result['success_rate']:.3f} | discounted return {result['discounted_return']:.4f} | "
-            f"length {result['episode_length']:.2f} | smoothness {result['action_smoothness']:.6f} | "
-            f"action change {result['action_change']:.6f}")
-
-
-def load_actor(path: str, device: torch.device) -> tuple[nn.Module, Args]:
-    """Rebuild the saved actor from a checkpoint written with --save-model (fails with one sentence if unusable)."""
-    checkpoint = load_checkpoint(path, SCRIPT)
-    saved = Args(**{k: v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__})
-    actor, _ = build_networks(saved)
-    try:
-        actor.load_state_dict(checkpoint["actor"])
-    except (RuntimeError, KeyError):
-        fail(f"checkpoint {path!r} does not fit this script's actor (other shapes or settings).")
-    return actor.to(device), saved
-
-
-def run_evaluation(args: Args) -> None:
-    """The `--eval-checkpoint` path: rebuild the saved actor and report its evaluation."""
-    if args.eval_episodes < 1:
-        fail("--eval-episodes must be at least 1.")
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    actor, saved = load_actor(args.eval_checkpoint, device)
-    saved.eval_episodes, saved.num_eval_envs = args.eval_episodes, args.num_eval_envs
-    video_folder = f"videos/{saved.env_id.replace('/', '_')}__{saved.exp_name}__eval" if args.capture_video else None
-    result = evaluate(actor, saved, device, seed=saved.seed + 10_000, video_folder=video_folder)
-    print(f"{saved.env_id} ({saved.model}): {format_eval(result)} over {args.eval_episodes} episodes", flush=True)
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.eval_checkpoint is not None:
-        run_evaluation(args)
+        run_evaluation(args, SCRIPT)
         raise SystemExit(0)
     check_args(args)
-    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"  # no subfolder
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, monitor_gym=True, save_code=True)
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
+    run_name = make_run_name(args.run_name, args.env_id.replace("/", "_"), args.exp_name, args.seed)  # no subfolder
+    run_dir = f"runs/{run_name}"
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    resume = load_resume(run_dir, SCRIPT, args)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, monitor_gym=True, save_code=True, resume="allow", id=run_name)
+    writer = SummaryWriter(run_dir, purge_step=resume["global_step"] + 1 if resume else None)
+    if resume is None:
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+        )
 
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
@@ -609,20 +309,32 @@ if __name__ == "__main__":
     alpha_optimizer = torch.optim.Adam([log_alpha], lr=args.q_lr)
 
     rb = ReplayBuffer(args.buffer_size, args.num_envs, args.image_size)
+    start_vector_step, grad_steps, last_eval = 0, 0, None
+    if resume is not None:  # the demos are in the saved buffer; the envs start fresh episodes (seeded anew)
+        resume_path = f"{run_dir}/resume.pt"
+        for module, key in [(actor, "actor"), (critic, "critic"), (critic_target, "critic_target"),
+                            (actor_optimizer, "actor_optimizer"), (critic_optimizer, "critic_optimizer"),
+                            (alpha_optimizer, "alpha_optimizer"), (rb, "replay_buffer")]:
+            load_state(module, resume[key], resume_path)
+        with torch.no_grad():
+            log_alpha.copy_(resume["log_alpha"])
+        alpha = log_alpha.exp().item()
+        start_vector_step, grad_steps, last_eval = resume["vector_step"], resume["gradient_steps"], resume["last_eval"]
+        print(f"resuming {run_dir} from global step {resume['global_step']}", flush=True)
 
     # Planner demonstrations, through the same envs, before any learning
-    obs, _ = envs.reset(seed=args.seed)
+    obs, _ = envs.reset(seed=args.seed + start_vector_step)
     rb.start(obs)
     resetting = np.zeros(args.num_envs, dtype=bool)
     demo_episodes, demo_transitions = 0, 0
-    while demo_episodes < args.num_demos:
+    while demo_episodes < args.num_demos and resume is None:
         actions = np.stack(envs.unwrapped.call("expert_action")).astype(np.float32)
         obs, rewards, terminations, truncations, infos = envs.step(actions)
         rb.add(actions, rewards, terminations, ~resetting, np.ones(args.num_envs, bool), obs)
         demo_transitions += int((~resetting).sum())
         demo_episodes += int(np.logical_or(terminations, truncations).sum())
         resetting = np.logical_or(terminations, truncations)
-    if args.num_demos:
+    if args.num_demos and resume is None:
         obs, _ = envs.reset()
         rb.start(obs)
         resetting[:] = False
@@ -630,10 +342,25 @@ if __name__ == "__main__":
 
     # TRY NOT TO MODIFY: start the game
     start_time = time.time()
-    last_progress, last_eval, last_success = start_time, None, float("nan")
-    grad_steps, update_time, num_vector_steps = 0, 0.0, args.total_timesteps // args.num_envs
-    global_step = 0
-    for vector_step in range(num_vector_steps):
+    last_progress, last_success = start_time, float("nan")
+    update_time, num_vector_steps = 0.0, args.total_timesteps // args.num_envs
+    global_step = start_global_step = start_vector_step * args.num_envs
+    start_grad_steps = grad_steps
+    if resume is not None:
+        set_rng_state(resume["rng"])  # last: building the networks and resetting the envs drew random numbers
+    stop, clock = StopSignal(), CheckpointClock(args.checkpoint_minutes)
+    for vector_step in range(start_vector_step, num_vector_steps):
+        if stop.requested or clock.due():  # here `vector_step` steps are done; networks are in train mode
+            save_resume(run_dir, SCRIPT, args, vector_step=vector_step, global_step=global_step,
+                        gradient_steps=grad_steps, last_eval=last_eval, actor=actor.state_dict(),
+                        critic=critic.state_dict(), critic_target=critic_target.state_dict(),
+                        actor_optimizer=actor_optimizer.state_dict(), critic_optimizer=critic_optimizer.state_dict(),
+                        alpha_optimizer=alpha_optimizer.state_dict(), log_alpha=log_alpha.detach().cpu(),
+                        replay_buffer=rb.state_dict())
+            if stop.requested:
+                envs.close()
+                writer.close()
+                stop_for_requeue(stop)
         global_step += args.num_envs
         # ALGO LOGIC: put action logic here (train mode, no_grad: escnn builds fresh filters from current weights)
         with torch.no_grad():
@@ -724,8 +451,10 @@ if __name__ == "__main__":
             writer.add_scalar("losses/alpha", alpha, global_step)
             if args.autotune:
                 writer.add_scalar("losses/alpha_loss", alpha_loss.item(), global_step)
-            writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
-            writer.add_scalar("charts/updates_per_second", grad_steps / max(update_time, 1e-9), global_step)
+            elapsed = time.time() - start_time  # since this process started (a resumed run counts from there)
+            writer.add_scalar("charts/SPS", int((global_step - start_global_step) / elapsed), global_step)
+            writer.add_scalar("charts/updates_per_second", (grad_steps - start_grad_steps) / max(update_time, 1e-9),
+                              global_step)
             writer.add_scalar("charts/gradient_steps", grad_steps, global_step)
 
         final = vector_step == num_vector_steps - 1
@@ -740,16 +469,16 @@ if __name__ == "__main__":
                 print(f"eval @ {grad_steps} gradient steps: {format_eval(result)}", flush=True)
         if time.time() - last_progress > args.progress_interval or final:
             last_progress = time.time()
-            sps = global_step / (time.time() - start_time)
+            sps = (global_step - start_global_step) / (time.time() - start_time)
             print(f"step {global_step}/{num_vector_steps * args.num_envs} | {grad_steps} gradient steps | "
-                  f"SPS {sps:.1f} | updates/s {grad_steps / max(update_time, 1e-9):.2f} | "
+                  f"SPS {sps:.1f} | updates/s {(grad_steps - start_grad_steps) / max(update_time, 1e-9):.2f} | "
                   f"last eval success {last_success:.2f} | "
                   f"{(num_vector_steps * args.num_envs - global_step) / max(sps, 1e-9) / 60:.1f} min left",
                   flush=True)
 
     envs.close()
     if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
         # escnn: saved in train mode, so the state_dicts hold parameters only (no cached filters)
         save_checkpoint(model_path, SCRIPT, args, actor=actor.state_dict(), critic=critic.state_dict(),
                         critic_target=critic_target.state_dict(), log_alpha=log_alpha.detach().cpu(),

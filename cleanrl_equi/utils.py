@@ -129,7 +129,9 @@ def save_resume(run_dir: str, script: str, args: Any, **state: Any) -> None:
 
 def load_resume(run_dir: str, script: str, args: Any, may_differ: tuple[str, ...] = RESUMABLE_CHANGES) -> dict | None:
     """The run's resume file if there is one (None for a new run), after checking it was written by `script` with
-    the same settings; restores the RNG state. Fails with one sentence if the file cannot be used."""
+    the same settings. Fails with one sentence if the file cannot be used. Restore its RNG state with
+    `set_rng_state(resume["rng"])` once everything is built, right before the loop (building networks draws
+    random numbers, which an uninterrupted run drew before its first step)."""
     path = os.path.join(run_dir, RESUME_FILE)
     if not os.path.exists(path):
         return None
@@ -139,7 +141,6 @@ def load_resume(run_dir: str, script: str, args: Any, may_differ: tuple[str, ...
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')} ({saved.get(k)!r} there, {now.get(k)!r} now)" for k in changed)
         fail(f"{path!r} was saved with other settings: {flags}; resume with the same flags or pick a new --run-name.")
-    set_rng_state(payload["rng"])
     return payload
 
 

@@ -7,6 +7,9 @@ import importlib.util
 import math
 import os
 import re
+import signal
+import subprocess
+import sys
 
 import gymnasium as gym
 import numpy as np
@@ -15,6 +18,7 @@ import torch
 
 import cleanrl_equi  # noqa: F401  (registers the tasks)
 from cleanrl_equi.manipulation import rotate_scene_state
+from cleanrl_equi.manipulation_rl import action_smoothness, load_actor
 from cleanrl_equi.utils import save_checkpoint
 from conftest import REPO, only_run_dir, read_scalars, run_script
 
@@ -168,8 +172,8 @@ def test_caps_terms_zero_for_a_constant_policy_and_positive_otherwise():
 def test_smoothness_metric():
     constant = np.tile(np.array([0.5, 0.1, -0.2, 0.0, 0.3]), (10, 1))
     alternating = constant * np.array([[1.0], [-1.0]] * 5)
-    assert sac.action_smoothness(constant) < 1e-12
-    assert sac.action_smoothness(alternating) > sac.action_smoothness(constant + 0.01 * np.arange(10)[:, None]) > 0
+    assert action_smoothness(constant) < 1e-12
+    assert action_smoothness(alternating) > action_smoothness(constant + 0.01 * np.arange(10)[:, None]) > 0
 
 
 def check_scalars(cwd):
@@ -204,7 +208,7 @@ def test_short_equi_run_writes_the_scalars_and_its_checkpoint_acts_the_same(work
     checkpoint = torch.load(path, weights_only=False)
     assert not any("filter" in key or "expanded_bias" in key for key in checkpoint["actor"])  # parameters only
     x = sac.obs_to_tensor(real_observations("BlockPulling")[1], "cpu")
-    (actor_a, _), (actor_b, _) = sac.load_actor(path, "cpu"), sac.load_actor(path, "cpu")
+    (actor_a, _), (actor_b, _) = load_actor(path, sac.SCRIPT, "cpu"), load_actor(path, sac.SCRIPT, "cpu")
     with torch.no_grad():
         first = actor_a(x)[0]
         actor_b.eval()  # the cached eval-mode filters give the same actions as train mode
@@ -242,7 +246,7 @@ def test_bad_checkpoints_stop_with_one_sentence(tmp_path, capsys):
     for path, words in ((str(tmp_path / "missing.cleanrl_model"), "does not exist"), (str(corrupt), "corrupt"),
                         (foreign, "ppo_atari_equi"), (mismatched, "does not fit")):
         with pytest.raises(SystemExit):
-            sac.load_actor(path, "cpu")
+            load_actor(path, sac.SCRIPT, "cpu")
         message = capsys.readouterr().err.strip()
         assert message.startswith("error:") and words in message and "\n" not in message
 
@@ -250,3 +254,36 @@ def test_bad_checkpoints_stop_with_one_sentence(tmp_path, capsys):
 def test_unknown_env_id_from_the_command_line(workdir):
     proc = run_script(SCRIPT, "--env-id", "cleanrl_equi/NoSuchTask-v0", cwd=workdir, check=False)
     assert proc.returncode == 2 and "unknown env id" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_stopped_run_resumes_with_its_replay_buffer(workdir):
+    """USR1 (SLURM's warning before the time limit) stops the run with a resume file holding the networks,
+    optimisers, RNG and replay buffer; the same command continues it from the same global step, without new demos,
+    and every step is logged once. (The envs restart fresh episodes, so the weights are not bit-identical to an
+    uninterrupted run's; the offline scripts, which have no envs in the loop, are checked for that.)"""
+    flags = [*TINY, "--total-timesteps", "60", "--run-name", "r", "--checkpoint-minutes", "0",
+             "--progress-interval", "0", "--log-frequency", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, SCRIPT), *flags], cwd=workdir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 30/"):
+            proc.send_signal(signal.SIGUSR1)
+            break
+    output = proc.stdout.read()
+    assert proc.wait(timeout=300) == 128 + signal.SIGUSR1, output
+    resume_file = os.path.join(workdir, "runs", "r", "resume.pt")
+    saved = torch.load(resume_file, weights_only=False)
+    assert saved["global_step"] >= 30 and saved["replay_buffer"]["valid"].sum() > 30  # demos + agent steps
+
+    resumed = run_script(SCRIPT, *flags, cwd=workdir)
+    assert f"resuming runs/r from global step {saved['global_step']}" in resumed.stdout
+    assert "demo episodes" not in resumed.stdout  # the demos came back with the buffer
+    scalars = read_scalars(os.path.join(workdir, "runs", "r"))
+    steps = [step for step, _ in scalars["charts/gradient_steps"]]
+    assert steps == sorted(set(steps)) and steps[-1] == 60  # increasing, each step once, to the end
+    gradient_steps = [int(v) for _, v in scalars["charts/gradient_steps"]]
+    assert gradient_steps == list(range(gradient_steps[0], gradient_steps[0] + len(gradient_steps)))  # no gap
+
+    proc = run_script(SCRIPT, *flags[:-8], "--model", "cnn", "--run-name", "r", cwd=workdir, check=False)
+    assert proc.returncode == 2 and "--model" in proc.stderr and proc.stderr.count("error:") == 1

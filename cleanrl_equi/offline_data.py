@@ -1,0 +1,636 @@
+"""Offline datasets of the manipulation tasks: one `.npz` file per dataset, collection, checks, and a CLI.
+
+A dataset is a list of whole **episodes**, stored back to back (SPEC §8). Episode e with T_e steps contributes
+T_e + 1 observations (its first observation up to its true final observation; never the reset frame of the next
+episode) and T_e transitions. Arrays in the file (N transitions, E episodes, N + E observations, S = image size):
+
+    heights          uint8 (N+E, S, S)  channel 0 of the observation: height above the table in mm
+    holding          bool  (N+E,)       channel 1 of the observation: the holding flag (the env tiles it as 0/255)
+    actions          float32 (N, 5)     (p, dx, dy, dz, dtheta) in [-1, 1], as executed
+    rewards          float32 (N,)
+    terminations     bool  (N,)         success, or an object left the workspace
+    truncations      bool  (N,)         time-out (`max_steps` reached): a truncation, never a termination
+    expert           bool  (N,)         the transition came from the planner
+    episode_lengths  int64 (E,)
+    episode_seeds    int64 (E,)         the seed the episode's env was reset with (its scene)
+    metadata         JSON string        format version, env id and settings, quality, collecting policy, seed,
+                                        counts, success rate, mean discounted return (gamma 0.99), creation date,
+                                        and a sha256 checksum of the arrays
+
+Transition t of the flat arrays leaves observation row `obs_index[t]`; its next observation is row
+`obs_index[t] + 1`. Images stay uint8 (16 KiB per 128x128 observation before compression; the height maps are
+mostly flat table, so they compress well).
+
+Qualities (the Equivariant Offline RL paper's): "expert" = planner episodes; "medium" = greedy roll-outs (tanh of the
+mean) of a saved SAC actor whose evaluation discounted return reaches `--reward-limit` (0.4 in the paper); "mixed" =
+both, `--expert-fraction` of the episodes from the planner.
+
+    uv run python -m cleanrl_equi.offline_data --env-id cleanrl_equi/BlockPulling-v0 --quality expert \\
+        --num-episodes 10 --out datasets/block_pulling_expert.npz
+    uv run python -m cleanrl_equi.offline_data --quality medium --checkpoint runs/<run>/sac_equi_bullet.cleanrl_model
+    uv run python -m cleanrl_equi.offline_data --info datasets/block_pulling_expert.npz
+
+The training scripts read a dataset with `load_dataset(path, env_id, image_size)` and draw batches with
+`dataset.sample(batch_size, device)`; without a path they use `default_dataset(...)`, a small planner dataset built
+once and cached under `$CLEANRL_EQUI_DATA` (default `~/.cache/cleanrl_equi/datasets/`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable, Literal, Optional, Union
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import cleanrl_equi
+from cleanrl_equi.utils import fail
+
+FORMAT_VERSION = 1
+GAMMA = 0.99  # the discount of the papers' metric (discounted return = gamma^(T-1) for success at step T)
+QUALITIES = ("expert", "medium", "mixed")
+EVAL_SEED_OFFSET = 1_000_000  # a checkpoint's evaluation uses scenes far from the collected ones
+ARRAYS = {  # name -> (dtype, number of dimensions)
+    "heights": (np.uint8, 3),
+    "holding": (np.bool_, 1),
+    "actions": (np.float32, 2),
+    "rewards": (np.float32, 1),
+    "terminations": (np.bool_, 1),
+    "truncations": (np.bool_, 1),
+    "expert": (np.bool_, 1),
+    "episode_lengths": (np.int64, 1),
+    "episode_seeds": (np.int64, 1),
+}
+Policy = Union[str, Callable[[np.ndarray], np.ndarray]]
+
+
+# ---- The dataset ----------------------------------------------------------------------------------------------------
+class OfflineDataset:
+    """Episodes of one task, flattened into transitions for sampling (see the module docstring for the arrays)."""
+
+    def __init__(self, heights, holding, actions, rewards, terminations, truncations, expert, episode_lengths,
+                 episode_seeds=None, metadata: Optional[dict] = None):
+        self.heights = np.asarray(heights, dtype=np.uint8)
+        self.holding = np.asarray(holding, dtype=bool)
+        self.actions = np.asarray(actions, dtype=np.float32)
+        self.rewards = np.asarray(rewards, dtype=np.float32)
+        self.terminations = np.asarray(terminations, dtype=bool)
+        self.truncations = np.asarray(truncations, dtype=bool)
+        self.expert = np.asarray(expert, dtype=bool)
+        self.episode_lengths = np.asarray(episode_lengths, dtype=np.int64)
+        if episode_seeds is None:
+            episode_seeds = np.full(len(self.episode_lengths), -1)
+        self.episode_seeds = np.asarray(episode_seeds, dtype=np.int64)
+        self.metadata = dict(metadata or {})
+        episode_of_transition = np.repeat(np.arange(len(self.episode_lengths)), self.episode_lengths)
+        self.obs_index = np.arange(len(self.actions), dtype=np.int64) + episode_of_transition
+        """row of s_t in `heights` / `holding` for transition t; s_{t+1} is the row after it"""
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self.episode_lengths)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.heights.shape[-1])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in ARRAYS}
+
+    def observations(self, rows) -> np.ndarray:
+        """The env's observations at `rows` of `heights`: uint8 (n, 2, S, S), holding flag tiled as 0/255."""
+        heights = self.heights[rows]
+        flag = np.broadcast_to((self.holding[rows] * np.uint8(255))[:, None, None], heights.shape)
+        return np.stack([heights, flag], axis=1)
+
+    def episode(self, e: int) -> dict[str, np.ndarray]:
+        """Episode e as Minari lays it out: T+1 observations (uint8 (T+1, 2, S, S)) and T of everything else."""
+        start = int(self.episode_lengths[:e].sum())
+        stop = start + int(self.episode_lengths[e])
+        first_obs = start + e
+        return {"observations": self.observations(np.arange(first_obs, first_obs + stop - start + 1)),
+                "actions": self.actions[start:stop], "rewards": self.rewards[start:stop],
+                "terminations": self.terminations[start:stop], "truncations": self.truncations[start:stop],
+                "expert": self.expert[start:stop]}
+
+    def sample(self, batch_size: int, device: Union[str, torch.device] = "cpu") -> dict[str, torch.Tensor]:
+        """A batch of transitions drawn uniformly with replacement (from NumPy's global generator, so a script's
+        seeding and RNG checkpoint cover it). obs / next_obs are float (B, 2, S, S) in [0, 1]: height / 255 and the
+        holding flag tiled as 0/1, i.e. the env's observation / 255."""
+        index = np.random.randint(0, len(self), size=batch_size)
+        rows = self.obs_index[index]
+
+        def observation(r):
+            heights = torch.as_tensor(self.heights[r], device=device).float().div_(255.0)
+            flag = torch.as_tensor(self.holding[r], device=device).float()
+            return torch.stack([heights, flag[:, None, None].expand_as(heights)], dim=1)
+
+        return {"obs": observation(rows), "next_obs": observation(rows + 1),
+                "actions": torch.as_tensor(self.actions[index], device=device),
+                "rewards": torch.as_tensor(self.rewards[index], device=device),
+                "terminated": torch.as_tensor(self.terminations[index], device=device).float(),
+                "expert": torch.as_tensor(self.expert[index], device=device)}
+
+    def episode_returns(self, gamma: float = GAMMA) -> np.ndarray:
+        """Discounted return of every episode, sum_t gamma^t r_t."""
+        ends = np.cumsum(self.episode_lengths)
+        step_in_episode = np.arange(len(self)) - np.repeat(ends - self.episode_lengths, self.episode_lengths)
+        discounted = self.rewards.astype(np.float64) * gamma ** step_in_episode
+        return np.add.reduceat(discounted, ends - self.episode_lengths) if len(self) else np.zeros(0)
+
+    def episode_successes(self) -> np.ndarray:
+        """Whether each episode ended in success (a task's reward is 1 only on the step it succeeds)."""
+        ends = np.cumsum(self.episode_lengths) - 1
+        return self.terminations[ends] & (self.rewards[ends] > 0)
+
+
+def checksum(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over every array's name, dtype, shape and bytes (in name order): detects any change of content."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def summarise(dataset: OfflineDataset) -> dict:
+    """The metadata fields that follow from the arrays (counts, success rate, discounted return, checksum)."""
+    returns = dataset.episode_returns(GAMMA)
+    return {"num_episodes": dataset.num_episodes, "num_transitions": len(dataset),
+            "num_expert_transitions": int(dataset.expert.sum()),
+            "success_rate": float(dataset.episode_successes().mean()), "gamma": GAMMA,
+            "discounted_return": float(returns.mean()),
+            "mean_episode_length": float(dataset.episode_lengths.mean()),
+            "checksum": checksum(dataset.arrays())}
+
+
+# ---- Files ----------------------------------------------------------------------------------------------------------
+def task_label(env_id: str) -> str:
+    """cleanrl_equi/BlockPulling-v0 -> block_pulling."""
+    task = env_id.split("/")[-1].split("-v")[0]
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", task).lower()
+
+
+def dataset_filename(env_id: str, quality: str, num_episodes: int, image_size: int, max_steps: int, seed: int) -> str:
+    return f"{task_label(env_id)}_{quality}_{num_episodes}ep_{image_size}px_{max_steps}steps_seed{seed}.npz"
+
+
+def collect_command(env_id: Optional[str], out: str, image_size: Optional[int] = None) -> str:
+    """The CLI line that makes an expert dataset at `out` (quoted in error messages)."""
+    size = f" --image-size {image_size}" if image_size else ""
+    return (f"`uv run python -m cleanrl_equi.offline_data --env-id {env_id or 'cleanrl_equi/<Task>-v0'} "
+            f"--quality expert{size} --out {out}`")
+
+
+def save_dataset(path: str, dataset: OfflineDataset) -> None:
+    """Write `dataset` to `path` (np.savez_compressed), atomically: a temporary file next to it is renamed into
+    place, so a crash or a second process writing the same file never leaves a half-written dataset. The
+    checksum and format version are (re)computed into `dataset.metadata`."""
+    arrays = dataset.arrays()
+    dataset.metadata.update(format_version=FORMAT_VERSION, checksum=checksum(arrays))
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as file:  # a file object: numpy appends no ".npz" to the temporary name
+            np.savez_compressed(file, metadata=np.array(json.dumps(dataset.metadata)), **arrays)
+        os.chmod(tmp_path, 0o644)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def _check_consistent(path: str, arrays: dict[str, np.ndarray], metadata: dict) -> None:
+    """Fail with one sentence unless the arrays fit together as whole episodes and match their checksum."""
+    def corrupt(what: str):
+        fail(f"dataset {path!r} is inconsistent ({what}); it is corrupt or not a cleanrl-equi dataset, so collect it "
+             f"again with {collect_command(metadata.get('env_id'), path)}.")
+
+    for name, (dtype, ndim) in ARRAYS.items():
+        if arrays[name].dtype != dtype or arrays[name].ndim != ndim:
+            corrupt(f"array {name!r} is {arrays[name].dtype} with {arrays[name].ndim} dimensions, "
+                    f"not {np.dtype(dtype)} with {ndim}")
+    lengths = arrays["episode_lengths"]
+    num_episodes, num_transitions = len(lengths), int(lengths.sum())
+    if num_episodes == 0 or (lengths < 1).any():
+        corrupt("it needs at least one episode and every episode at least one step")
+    if arrays["actions"].shape != (num_transitions, 5):
+        corrupt(f"actions have shape {arrays['actions'].shape}, not ({num_transitions}, 5) from the episode lengths")
+    for name in ("rewards", "terminations", "truncations", "expert"):
+        if len(arrays[name]) != num_transitions:
+            corrupt(f"{len(arrays[name])} {name} for {num_transitions} transitions")
+    heights = arrays["heights"]
+    if heights.shape[0] != num_transitions + num_episodes or heights.shape[1] != heights.shape[2]:
+        corrupt(f"heights have shape {heights.shape}, not ({num_transitions + num_episodes}, S, S) for "
+                f"{num_episodes} episodes of {num_transitions} transitions")
+    if len(arrays["holding"]) != len(heights) or len(arrays["episode_seeds"]) != num_episodes:
+        corrupt("holding flags or episode seeds do not match the number of observations or episodes")
+    last_step = np.zeros(num_transitions, dtype=bool)
+    last_step[np.cumsum(lengths) - 1] = True
+    ends = arrays["terminations"] | arrays["truncations"]
+    if (ends != last_step).any() or (arrays["terminations"] & arrays["truncations"]).any():
+        corrupt("episode ends (terminations, truncations) do not match the episode lengths")
+    if metadata.get("num_episodes") != num_episodes or metadata.get("num_transitions") != num_transitions:
+        corrupt("the metadata counts other episodes or transitions than the arrays hold")
+    if metadata.get("image_size") != heights.shape[-1]:
+        corrupt(f"the metadata says {metadata.get('image_size')} px but the images are {heights.shape[-1]} px")
+    if checksum(arrays) != metadata.get("checksum"):
+        corrupt("its checksum does not match its content")
+
+
+def load_dataset(path: str, env_id: Optional[str] = None, image_size: Optional[int] = None) -> OfflineDataset:
+    """Read a dataset written by `save_dataset`, check it, and return it. Fails with one sentence (exit status 2)
+    when the file is missing, unreadable or corrupt, or holds another task than `env_id` or another image size than
+    `image_size` (None: accept any)."""
+    if not os.path.isfile(path):
+        fail(f"dataset {path!r} does not exist; make one with {collect_command(env_id, path, image_size)}.")
+    try:
+        with np.load(path, allow_pickle=False) as file:
+            missing = [name for name in (*ARRAYS, "metadata") if name not in file.files]
+            if missing:
+                fail(f"dataset {path!r} lacks the arrays {', '.join(missing)}; it is not a cleanrl-equi dataset (or "
+                     f"is corrupt), so collect it again with {collect_command(env_id, path, image_size)}.")
+            arrays = {name: file[name] for name in ARRAYS}
+            metadata = json.loads(str(file["metadata"]))
+        if not isinstance(metadata, dict):
+            raise ValueError("the metadata is not a JSON object")
+    except SystemExit:
+        raise
+    except Exception as exc:  # a truncated or garbled file fails in zipfile, zlib, numpy or json: all mean corrupt
+        fail(f"dataset {path!r} could not be read ({type(exc).__name__}: {str(exc)[:100]}); it is corrupt or not a "
+             f"cleanrl-equi dataset, so collect it again with {collect_command(env_id, path, image_size)}.")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        fail(f"dataset {path!r} has format version {metadata.get('format_version')!r}, but this code reads version "
+             f"{FORMAT_VERSION}; collect it again with {collect_command(metadata.get('env_id'), path)}.")
+    _check_consistent(path, arrays, metadata)
+    if env_id is not None and metadata.get("env_id") != env_id:
+        fail(f"dataset {path!r} holds {metadata.get('env_id')} episodes, not {env_id}; pass a dataset of {env_id} "
+             f"or collect one with {collect_command(env_id, 'datasets/<name>.npz', image_size)}.")
+    if image_size is not None and metadata["image_size"] != image_size:
+        fail(f"dataset {path!r} has {metadata['image_size']}x{metadata['image_size']} images, not the "
+             f"{image_size}x{image_size} asked for; pass --image-size {metadata['image_size']} or collect a "
+             f"{image_size}-px dataset with {collect_command(env_id, 'datasets/<name>.npz', image_size)}.")
+    return OfflineDataset(**arrays, metadata=metadata)
+
+
+# ---- Collection -----------------------------------------------------------------------------------------------------
+def make_env(env_id: str, image_size: int, max_steps: int, env_kwargs: Optional[dict] = None) -> gym.Env:
+    """One manipulation env, failing with one sentence on an unknown task or an impossible setting."""
+    task = env_id.removeprefix("cleanrl_equi/").removesuffix("-v0")
+    if not env_id.startswith("cleanrl_equi/") or task not in cleanrl_equi.MANIPULATION_TASKS:
+        tasks = ",".join(cleanrl_equi.MANIPULATION_TASKS)
+        fail(f"unknown manipulation task {env_id!r}; use one of cleanrl_equi/{{{tasks}}}-v0.")
+    try:
+        return gym.make(env_id, image_size=image_size, max_steps=max_steps, **(env_kwargs or {}))
+    except (ValueError, TypeError) as exc:
+        fail(f"cannot make {env_id} with image_size={image_size}, max_steps={max_steps}: {exc}")
+
+
+def collect_episodes(env_id: str, num_episodes: int, seed: int, image_size: int, max_steps: int, policy: Policy,
+                     *, quality: Optional[str] = None, policy_info: Optional[dict] = None,
+                     env_kwargs: Optional[dict] = None, num_envs: Optional[int] = None,
+                     progress_interval: Optional[float] = None) -> OfflineDataset:
+    """Run `num_episodes` whole episodes; episode i starts from `reset(seed=seed + i)`.
+
+    `policy` is "planner" (the env's `expert_action()`, transitions flagged expert) or a callable mapping a uint8
+    observation batch (B, 2, S, S) to actions (B, 5); a callable is fed `num_envs` envs at once (default 8). Each
+    episode depends only on its seed and the policy (not on which env ran it). `policy_info` describes a callable
+    policy in the metadata. A progress line is printed every `progress_interval` seconds (None: never).
+    """
+    if num_episodes < 1:
+        fail(f"the number of episodes must be at least 1, not {num_episodes}.")
+    planner = isinstance(policy, str)
+    if planner and policy != "planner":
+        fail(f"policy must be 'planner' or a callable, not {policy!r}.")
+    num_envs = min(num_episodes, num_envs or (1 if planner else 8))
+    envs = [make_env(env_id, image_size, max_steps, env_kwargs) for _ in range(num_envs)]
+    episodes: list[Optional[dict]] = [None] * num_episodes
+    slots: list[Optional[dict]] = [None] * num_envs  # the episode each env is running
+    next_episode, done, start, last_report = 0, 0, time.time(), time.time()
+    while done < num_episodes:
+        for j in range(num_envs):
+            if slots[j] is None and next_episode < num_episodes:
+                obs, _ = envs[j].reset(seed=seed + next_episode)
+                slots[j] = {"index": next_episode, "last_obs": obs, "heights": [obs[0].copy()],
+                            "holding": [obs[1, 0, 0] > 0], "actions": [], "rewards": [], "terminations": [],
+                            "truncations": []}
+                next_episode += 1
+        active = [j for j in range(num_envs) if slots[j] is not None]
+        if planner:
+            actions = np.stack([envs[j].unwrapped.expert_action() for j in active])
+        else:
+            actions = np.asarray(policy(np.stack([slots[j]["last_obs"] for j in active])), dtype=np.float64)
+            if actions.shape != (len(active), 5):
+                raise ValueError(f"the policy returned actions of shape {actions.shape}, not ({len(active)}, 5)")
+        actions = np.clip(actions, -1.0, 1.0).astype(np.float32)
+        for j, action in zip(active, actions):
+            obs, reward, terminated, truncated, _ = envs[j].step(action)
+            slot = slots[j]
+            slot["last_obs"] = obs
+            slot["heights"].append(obs[0].copy())  # the height channel and one flag; the tiled one is dropped
+            slot["holding"].append(obs[1, 0, 0] > 0)
+            slot["actions"].append(action)
+            slot["rewards"].append(reward)
+            slot["terminations"].append(terminated)
+            slot["truncations"].append(truncated)
+            if terminated or truncated:
+                episodes[slot["index"]] = slot
+                slots[j] = None
+                done += 1
+        if progress_interval is not None and time.time() - last_report >= progress_interval and done < num_episodes:
+            last_report = time.time()
+            rate = done / (last_report - start)
+            left = f", ~{(num_episodes - done) / rate:.0f} s left" if rate > 0 else ""
+            transitions = sum(len(e["actions"]) for e in episodes if e is not None)
+            print(f"{env_id}: {done}/{num_episodes} episodes, {transitions} transitions, {rate:.2f} episodes/s"
+                  f"{left}", flush=True)
+    for env in envs:
+        env.close()
+
+    dataset = OfflineDataset(
+        heights=np.stack([h for e in episodes for h in e["heights"]]),
+        holding=np.array([h for e in episodes for h in e["holding"]], dtype=bool),
+        actions=np.concatenate([e["actions"] for e in episodes]).reshape(-1, 5),
+        rewards=np.concatenate([e["rewards"] for e in episodes]),
+        terminations=np.concatenate([e["terminations"] for e in episodes]),
+        truncations=np.concatenate([e["truncations"] for e in episodes]),
+        expert=np.full(sum(len(e["actions"]) for e in episodes), planner),
+        episode_lengths=[len(e["actions"]) for e in episodes], episode_seeds=seed + np.arange(num_episodes))
+    dataset.metadata = _metadata(env_id, image_size, max_steps, env_kwargs, quality or ("expert" if planner else
+                                 "medium"), policy_info or ({"type": "planner"} if planner else {"type": "callable"}),
+                                 seed, dataset)
+    return dataset
+
+
+def _metadata(env_id, image_size, max_steps, env_kwargs, quality, policy_info, seed, dataset) -> dict:
+    return {"format_version": FORMAT_VERSION, "env_id": env_id, "image_size": image_size, "max_steps": max_steps,
+            "env_kwargs": {"image_size": image_size, "max_steps": max_steps, **(env_kwargs or {})},
+            "quality": quality, "policy": policy_info, "seed": seed, **summarise(dataset),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_by": "cleanrl_equi.offline_data"}
+
+
+def concatenate(datasets: list[OfflineDataset], quality: str, policy_info: dict, seed: int) -> OfflineDataset:
+    """The episodes of several datasets of the same task and settings, in order, as one dataset."""
+    first = datasets[0].metadata
+    dataset = OfflineDataset(
+        heights=np.concatenate([d.heights for d in datasets]), holding=np.concatenate([d.holding for d in datasets]),
+        **{name: np.concatenate([getattr(d, name) for d in datasets])
+           for name in ("actions", "rewards", "terminations", "truncations", "expert", "episode_lengths",
+                        "episode_seeds")})
+    env_kwargs = {k: v for k, v in first["env_kwargs"].items() if k not in ("image_size", "max_steps")}
+    dataset.metadata = _metadata(first["env_id"], first["image_size"], first["max_steps"], env_kwargs, quality,
+                                 policy_info, seed, dataset)
+    return dataset
+
+
+def collect_expert(env_id: str, num_episodes: int, seed: int, image_size: int = 128, max_steps: int = 50,
+                   **kwargs) -> OfflineDataset:
+    """`num_episodes` planner episodes ("expert" quality)."""
+    return collect_episodes(env_id, num_episodes, seed, image_size, max_steps, "planner", quality="expert", **kwargs)
+
+
+def greedy_policy(actor: torch.nn.Module, device: Union[str, torch.device]) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 observations (B, 2, S, S) -> the actor's deterministic actions tanh(mean), as NumPy (B, 5)."""
+    actor.eval()  # escnn expands its filters once; nothing is updated while collecting
+
+    @torch.no_grad()
+    def act(obs: np.ndarray) -> np.ndarray:
+        mean, _ = actor(torch.as_tensor(obs, device=device).float().div_(255.0))
+        return torch.tanh(mean).cpu().numpy()
+
+    return act
+
+
+def load_medium_policy(checkpoint_path: str, env_id: str, image_size: int, max_steps: int, reward_limit: float,
+                       eval_episodes: int, seed: int, device: Union[str, torch.device] = "cpu",
+                       script: str = "sac_equi_bullet", num_eval_envs: int = 5):
+    """Load a saved actor, evaluate it greedily on `eval_episodes` episodes, and refuse it (one sentence) if its
+    mean discounted return is below `reward_limit`. Returns (policy callable, policy_info for the metadata)."""
+    from cleanrl_equi.manipulation_rl import evaluate, load_actor
+
+    device = torch.device(device)
+    actor, saved = load_actor(checkpoint_path, script, device)
+    if getattr(saved, "env_id", None) != env_id:
+        fail(f"checkpoint {checkpoint_path!r} was trained on {getattr(saved, 'env_id', None)}, not {env_id}; pass "
+             f"--env-id {getattr(saved, 'env_id', None)} or a checkpoint of {env_id}.")
+    if getattr(saved, "image_size", None) != image_size:
+        fail(f"checkpoint {checkpoint_path!r} was trained on {getattr(saved, 'image_size', None)}-px images, not "
+             f"{image_size}; pass --image-size {getattr(saved, 'image_size', None)}.")
+    if eval_episodes < 1:
+        fail("--eval-episodes must be at least 1: a checkpoint is evaluated before it collects data.")
+    saved.max_steps, saved.gamma = max_steps, GAMMA  # judged under the dataset's time limit and the papers' gamma
+    saved.eval_episodes, saved.num_eval_envs = eval_episodes, num_eval_envs
+    result = evaluate(actor, saved, device, seed=seed + EVAL_SEED_OFFSET)
+    print(f"checkpoint {checkpoint_path}: discounted return {result['discounted_return']:.4f}, success rate "
+          f"{result['success_rate']:.3f} over {eval_episodes} evaluation episodes", flush=True)
+    if result["discounted_return"] < reward_limit:
+        fail(f"checkpoint {checkpoint_path!r} reaches a discounted return of {result['discounted_return']:.4f} over "
+             f"{eval_episodes} episodes, below --reward-limit {reward_limit}; train it longer or lower the limit.")
+    info = {"type": "checkpoint", "path": os.path.abspath(checkpoint_path), "script": f"{script}.py",
+            "model": getattr(saved, "model", None), "eval_episodes": eval_episodes,
+            "eval_discounted_return": result["discounted_return"], "eval_success_rate": result["success_rate"],
+            "reward_limit": reward_limit, "action": "tanh(mean)"}
+    return greedy_policy(actor, device), info
+
+
+def collect_medium(checkpoint_path: str, env_id: str, num_episodes: int, seed: int, image_size: int = 128,
+                   max_steps: int = 50, reward_limit: float = 0.4, eval_episodes: int = 100,
+                   device: Union[str, torch.device] = "cpu", script: str = "sac_equi_bullet",
+                   **kwargs) -> OfflineDataset:
+    """Greedy roll-outs of a saved actor that first passes the `reward_limit` evaluation ("medium" quality)."""
+    policy, info = load_medium_policy(checkpoint_path, env_id, image_size, max_steps, reward_limit, eval_episodes,
+                                      seed, device, script)
+    return collect_episodes(env_id, num_episodes, seed, image_size, max_steps, policy, quality="medium",
+                            policy_info=info, **kwargs)
+
+
+def collect_mixed(checkpoint_path: str, env_id: str, num_episodes: int, seed: int, image_size: int = 128,
+                  max_steps: int = 50, expert_fraction: float = 0.5, reward_limit: float = 0.4,
+                  eval_episodes: int = 100, device: Union[str, torch.device] = "cpu",
+                  script: str = "sac_equi_bullet", **kwargs) -> OfflineDataset:
+    """round(expert_fraction * num_episodes) planner episodes (seeds seed, seed+1, ...) followed by medium episodes
+    of the checkpoint (the next seeds), in one dataset ("mixed" quality)."""
+    if not 0.0 <= expert_fraction <= 1.0:
+        fail(f"--expert-fraction must be in [0, 1], not {expert_fraction}.")
+    num_expert = int(round(expert_fraction * num_episodes))
+    policy, info = load_medium_policy(checkpoint_path, env_id, image_size, max_steps, reward_limit, eval_episodes,
+                                      seed, device, script)
+    parts = []
+    if num_expert > 0:
+        parts.append(collect_episodes(env_id, num_expert, seed, image_size, max_steps, "planner", **kwargs))
+    if num_episodes - num_expert > 0:
+        parts.append(collect_episodes(env_id, num_episodes - num_expert, seed + num_expert, image_size, max_steps,
+                                      policy, **kwargs))
+    mixed_info = {"type": "mixed", "expert_fraction": expert_fraction, "expert_episodes": num_expert,
+                  "medium_episodes": num_episodes - num_expert, "expert": {"type": "planner"}, "medium": info}
+    return concatenate(parts, "mixed", mixed_info, seed)
+
+
+def data_dir() -> str:
+    """Where default datasets are cached: `$CLEANRL_EQUI_DATA`, else `~/.cache/cleanrl_equi/datasets`."""
+    return os.environ.get("CLEANRL_EQUI_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "cleanrl_equi",
+                                                               "datasets")
+
+
+def default_dataset(env_id: str, image_size: int, max_steps: int, num_episodes: int = 10, seed: int = 0) -> str:
+    """The path of the embedded default dataset: `num_episodes` planner episodes, built (one printed line) the first
+    time and cached under `data_dir()`. Two processes building it at once each write a temporary file and rename
+    it into place; both produce the same episodes, and neither ever sees a half-written file."""
+    path = os.path.join(data_dir(), dataset_filename(env_id, "expert", num_episodes, image_size, max_steps, seed))
+    if not os.path.isfile(path):
+        print(f"building the default dataset ({num_episodes} planner episodes of {env_id}, {image_size} px, "
+              f"max {max_steps} steps, seed {seed}) at {path}", flush=True)
+        save_dataset(path, collect_expert(env_id, num_episodes, seed, image_size, max_steps))
+    return path
+
+
+# ---- Minari export --------------------------------------------------------------------------------------------------
+def import_minari():
+    try:
+        import minari
+    except ImportError:
+        fail("the Minari export needs the `minari` extra: `uv sync --extra minari` (or `pip install "
+             "'minari[hdf5]==0.5.3'`, the last release that keeps NumPy 1.x).")
+    return minari
+
+
+def to_minari(dataset: OfflineDataset, dataset_id: str, author: Optional[str] = "cleanrl-equi",
+              description: Optional[str] = None):
+    """Write `dataset` as a local Minari dataset `dataset_id` (under `$MINARI_DATASETS_PATH`, default
+    `~/.minari/datasets`) and return it. Observations are the env's: Box(0, 255, (2, S, S), uint8); actions
+    Box(-1, 1, (5,), float32). Minari is an optional extra (`uv sync --extra minari`; in the dev group too):
+    0.5.4+ needs NumPy 2, 0.5.3 works with our pins. It is imported here only."""
+    minari = import_minari()
+    from minari.data_collector import EpisodeBuffer
+
+    size, meta = dataset.image_size, dataset.metadata
+    spec = gym.spec(meta["env_id"])
+    env_spec = gym.envs.registration.EnvSpec(id=spec.id, entry_point=spec.entry_point, kwargs=dict(meta["env_kwargs"]))
+    buffer = []
+    for e in range(dataset.num_episodes):
+        episode = dataset.episode(e)
+        expert = episode.pop("expert")  # Minari's infos have T+1 entries, like observations: the reset's comes first
+        buffer.append(EpisodeBuffer(id=e, seed=int(dataset.episode_seeds[e]), **episode,
+                                    infos={"expert": np.concatenate([expert[:1], expert])}))
+    with warnings.catch_warnings():  # Minari's advice to name an author e-mail and an evaluation env
+        warnings.filterwarnings("ignore", message=".*is set to None", category=UserWarning)
+        try:
+            return minari.create_dataset_from_buffers(
+                dataset_id=dataset_id, buffer=buffer, env=env_spec,
+                observation_space=gym.spaces.Box(0, 255, (2, size, size), np.uint8),
+                action_space=gym.spaces.Box(-1.0, 1.0, (5,), np.float32),
+                algorithm_name=f"cleanrl-equi {meta['quality']} data: {json.dumps(meta['policy'])}",
+                author=author, code_permalink="cleanrl_equi/offline_data.py",
+                description=description or (
+                    f"{meta['quality']} episodes of {meta['env_id']} converted from a cleanrl-equi dataset (sha256 "
+                    f"{meta['checksum'][:16]}...); infos['expert'][t + 1] flags transition t as a planner step."))
+        except ValueError as exc:  # an existing id, or one that breaks Minari's naming rules
+            fail(f"Minari refused the dataset id {dataset_id!r} ({str(exc).strip()[:160]}); pick another id or "
+                 f"remove the old one with `minari delete {dataset_id}`.")
+
+
+# ---- Command line ---------------------------------------------------------------------------------------------------
+@dataclass
+class Args:
+    env_id: str = "cleanrl_equi/BlockPulling-v0"
+    """the manipulation task, `cleanrl_equi/<Task>-v0`"""
+    quality: Literal["expert", "medium", "mixed"] = "expert"
+    """expert = planner episodes, medium = greedy roll-outs of --checkpoint, mixed = both"""
+    num_episodes: int = 10
+    """the number of whole episodes to collect"""
+    seed: int = 0
+    """episode i starts from reset(seed=seed + i)"""
+    image_size: int = 128
+    """observation height and width in pixels"""
+    max_steps: int = 50
+    """episode length limit; a time-out is stored as a truncation"""
+    out: Optional[str] = None
+    """the output file (default: datasets/<task>_<quality>_<episodes>ep_<size>px_<steps>steps_seed<seed>.npz)"""
+    checkpoint: Optional[str] = None
+    """for medium / mixed: a sac_equi_bullet.py model saved with --save-model"""
+    reward_limit: float = 0.4
+    """refuse a checkpoint whose evaluation discounted return is below this (0.4 = the paper's "medium")"""
+    expert_fraction: float = 0.5
+    """for mixed: the fraction of episodes that come from the planner"""
+    eval_episodes: int = 100
+    """episodes of the checkpoint's evaluation before it collects"""
+    cuda: bool = True
+    """run the checkpoint's actor on the GPU when there is one"""
+    info: Optional[str] = None
+    """print this dataset's metadata and array shapes instead of collecting"""
+    to_minari: Optional[str] = None
+    """also export the dataset at --out (collected first if the file does not exist) as this Minari dataset id"""
+
+
+def print_info(path: str) -> None:
+    dataset = load_dataset(path)
+    print(json.dumps(dataset.metadata, indent=2))
+    for name, array in dataset.arrays().items():
+        print(f"{name:16s} {str(array.dtype):8s} {array.shape}")
+    print(f"file size {os.path.getsize(path) / 1e6:.2f} MB")
+
+
+def summary_line(path: str, dataset: OfflineDataset, seconds: float) -> str:
+    meta = dataset.metadata
+    return (f"{path}: {meta['quality']} {meta['env_id']}, {meta['num_episodes']} episodes, {meta['num_transitions']} "
+            f"transitions, success rate {meta['success_rate']:.3f}, discounted return {meta['discounted_return']:.4f}, "
+            f"{os.path.getsize(path) / 1e6:.2f} MB, {seconds:.1f} s")
+
+
+def main(args: Args) -> None:
+    if args.info is not None:
+        print_info(args.info)
+        return
+    if args.num_episodes < 1:
+        fail(f"--num-episodes must be at least 1, not {args.num_episodes}.")
+    if args.quality == "expert" and args.checkpoint is not None:
+        fail("--checkpoint is only used with --quality medium or mixed; drop it for planner data.")
+    if args.quality != "expert" and args.checkpoint is None:
+        fail(f"--quality {args.quality} needs --checkpoint, a sac_equi_bullet.py model saved with --save-model.")
+    out = args.out or os.path.join("datasets", dataset_filename(args.env_id, args.quality, args.num_episodes,
+                                                                args.image_size, args.max_steps, args.seed))
+    if args.to_minari is not None:
+        import_minari()  # before a long collection, not after it
+    if args.to_minari is not None and os.path.isfile(out):
+        to_minari(load_dataset(out, args.env_id, args.image_size), args.to_minari)
+        print(f"exported {out} as Minari dataset {args.to_minari!r}")
+        return
+    device = "cuda" if args.cuda and torch.cuda.is_available() else "cpu"
+    start = time.time()
+    common = dict(env_id=args.env_id, num_episodes=args.num_episodes, seed=args.seed, image_size=args.image_size,
+                  max_steps=args.max_steps, progress_interval=30.0)
+    medium = dict(checkpoint_path=args.checkpoint, reward_limit=args.reward_limit, eval_episodes=args.eval_episodes,
+                  device=device)
+    if args.quality == "expert":
+        dataset = collect_expert(**common)
+    elif args.quality == "medium":
+        dataset = collect_medium(**medium, **common)
+    else:
+        dataset = collect_mixed(**medium, **common, expert_fraction=args.expert_fraction)
+    save_dataset(out, dataset)
+    print(summary_line(out, dataset, time.time() - start), flush=True)
+    if args.to_minari is not None:
+        to_minari(dataset, args.to_minari)
+        print(f"exported {out} as Minari dataset {args.to_minari!r}")
+
+
+if __name__ == "__main__":
+    import tyro
+
+    main(tyro.cli(Args))

@@ -1,0 +1,268 @@
+"""cleanrl_equi/offline_data.py: file format round trip, episodes as the env produced them, time-outs, sampling,
+corrupt and mismatched files, the cached default dataset, checkpoint (medium / mixed) data, and the CLI.
+
+Small on purpose: 32x32 images and 2-3 episodes, so the whole file runs in well under a minute on one core.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+import tyro
+
+import cleanrl_equi  # noqa: F401  (registers the tasks)
+from cleanrl_equi import offline_data as od
+from cleanrl_equi.utils import save_checkpoint
+
+ENV_ID = "cleanrl_equi/BlockPulling-v0"
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def expert():
+    return od.collect_expert(ENV_ID, num_episodes=3, seed=4, image_size=SIZE, max_steps=50)
+
+
+@pytest.fixture(scope="module")
+def expert_file(expert, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("data") / "expert.npz")
+    od.save_dataset(path, expert)
+    return path
+
+
+def test_round_trip_is_exact(expert, expert_file):
+    loaded = od.load_dataset(expert_file, ENV_ID, SIZE)
+    for name, array in expert.arrays().items():
+        assert getattr(loaded, name).dtype == array.dtype, name
+        np.testing.assert_array_equal(getattr(loaded, name), array, err_msg=name)
+    assert loaded.metadata == expert.metadata
+    np.testing.assert_array_equal(loaded.obs_index, expert.obs_index)
+    assert len(loaded) == len(expert) and loaded.num_episodes == 3
+    assert not any(name.endswith(".tmp") for name in os.listdir(os.path.dirname(expert_file)))
+
+
+def test_episodes_are_what_the_env_produced(expert):
+    """T+1 observations per episode, the last being the true final observation (not the next episode's reset
+    frame): replay every episode from its seed with the planner and compare every observation and action."""
+    meta = expert.metadata
+    assert meta["env_id"] == ENV_ID and meta["quality"] == "expert" and meta["policy"] == {"type": "planner"}
+    assert meta["env_kwargs"] == {"image_size": SIZE, "max_steps": 50} and meta["seed"] == 4
+    assert expert.heights.shape == (len(expert) + expert.num_episodes, SIZE, SIZE)
+    np.testing.assert_array_equal(expert.episode_seeds, [4, 5, 6])
+    env = gym.make(ENV_ID, image_size=SIZE, max_steps=50)
+    for e in range(expert.num_episodes):
+        episode = expert.episode(e)
+        assert len(episode["observations"]) == len(episode["actions"]) + 1 == expert.episode_lengths[e] + 1
+        obs, _ = env.reset(seed=int(expert.episode_seeds[e]))
+        observations, actions = [obs], []
+        while True:
+            actions.append(env.unwrapped.expert_action())
+            obs, _, terminated, truncated, _ = env.step(actions[-1])
+            observations.append(obs)
+            if terminated or truncated:
+                break
+        np.testing.assert_array_equal(episode["observations"], np.stack(observations))
+        np.testing.assert_array_equal(episode["actions"], np.float32(actions))
+        assert episode["terminations"][-1] and not episode["terminations"][:-1].any()
+    env.close()
+
+
+def test_planner_data_is_expert_and_succeeds(expert):
+    assert expert.metadata["success_rate"] == 1.0 and expert.episode_successes().all()
+    assert expert.expert.all() and not expert.truncations.any()
+    assert expert.rewards.sum() == expert.num_episodes
+    returns = 0.99 ** (expert.episode_lengths - 1)
+    assert expert.metadata["discounted_return"] == pytest.approx(returns.mean())
+    assert expert.metadata["num_transitions"] == len(expert) == expert.episode_lengths.sum()
+
+
+def test_time_outs_are_truncations():
+    data = od.collect_expert(ENV_ID, num_episodes=2, seed=0, image_size=SIZE, max_steps=2)
+    np.testing.assert_array_equal(data.episode_lengths, [2, 2])
+    np.testing.assert_array_equal(data.truncations, [False, True, False, True])
+    assert not data.terminations.any() and data.metadata["success_rate"] == 0.0
+    assert data.metadata["discounted_return"] == 0.0 and len(data.heights) == 6
+
+
+def test_sample_batches(expert):
+    np.random.seed(0)
+    batch = expert.sample(64, "cpu")
+    assert batch["obs"].shape == batch["next_obs"].shape == (64, 2, SIZE, SIZE)
+    assert batch["obs"].dtype == batch["next_obs"].dtype == torch.float32
+    assert batch["actions"].shape == (64, 5) and batch["actions"].dtype == torch.float32
+    assert batch["rewards"].shape == batch["terminated"].shape == (64,)
+    assert batch["terminated"].dtype == torch.float32 and batch["expert"].dtype == torch.bool
+    assert 0 <= batch["obs"].min() and batch["obs"].max() <= 1 and batch["actions"].abs().max() <= 1
+    assert set(batch["obs"][:, 1].unique().tolist()) <= {0.0, 1.0}
+    # the same draw from NumPy's global generator, checked transition by transition against the episodes
+    np.random.seed(0)
+    index = np.random.randint(0, len(expert), size=64)
+    all_obs = torch.as_tensor(expert.observations(np.arange(len(expert.heights)))).float() / 255
+    rows = expert.obs_index[index]
+    assert torch.equal(batch["obs"], all_obs[rows]) and torch.equal(batch["next_obs"], all_obs[rows + 1])
+    assert torch.equal(batch["rewards"], torch.as_tensor(expert.rewards[index]))
+    assert torch.equal(batch["actions"], torch.as_tensor(expert.actions[index]))
+    # every transition's next_obs is the following observation of its own episode
+    starts = np.cumsum(expert.episode_lengths) - expert.episode_lengths
+    for e, (start, length) in enumerate(zip(starts, expert.episode_lengths, strict=True)):
+        np.testing.assert_array_equal(expert.obs_index[start:start + length], start + e + np.arange(length))
+
+
+def fails_with(capsys, words, function, *args, **kwargs):
+    with pytest.raises(SystemExit) as raised:
+        function(*args, **kwargs)
+    assert raised.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("error:") and "\n" not in message, message
+    for word in words:
+        assert word in message, message
+    return message
+
+
+def rewrite(path, out, change):
+    """Copy a dataset file with `change(arrays)` applied to its arrays (the metadata, and its checksum, kept)."""
+    with np.load(path) as file:
+        arrays = {name: file[name].copy() for name in file.files}
+    change(arrays)
+    np.savez_compressed(out, **arrays)
+    return str(out)
+
+
+def test_bad_files_stop_with_one_sentence(expert_file, tmp_path, capsys):
+    missing = str(tmp_path / "missing.npz")
+    fails_with(capsys, ["does not exist", "cleanrl_equi.offline_data", ENV_ID], od.load_dataset, missing, ENV_ID)
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(Path(expert_file).read_bytes()[:-300])
+    fails_with(capsys, ["could not be read", "corrupt"], od.load_dataset, str(truncated))
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a dataset at all")
+    fails_with(capsys, ["corrupt"], od.load_dataset, str(garbage))
+
+    def flip(arrays):
+        arrays["actions"][1, 2] = -arrays["actions"][1, 2] + 0.5
+
+    fails_with(capsys, ["checksum"], od.load_dataset, rewrite(expert_file, tmp_path / "flipped.npz", flip))
+    fails_with(capsys, ["lacks", "rewards"], od.load_dataset,
+               rewrite(expert_file, tmp_path / "no_rewards.npz", lambda a: a.pop("rewards")))
+
+    def short(arrays):
+        arrays["episode_lengths"][0] += 1
+
+    fails_with(capsys, ["inconsistent"], od.load_dataset, rewrite(expert_file, tmp_path / "short.npz", short))
+    fails_with(capsys, [ENV_ID, "cleanrl_equi/BlockPushing-v0"], od.load_dataset, expert_file,
+               "cleanrl_equi/BlockPushing-v0", SIZE)
+    fails_with(capsys, ["32x32", "128x128", "--image-size 32"], od.load_dataset, expert_file, ENV_ID, 128)
+
+
+def test_bad_member_bytes_are_caught(expert_file, tmp_path, capsys):
+    """A flipped byte inside the zip (not a rewritten array) is caught too, whichever layer notices first."""
+    raw = bytearray(Path(expert_file).read_bytes())
+    with zipfile.ZipFile(expert_file) as archive:
+        info = archive.getinfo("heights.npy")
+    middle = info.header_offset + 30 + len(info.filename) + info.compress_size // 2
+    raw[middle] ^= 0xFF
+    damaged = tmp_path / "damaged.npz"
+    damaged.write_bytes(bytes(raw))
+    fails_with(capsys, [], od.load_dataset, str(damaged))
+
+
+def test_default_dataset_is_built_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CLEANRL_EQUI_DATA", str(tmp_path / "cache"))
+    path = od.default_dataset(ENV_ID, SIZE, 50, num_episodes=2, seed=1)
+    assert capsys.readouterr().out.count("building the default dataset") == 1
+    assert os.path.dirname(path) == str(tmp_path / "cache")
+    assert os.path.basename(path) == "block_pulling_expert_2ep_32px_50steps_seed1.npz"
+    data = od.load_dataset(path, ENV_ID, SIZE)
+    assert data.num_episodes == 2 and data.metadata["success_rate"] == 1.0
+    monkeypatch.setattr(od, "collect_expert", lambda *a, **k: pytest.fail("the cached dataset was rebuilt"))
+    assert od.default_dataset(ENV_ID, SIZE, 50, num_episodes=2, seed=1) == path
+    assert capsys.readouterr().out == "" and os.listdir(tmp_path / "cache") == [os.path.basename(path)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """An untrained sac_equi_bullet actor saved as --save-model does: greedy roll-outs that (almost surely) fail."""
+    from cleanrl_equi.manipulation_rl import build_networks
+
+    args = SimpleNamespace(env_id=ENV_ID, image_size=SIZE, max_steps=50, model="equi", group_order=4, n_hidden=8,
+                           gamma=0.99, seed=1, eval_episodes=2, num_eval_envs=2)
+    torch.manual_seed(0)
+    actor, _ = build_networks(args)
+    path = str(tmp_path_factory.mktemp("ckpt") / "sac_equi_bullet.cleanrl_model")
+    save_checkpoint(path, "sac_equi_bullet", args, actor=actor.state_dict())
+    return path
+
+
+def test_medium_and_mixed_from_a_checkpoint(checkpoint, tmp_path, capsys):
+    common = dict(env_id=ENV_ID, seed=3, image_size=SIZE, max_steps=4, eval_episodes=2)
+    fails_with(capsys, ["below --reward-limit 2"], od.collect_medium, checkpoint, num_episodes=2, reward_limit=2.0,
+               **common)
+    fails_with(capsys, ["BlockPulling", "--env-id"], od.collect_medium, checkpoint, num_episodes=2,
+               **{**common, "env_id": "cleanrl_equi/BlockPushing-v0"})
+    medium = od.collect_medium(checkpoint, num_episodes=2, reward_limit=0.0, **common)
+    meta = medium.metadata
+    assert meta["quality"] == "medium" and not medium.expert.any() and medium.num_episodes == 2
+    assert meta["policy"]["type"] == "checkpoint" and meta["policy"]["script"] == "sac_equi_bullet.py"
+    assert meta["policy"]["path"] == os.path.abspath(checkpoint) and "eval_discounted_return" in meta["policy"]
+    assert np.abs(medium.actions).max() <= 1
+    mixed = od.collect_mixed(checkpoint, num_episodes=3, expert_fraction=0.34, reward_limit=0.0, **common)
+    assert mixed.metadata["quality"] == "mixed" and mixed.num_episodes == 3
+    assert mixed.metadata["policy"]["expert_episodes"] == 1 and mixed.metadata["policy"]["medium_episodes"] == 2
+    np.testing.assert_array_equal(mixed.episode_seeds, [3, 4, 5])
+    first = mixed.episode_lengths[0]
+    assert mixed.expert[:first].all() and not mixed.expert[first:].any()
+    path = str(tmp_path / "mixed.npz")
+    od.save_dataset(path, mixed)
+    assert od.load_dataset(path, ENV_ID, SIZE).metadata == mixed.metadata
+
+
+def run_cli(*args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "cleanrl_equi.offline_data", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_collects_reports_and_refuses(tmp_path, capsys):
+    """One real command line in a subprocess (collection, summary line); --info and the refusals in-process."""
+    proc = run_cli("--image-size", str(SIZE), "--num-episodes", "2", "--max-steps", "20", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    path = tmp_path / "datasets" / "block_pulling_expert_2ep_32px_20steps_seed0.npz"
+    assert path.is_file() and "2 episodes" in proc.stdout and "success rate 1.000" in proc.stdout
+    capsys.readouterr()
+    od.main(tyro.cli(od.Args, args=["--info", str(path)]))
+    out = capsys.readouterr().out
+    assert json.loads(out[:out.rindex("}") + 1])["num_episodes"] == 2 and "heights" in out
+    for args, words in ((["--info", "nope.npz"], "does not exist"),
+                        (["--quality", "medium"], "needs --checkpoint"),
+                        (["--checkpoint", "x.cleanrl_model"], "only used with --quality medium"),
+                        (["--num-episodes", "0"], "at least 1"),
+                        (["--env-id", "cleanrl_equi/NoSuchTask-v0", "--num-episodes", "1"], "unknown")):
+        fails_with(capsys, [words], od.main, tyro.cli(od.Args, args=args))
+    if importlib.util.find_spec("minari") is None:  # an optional extra: the export says how to get it, up front
+        fails_with(capsys, ["needs the `minari` package"], od.main, tyro.cli(od.Args, args=["--to-minari", "x-v0"]))
+
+
+def test_export_to_minari_keeps_every_episode(expert, tmp_path, monkeypatch):
+    """The `minari` extra (in the dev group, so CI runs this): the exported dataset loads with Minari and holds the
+    same episodes (T+1 observations, actions, rewards, terminations, truncations), and recovers our env."""
+    minari = pytest.importorskip("minari", reason="install the `minari` extra: uv sync --extra minari")
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    od.to_minari(expert, "cleanrl_equi/BlockPulling/expert-v0")
+    exported = minari.load_dataset("cleanrl_equi/BlockPulling/expert-v0")
+    assert exported.total_episodes == expert.num_episodes and exported.total_steps == len(expert)
+    for e, episode in enumerate(exported.iterate_episodes()):
+        ours = expert.episode(e)
+        for key in ("observations", "actions", "rewards", "terminations", "truncations"):
+            np.testing.assert_array_equal(getattr(episode, key), ours[key])
+    env = exported.recover_environment()
+    assert env.unwrapped.image_size == SIZE
+    env.close()

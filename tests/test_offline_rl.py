@@ -1,0 +1,262 @@
+"""cql_equi_offline.py and iql_equi_offline.py: equivariance of every network, the losses against hand-computed
+values, short training runs on a tiny dataset, resumption after a stop signal, and clear errors for bad data."""
+
+import importlib.util
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import cleanrl_equi  # noqa: F401  (registers the tasks)
+from cleanrl_equi.offline_data import collect_expert, save_dataset
+from conftest import REPO, only_run_dir, read_scalars, run_script
+
+QUARTER_TURN = torch.tensor([[0.0, -1.0], [1.0, 0.0]])  # +90 degrees about +z acting on (dx, dy)
+TINY = ["--group-order", "4", "--n-hidden", "8", "--image-size", "32", "--max-steps", "6", "--batch-size", "4",
+        "--eval-episodes", "2", "--num-eval-envs", "2", "--log-frequency", "1"]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cql = load_script("cql_equi_offline")
+iql = load_script("iql_equi_offline")
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    """Three planner episodes of Block Pulling at 32 px (a real, if small, offline dataset)."""
+    path = str(tmp_path_factory.mktemp("data") / "block_pulling_expert.npz")
+    save_dataset(path, collect_expert("cleanrl_equi/BlockPulling-v0", 3, seed=0, image_size=32, max_steps=6))
+    return path
+
+
+def real_observations() -> torch.Tensor:
+    """Observations along planner episodes of two tasks, holding and not holding, as the networks see them."""
+    observations = []
+    for task in ("BlockPulling", "BlockPicking"):
+        env = gym.make(f"cleanrl_equi/{task}-v0", image_size=32).unwrapped
+        obs, _ = env.reset(seed=3)
+        observations.append(obs)
+        for _ in range(5):
+            obs, _, terminated, truncated, _ = env.step(env.expert_action())
+            observations.append(obs)
+            if terminated or truncated:
+                break
+        env.close()
+    x = torch.as_tensor(np.stack(observations)).float() / 255.0
+    assert x[:, 1].max() == 1.0 and x[:, 1].min() == 0.0
+    return x
+
+
+@pytest.mark.parametrize("group_order", [4, 8])
+def test_every_network_is_exactly_equivariant_on_real_observations(group_order):
+    """Actor: (dx, dy) mean turns with the image, every other output is unchanged; twin Q (given the turned action)
+    and V: unchanged. Checked for the three 90-degree turns, which act exactly on the pixel grid."""
+    torch.manual_seed(0)
+    args = iql.Args(group_order=group_order, n_hidden=8, image_size=32)
+    actor, critic = iql.build_networks(args)
+    value = iql.EquiValue(args)
+    x = real_observations()
+    actions = torch.rand(len(x), 5) * 2 - 1
+    with torch.no_grad():
+        mean, log_std = actor(x)
+        q1, q2 = critic(x, actions)
+        v = value(x)
+        assert min(mean[:, 1:3].abs().max(), q1.abs().max(), v.abs().max()) > 1e-3  # not trivially zero
+        for k in (1, 2, 3):
+            rotation = torch.linalg.matrix_power(QUARTER_TURN, k)
+            turned = torch.rot90(x, k, dims=(-2, -1))
+            turned_actions = actions.clone()
+            turned_actions[:, 1:3] = actions[:, 1:3] @ rotation.T
+            turned_mean, turned_log_std = actor(turned)
+            torch.testing.assert_close(turned_mean[:, 1:3], mean[:, 1:3] @ rotation.T, atol=1e-5, rtol=0)
+            torch.testing.assert_close(turned_mean[:, [0, 3, 4]], mean[:, [0, 3, 4]], atol=1e-5, rtol=0)
+            torch.testing.assert_close(turned_log_std, log_std, atol=1e-5, rtol=0)
+            for turned_q, q in zip(critic(turned, turned_actions), (q1, q2)):
+                torch.testing.assert_close(turned_q, q, atol=1e-5, rtol=0)
+            torch.testing.assert_close(value(turned), v, atol=1e-5, rtol=0)
+        assert (critic(torch.rot90(x, 1, dims=(-2, -1)), actions)[0] - q1).abs().max() > 1e-4  # the check has teeth
+
+
+def test_cql_gap_matches_a_hand_computation():
+    q_data = torch.tensor([1.0, 2.0])
+    q_uniform = torch.tensor([[0.5], [1.5]])
+    q_current, logp_current = torch.tensor([[1.0], [0.0]]), torch.tensor([[-1.0], [0.5]])
+    q_next, logp_next = torch.tensor([[2.0], [1.0]]), torch.tensor([[0.0], [-2.0]])
+    log_uniform = 5 * math.log(0.5)
+    for temperature in (1.0, 2.0):
+        by_hand = []
+        for b in range(2):
+            terms = [q_uniform[b, 0] - log_uniform, q_current[b, 0] - logp_current[b, 0], q_next[b, 0] - logp_next[b, 0]]
+            by_hand.append(temperature * math.log(sum(math.exp(float(t) / temperature) for t in terms)))
+        expected = sum(by_hand) / 2 - 1.5
+        got = cql.cql_gap(q_data, q_uniform, q_current, logp_current, q_next, logp_next, temperature)
+        assert got.item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_repeat_rows_keeps_each_states_samples_together():
+    x = torch.arange(6.0).view(3, 2)
+    repeated = cql.repeat_rows(x, 2)
+    assert repeated.shape == (6, 2) and torch.equal(repeated.view(3, 2, 2)[:, 1], x)
+
+
+def test_iql_losses_match_hand_computations():
+    q, v = torch.tensor([2.0, 0.0, 1.0]), torch.tensor([1.0, 1.0, 1.0])
+    # diffs q - v = (1, -1, 0): weights (0.8, 0.2, any); squared (1, 1, 0)
+    assert iql.expectile_loss(q, v, 0.8).item() == pytest.approx((0.8 + 0.2 + 0.0) / 3)
+    assert iql.expectile_loss(q, v, 0.5).item() == pytest.approx(2 * 0.5 / 3)
+    log_prob, advantage = torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([0.5, -0.5, 10.0])
+    weights = [math.exp(0.5 / 0.5), math.exp(-0.5 / 0.5), 100.0]  # the last one clipped
+    expected = -(weights[0] * -1.0 + weights[1] * -2.0 + weights[2] * -3.0) / 3
+    assert iql.awr_loss(log_prob, advantage, beta=0.5, max_weight=100.0).item() == pytest.approx(expected, rel=1e-6)
+    advantage.requires_grad_(True)
+    iql.awr_loss(log_prob.requires_grad_(True), advantage, 0.5, 100.0).backward()
+    assert advantage.grad is None or advantage.grad.abs().sum() == 0  # the weights carry no gradient
+
+
+def test_squashed_log_prob_is_the_density_of_the_deployed_action():
+    """log pi(a|s) of a = tanh(u), u ~ N(mean, std): the Normal density of atanh(a) / prod(1 - a^2)."""
+    mean, log_std = torch.tensor([[0.2, -0.1, 0.0, 0.3, 0.5]]), torch.tensor([[-1.0, -0.5, 0.0, -2.0, -1.0]])
+    a = torch.tensor([[0.5, -0.3, 0.1, 0.9, 0.0]])
+    u = torch.atanh(a)
+    std = log_std.exp()
+    by_hand = (-0.5 * ((u - mean) / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi) - torch.log(1 - a**2))
+    assert iql.squashed_log_prob(mean, log_std, a).item() == pytest.approx(by_hand.sum().item(), abs=1e-4)
+    # the deterministic deployed action tanh(mean) is the mode of the squashed density only in the pre-tanh space,
+    # but a data action at the bound stays finite
+    assert torch.isfinite(iql.squashed_log_prob(mean, log_std, torch.ones(1, 5)))
+
+
+@pytest.mark.parametrize("script,model,scalars", [
+    ("cql_equi_offline.py", "equi", ["losses/cql1_gap", "losses/cql_loss", "losses/alpha", "losses/qf1_loss"]),
+    ("cql_equi_offline.py", "cnn", ["losses/cql_alpha", "losses/cql_loss"]),
+    ("iql_equi_offline.py", "equi", ["losses/value_loss", "losses/advantage", "losses/qf1_loss"]),
+    ("iql_equi_offline.py", "cnn", ["losses/value_loss"]),
+])
+def test_short_run_writes_the_scalars_and_a_usable_model(script, model, scalars, tiny_dataset, workdir):
+    extra = ["--cql-lagrange"] if script.startswith("cql") and model == "cnn" else []
+    run_script(script, *TINY, "--model", model, "--dataset", tiny_dataset, "--total-timesteps", "6",
+               "--eval-frequency", "3", "--save-model", *extra, cwd=workdir)
+    run_dir = only_run_dir(workdir)
+    logged = read_scalars(run_dir)
+    for tag in scalars + ["losses/actor_loss", "charts/SPS", "eval/success_rate", "eval/discounted_return",
+                          "eval/best_success_rate", "eval/best_discounted_return"]:
+        assert tag in logged, f"{tag} missing from {sorted(logged)}"
+    assert [step for step, _ in logged["losses/actor_loss"]] == [1, 2, 3, 4, 5, 6]
+    assert [step for step, _ in logged["eval/success_rate"]] == [3, 6]
+    assert all(math.isfinite(value) for _, value in logged["losses/qf1_loss"])
+    model_file = os.path.join(run_dir, script.replace(".py", ".cleanrl_model"))
+    proc = run_script(script, "--eval-checkpoint", model_file, "--eval-episodes", "2", "--num-eval-envs", "1",
+                      cwd=workdir)
+    assert "success" in proc.stdout and "over 2 episodes" in proc.stdout
+
+
+def final_weights(run_dir: str, script: str) -> dict:
+    return torch.load(os.path.join(run_dir, f"{script}.cleanrl_model"), weights_only=False)
+
+
+@pytest.mark.parametrize("script", ["cql_equi_offline", "iql_equi_offline"])
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(script, tiny_dataset, workdir):
+    """USR1 (SLURM's warning before the time limit) stops the run at a step boundary with a resume file; the same
+    command continues it: every step logged exactly once, and the final weights equal an uninterrupted run's."""
+    flags = [*TINY, "--dataset", tiny_dataset, "--total-timesteps", "30", "--eval-frequency", "1000",
+             "--checkpoint-minutes", "0", "--save-model", "--progress-interval", "0"]
+    run_script(f"{script}.py", *flags, "--run-name", "straight", cwd=workdir)
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, f"{script}.py"), *flags, "--run-name", "stopped"],
+                            cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # the progress line of every step: stop it a few steps in
+        if line.startswith("step 8/"):
+            proc.send_signal(signal.SIGUSR1)
+            break
+    output = proc.stdout.read()
+    assert proc.wait(timeout=300) == 128 + signal.SIGUSR1, output
+    assert "run the same command again to resume" in output
+    stopped_dir = os.path.join(workdir, "runs", "stopped")
+    assert os.path.exists(os.path.join(stopped_dir, "resume.pt"))
+    assert not os.path.exists(os.path.join(stopped_dir, f"{script}.cleanrl_model"))
+
+    resumed = run_script(f"{script}.py", *flags, "--run-name", "stopped", cwd=workdir)
+    assert "resuming runs/stopped from global step" in resumed.stdout
+    steps = [step for step, _ in read_scalars(stopped_dir)["losses/qf1_loss"]]
+    assert steps == list(range(1, 31)), steps  # continuous, no gap, no duplicate
+    straight = final_weights(os.path.join(workdir, "runs", "straight"), script)
+    again = final_weights(stopped_dir, script)
+    for part in ("actor", "critic", "critic_target"):
+        for key, tensor in straight[part].items():
+            assert torch.equal(tensor, again[part][key]), f"{part}.{key} differs after resuming"
+    straight_scalars = read_scalars(os.path.join(workdir, "runs", "straight"))["losses/qf1_loss"]
+    assert read_scalars(stopped_dir)["losses/qf1_loss"] == straight_scalars
+
+
+def test_resume_refuses_other_settings_and_other_scripts(tiny_dataset, workdir):
+    flags = [*TINY, "--dataset", tiny_dataset, "--total-timesteps", "4", "--eval-frequency", "1000",
+             "--run-name", "r"]
+    run_script("cql_equi_offline.py", *flags, cwd=workdir)
+    resume_file = os.path.join(workdir, "runs", "r", "resume.pt")
+    # a run writes its resume file on a signal or on the clock; make one by hand from a finished run's settings
+    from cleanrl_equi.utils import save_resume
+
+    save_resume(os.path.join(workdir, "runs", "r"), "cql_equi_offline",
+                cql.Args(**{**vars(cql.Args()), "group_order": 4, "n_hidden": 8}), global_step=2)
+    proc = run_script("cql_equi_offline.py", *flags, cwd=workdir, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("error:") == 1 and "other settings" in proc.stderr
+    assert os.path.exists(resume_file)
+    proc = run_script("iql_equi_offline.py", *flags, cwd=workdir, check=False)
+    assert proc.returncode == 2 and "written by cql_equi_offline, not iql_equi_offline" in proc.stderr
+
+
+@pytest.mark.parametrize("problem", ["missing", "corrupt", "other task", "other size"])
+def test_bad_dataset_stops_with_one_sentence(problem, tiny_dataset, workdir):
+    path, flags = tiny_dataset, list(TINY)
+    if problem == "missing":
+        path = os.path.join(workdir, "nope.npz")
+    elif problem == "corrupt":
+        path = os.path.join(workdir, "corrupt.npz")
+        with open(tiny_dataset, "rb") as src, open(path, "wb") as dst:
+            dst.write(src.read()[:5000])
+    elif problem == "other task":
+        flags += ["--env-id", "cleanrl_equi/BlockPushing-v0"]
+    else:
+        flags[flags.index("--image-size") + 1] = "64"
+    proc = run_script("iql_equi_offline.py", *flags, "--dataset", path, "--total-timesteps", "2", cwd=workdir,
+                      check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--expectile", "1.0"], "--expectile"),
+    (["--beta", "0"], "--beta"),
+    (["--model", "mlp"], "--model"),
+])
+def test_bad_settings_stop_with_one_sentence(flags, words, workdir):
+    proc = run_script("iql_equi_offline.py", *flags, cwd=workdir, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and words in proc.stderr
+
+
+def test_default_dataset_is_built_once_and_used(workdir, monkeypatch):
+    """No --dataset: the script builds a small planner dataset of the task once, caches it and trains on it."""
+    monkeypatch.setenv("CLEANRL_EQUI_DATA", os.path.join(workdir, "cache"))
+    flags = [*TINY, "--default-dataset-episodes", "2", "--total-timesteps", "2", "--eval-frequency", "1000",
+             "--eval-episodes", "1", "--num-eval-envs", "1"]
+    first = run_script("cql_equi_offline.py", *flags, cwd=workdir)
+    assert "expert data" in first.stdout and os.listdir(os.path.join(workdir, "cache"))
+    cached = sorted(os.listdir(os.path.join(workdir, "cache")))
+    second = run_script("iql_equi_offline.py", *flags, cwd=workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "cache"))) == cached
+    assert "dataset" in second.stdout and "expert data" in second.stdout
