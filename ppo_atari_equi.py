@@ -29,7 +29,10 @@ from torch.utils.tensorboard import SummaryWriter
 
 from cleanrl_equi.atari import MirrorSymmetry, action_meanings, make_atari_envs, mirror_symmetry
 from cleanrl_equi.equivariant import TensorToField, discrete_action_type, enn, mirror_gspace
-from cleanrl_equi.utils import fail, load_checkpoint, save_checkpoint
+from cleanrl_equi.utils import (
+    RESUMABLE_CHANGES, RESUME_FILE, CheckpointClock, StopSignal, fail, load_checkpoint, load_resume, load_state,
+    make_run_name, save_checkpoint, save_resume, set_rng_state, stop_for_requeue,
+)
 
 SCRIPT = os.path.basename(__file__)[: -len(".py")]
 
@@ -58,6 +61,10 @@ class Args:
     """evaluate this saved model (a `.cleanrl_model` file) for `eval_episodes` games instead of training"""
     eval_episodes: int = 10
     """the number of full games played by the evaluation"""
+    run_name: Optional[str] = None
+    """name of the run directory under runs/ (default: {env}__{exp}__{seed}__{SLURM job id or unix time}); if it holds a resume file, training continues from it"""
+    checkpoint_minutes: float = 30.0
+    """write the resume file runs/{run_name}/resume.pt every this many minutes of wall time (0 = only when a USR1/TERM signal says the job is about to stop)"""
 
     # Algorithm specific arguments
     env_id: str = "BreakoutNoFrameskip-v4"
@@ -244,7 +251,18 @@ if __name__ == "__main__":
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = args.total_timesteps // args.batch_size
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = make_run_name(args.run_name, args.env_id, args.exp_name, args.seed)
+    run_dir = f"runs/{run_name}"
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    # A resume file in the run directory (a requeued SLURM job, or the same --run-name again): go on from it.
+    # num_iterations follows --total-timesteps, which may be raised.
+    resume = load_resume(run_dir, SCRIPT, args, may_differ=RESUMABLE_CHANGES + ("num_iterations",))
     if args.track:
         import wandb
 
@@ -257,17 +275,13 @@ if __name__ == "__main__":
             monitor_gym=True,
             save_code=True,
         )
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
-    )
-
-    # TRY NOT TO MODIFY: seeding
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
+    # On resume, TensorBoard drops what the interrupted run logged after its resume file (steps > its global step).
+    writer = SummaryWriter(run_dir, purge_step=resume["global_step"] + 1 if resume else None)
+    if resume is None:
+        rows = "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % rows)
+    else:
+        print(f"resuming {run_dir} from global step {resume['global_step']}", flush=True)
 
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
@@ -285,15 +299,27 @@ if __name__ == "__main__":
     dones = torch.zeros((args.num_steps, args.num_envs)).to(device)
     values = torch.zeros((args.num_steps, args.num_envs)).to(device)
 
+    global_step, start_iteration, env_seed = 0, 1, args.seed
+    if resume is not None:
+        resume_path = os.path.join(run_dir, RESUME_FILE)
+        load_state(agent, resume["model"], resume_path)
+        load_state(optimizer, resume["optimizer"], resume_path)
+        global_step, start_iteration = resume["global_step"], resume["iteration"] + 1
+        # The games are not saved: the resumed run starts fresh episodes, seeded from the seed and the iteration so
+        # that they are not the episodes the run opened with.
+        env_seed = args.seed + args.num_envs * start_iteration
+        set_rng_state(resume["rng"])  # building the agent drew from torch's RNG: go on from the saved state
+    stop = StopSignal()
+    clock = CheckpointClock(args.checkpoint_minutes)
+
     # TRY NOT TO MODIFY: start the game
-    global_step = 0
-    start_time = time.time()
+    start_step, start_time = global_step, time.time()  # SPS counts the steps of this process only
     last_progress, last_return = start_time, float("nan")
-    next_obs, _ = envs.reset(seed=args.seed)
+    next_obs, _ = envs.reset(seed=env_seed)
     next_obs = torch.as_tensor(next_obs, device=device)
     next_done = torch.zeros(args.num_envs).to(device)
 
-    for iteration in range(1, args.num_iterations + 1):
+    for iteration in range(start_iteration, args.num_iterations + 1):
         # Annealing the rate if instructed to do so.
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / args.num_iterations
@@ -409,7 +435,7 @@ if __name__ == "__main__":
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
-        sps = int(global_step / (time.time() - start_time))
+        sps = int((global_step - start_step) / (time.time() - start_time))
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
         writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
@@ -428,9 +454,21 @@ if __name__ == "__main__":
                 flush=True,
             )
 
+        # Checkpoint at the end of an iteration, where the state is consistent: periodically, and when SLURM (USR1)
+        # or a preemption (TERM) says the job is about to stop, in which case the job then requeues itself.
+        if stop.requested or clock.due():
+            writer.flush()  # all that was logged up to global_step is on disk before the resume file says so
+            agent.train()  # escnn: save in train mode, so the state_dict holds parameters only (no cached filters)
+            save_resume(run_dir, SCRIPT, args, global_step=global_step, iteration=iteration,
+                        model=agent.state_dict(), optimizer=optimizer.state_dict())
+            if stop.requested:
+                envs.close()
+                writer.close()
+                stop_for_requeue(stop)
+
     envs.close()
     if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
         agent.train()  # escnn: save in train mode, so the file holds parameters only (no cached filters)
         save_checkpoint(model_path, SCRIPT, args, model=agent.state_dict(), global_step=global_step)
         print(f"model saved to {model_path}")

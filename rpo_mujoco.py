@@ -34,7 +34,10 @@ from gymnasium.vector import AutoresetMode
 from torch.distributions.normal import Normal
 from torch.utils.tensorboard import SummaryWriter
 
-from cleanrl_equi.utils import fail, load_checkpoint, save_checkpoint
+from cleanrl_equi.utils import (
+    RESUMABLE_CHANGES, RESUME_FILE, CheckpointClock, StopSignal, fail, load_checkpoint, load_resume, load_state,
+    make_run_name, save_checkpoint, save_resume, set_rng_state, stop_for_requeue,
+)
 
 SCRIPT = os.path.basename(__file__)
 
@@ -63,6 +66,10 @@ class Args:
     """evaluate this saved model (a .cleanrl_model file written with --save-model) instead of training"""
     eval_episodes: int = 10
     """episodes per evaluation (deterministic mean action, frozen normalisation statistics)"""
+    run_name: Optional[str] = None
+    """name of the run directory under runs/ (default: {env}__{exp}__{seed}__{SLURM job id or unix time}); if it holds a resume file, training continues from it"""
+    checkpoint_minutes: float = 30.0
+    """write the resume file runs/{run_name}/resume.pt every this many minutes of wall time (0 = only when a USR1/TERM signal says the job is about to stop)"""
 
     # Algorithm specific arguments
     env_id: str = "HalfCheetah-v5"
@@ -206,15 +213,24 @@ def training_statistics(envs: gym.vector.SyncVectorEnv) -> dict:
     }
 
 
-def restore_statistics(env: gym.Env, statistics: dict) -> None:
-    """Load saved normalisation statistics into one sub-env and freeze them, so evaluation never updates them."""
+def sub_env_statistics(envs: gym.vector.SyncVectorEnv) -> list[dict]:
+    """The normalisation statistics of each sub-env, not merged: what a resumed run needs to go on as it was."""
+    pairs = [normalizers(env) for env in envs.envs]
+    return [
+        {"obs_rms": merged_statistics([obs_norm.obs_rms]), "return_rms": merged_statistics([reward_norm.return_rms])}
+        for obs_norm, reward_norm in pairs
+    ]
+
+
+def restore_statistics(env: gym.Env, statistics: dict, freeze: bool = True) -> None:
+    """Load saved normalisation statistics into one sub-env; freeze them (evaluation) or let them go on (resume)."""
     obs_norm, reward_norm = normalizers(env)
     for rms, saved in ((obs_norm.obs_rms, statistics["obs_rms"]), (reward_norm.return_rms, statistics["return_rms"])):
         rms.mean = np.array(saved["mean"], dtype=rms.mean.dtype).reshape(rms.mean.shape)
         rms.var = np.array(saved["var"], dtype=rms.var.dtype).reshape(rms.var.shape)
         rms.count = float(saved["count"])
-    obs_norm.update_running_mean = False
-    reward_norm.update_running_mean = False
+    obs_norm.update_running_mean = not freeze
+    reward_norm.update_running_mean = not freeze
 
 
 def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
@@ -412,7 +428,11 @@ if __name__ == "__main__":
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = args.total_timesteps // args.batch_size
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = make_run_name(args.run_name, args.env_id, args.exp_name, args.seed)
+    run_dir = f"runs/{run_name}"
+    # A resume file in the run directory (a requeued SLURM job, or the same --run-name again): go on from it.
+    # num_iterations follows --total-timesteps, which may be raised.
+    resume = load_resume(run_dir, SCRIPT, args, may_differ=RESUMABLE_CHANGES + ("num_iterations",))
     if args.track:
         import wandb
 
@@ -424,9 +444,13 @@ if __name__ == "__main__":
             name=run_name,
             save_code=True,
         )
-    writer = SummaryWriter(f"runs/{run_name}")
-    rows = "\n".join(f"|{name}|{value}|" for name, value in vars(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
+    # On resume, TensorBoard drops what the interrupted run logged after its resume file (steps > its global step).
+    writer = SummaryWriter(run_dir, purge_step=resume["global_step"] + 1 if resume else None)
+    if resume is None:
+        rows = "\n".join(f"|{name}|{value}|" for name, value in vars(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
+    else:
+        print(f"resuming {run_dir} from global step {resume['global_step']}", flush=True)
 
     # Same-step autoreset: when an episode ends, `step` already returns the first observation of the next one, and
     # the last observation and the episode statistics of the finished one arrive in infos["final_obs"/"final_info"].
@@ -448,14 +472,28 @@ if __name__ == "__main__":
     actions = torch.zeros(rollout_shape + (action_dim,), device=device)
     logprobs, rewards, ended, values = (torch.zeros(rollout_shape, device=device) for _ in range(4))
 
-    global_step = 0
-    start_time = time.time()
+    global_step, start_iteration, env_seed = 0, 1, args.seed
+    if resume is not None:
+        resume_path = os.path.join(run_dir, RESUME_FILE)
+        load_state(agent, resume["model"], resume_path)
+        load_state(optimizer, resume["optimizer"], resume_path)
+        global_step, start_iteration = resume["global_step"], resume["iteration"] + 1
+        for env, statistics in zip(envs.envs, resume["normalization"], strict=True):
+            restore_statistics(env, statistics, freeze=False)  # they go on updating, as in the interrupted run
+        # The simulations are not saved: the resumed run starts fresh episodes, seeded from the seed and the
+        # iteration so that they are not the episodes the run opened with.
+        env_seed = args.seed + args.num_envs * start_iteration
+        set_rng_state(resume["rng"])  # building the agent drew from torch's RNG: go on from the saved state
+    stop = StopSignal()
+    clock = CheckpointClock(args.checkpoint_minutes)
+
+    start_step, start_time = global_step, time.time()  # SPS counts the steps of this process only
     last_progress = -float("inf")
     latest_return = float("nan")
-    next_obs, _ = envs.reset(seed=args.seed)
+    next_obs, _ = envs.reset(seed=env_seed)
     next_obs = torch.as_tensor(next_obs, dtype=torch.float32, device=device)
 
-    for iteration in range(1, args.num_iterations + 1):
+    for iteration in range(start_iteration, args.num_iterations + 1):
         if args.anneal_lr:  # linear decay: the full rate in the first iteration, 1/num_iterations of it in the last
             optimizer.param_groups[0]["lr"] = args.learning_rate * (1 - (iteration - 1) / args.num_iterations)
 
@@ -549,7 +587,7 @@ if __name__ == "__main__":
         return_var = flat_returns.var().item()
         explained_var = float("nan") if return_var == 0 else 1 - (flat_returns - flat_values).var().item() / return_var
 
-        sps = int(global_step / (time.time() - start_time))
+        sps = int((global_step - start_step) / (time.time() - start_time))
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
         writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
@@ -571,8 +609,20 @@ if __name__ == "__main__":
                 flush=True,
             )
 
+        # Checkpoint at the end of an iteration, where the state is consistent: periodically, and when SLURM (USR1)
+        # or a preemption (TERM) says the job is about to stop, in which case the job then requeues itself.
+        if stop.requested or clock.due():
+            writer.flush()  # all that was logged up to global_step is on disk before the resume file says so
+            save_resume(run_dir, SCRIPT, args, global_step=global_step, iteration=iteration,
+                        model=agent.state_dict(), optimizer=optimizer.state_dict(),
+                        normalization=sub_env_statistics(envs))
+            if stop.requested:
+                envs.close()
+                writer.close()
+                stop_for_requeue(stop)
+
     if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
         statistics = training_statistics(envs)
         save_checkpoint(
             model_path,

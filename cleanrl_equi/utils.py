@@ -38,7 +38,8 @@ def save_checkpoint(path: str, script: str, args: Any, **state: Any) -> None:
     os.replace(tmp_path, path)
 
 
-def load_checkpoint(path: str, script: str, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: str, script: str, map_location: str | torch.device = "cpu",
+                    fix: str = "evaluate it with that script") -> dict:
     """Read a checkpoint written by `save_checkpoint` for `script`, failing with one sentence if it cannot be used."""
     if not os.path.isfile(path):
         fail(f"checkpoint {path!r} does not exist; pass the path of a file written with --save-model.")
@@ -49,7 +50,7 @@ def load_checkpoint(path: str, script: str, map_location: str | torch.device = "
     if not isinstance(payload, dict) or "script" not in payload:
         fail(f"checkpoint {path!r} was not written by a cleanrl-equi script.")
     if payload["script"] != script:
-        fail(f"checkpoint {path!r} was written by {payload['script']}, not {script}; evaluate it with that script.")
+        fail(f"checkpoint {path!r} was written by {payload['script']}, not {script}; {fix}.")
     return payload
 
 
@@ -135,7 +136,7 @@ def load_resume(run_dir: str, script: str, args: Any, may_differ: tuple[str, ...
     path = os.path.join(run_dir, RESUME_FILE)
     if not os.path.exists(path):
         return None
-    payload = load_checkpoint(path, script)
+    payload = load_checkpoint(path, script, fix="this run directory belongs to that script; pick another --run-name")
     saved, now = payload["args"], dict(vars(args))
     changed = sorted(k for k in set(saved) | set(now) if k not in may_differ and saved.get(k) != now.get(k))
     if changed:
@@ -154,12 +155,13 @@ def load_state(module: Any, state: dict, path: str) -> None:
 
 
 def stop_for_requeue(stop: StopSignal) -> NoReturn:
-    """After the resume file is written: under SLURM, requeue this job (it restarts and resumes); then exit.
-
-    Without SLURM the exit status is the usual 128 + signal number, so a caller sees the run did not finish."""
+    """After the resume file is written: on SLURM's time-limit warning (USR1) requeue this job, which restarts and
+    resumes; then exit. TERM is not requeued here: `scancel` sends it too (and SLURM's state cannot tell the two
+    apart at that moment), and a site that preempts with requeue requeues the job itself. Otherwise the exit status
+    is the usual 128 + signal number, so a caller sees the run did not finish (the same command resumes it)."""
     job_id = os.environ.get("SLURM_JOB_ID")
     name = signal.Signals(stop.received).name if stop.received else "stop"
-    if job_id and shutil.which("scontrol"):
+    if job_id and shutil.which("scontrol") and stop.received == signal.SIGUSR1:
         print(f"{name} received: checkpoint written; requeueing SLURM job {job_id}", flush=True)
         subprocess.run(["scontrol", "requeue", job_id], check=False)
         raise SystemExit(0)
