@@ -146,8 +146,10 @@ def check_args(args: Args) -> None:
         fail("--total-timesteps must not be negative.")
     if args.cql_temperature <= 0:
         fail(f"--cql-temperature must be positive, not {args.cql_temperature}.")
-    if min(args.cql_weight, args.alpha, args.tau) < 0 or args.tau > 1:
-        fail("--cql-weight and --alpha must not be negative and --tau must lie in [0, 1].")
+    if args.alpha <= 0:
+        fail(f"--alpha must be positive (it is learned as log alpha), not {args.alpha}.")
+    if args.cql_weight < 0 or not 0 <= args.tau <= 1:
+        fail("--cql-weight must not be negative and --tau must lie in [0, 1].")
 
 
 # ---- Losses -------------------------------------------------------------------------------------------------------

@@ -156,6 +156,11 @@ def test_short_run_writes_the_scalars_and_a_usable_model(script, model, scalars,
     assert [step for step, _ in logged["losses/actor_loss"]] == [1, 2, 3, 4, 5, 6]
     assert [step for step, _ in logged["eval/success_rate"]] == [3, 6]
     assert all(math.isfinite(value) for _, value in logged["losses/qf1_loss"])
+    if extra:  # the Lagrange multiplier moves: down while the gap is under --cql-target-gap (10), as it is here
+        multipliers = [value for _, value in logged["losses/cql_alpha"]]
+        gaps = [value for _, value in logged["losses/cql1_gap"]]
+        assert all(gap < 10 for gap in gaps) and multipliers == sorted(multipliers, reverse=True)
+        assert multipliers[-1] < multipliers[0] == 1.0  # logged before each step's update; starts at 1
     model_file = os.path.join(run_dir, script.replace(".py", ".cleanrl_model"))
     proc = run_script(script, "--eval-checkpoint", model_file, "--eval-episodes", "2", "--num-eval-envs", "1",
                       cwd=workdir)
