@@ -229,11 +229,10 @@ if __name__ == "__main__":
             log_cql_alpha.copy_(resume["log_cql_alpha"])
         global_step, best = resume["global_step"], resume["best"]
         print(f"resuming {run_dir} from global step {global_step}", flush=True)
+        set_rng_state(resume["rng"])  # last: building the networks above drew random numbers
     alpha = log_alpha.exp().item()
 
     n = args.cql_num_actions
-    if resume is not None:
-        set_rng_state(resume["rng"])  # last: building the networks above drew random numbers
     stop, clock = StopSignal(), CheckpointClock(args.checkpoint_minutes)
     start_time, start_step, last_progress, last_success = time.time(), global_step, time.time(), float("nan")
     while global_step < args.total_timesteps:

@@ -253,9 +253,8 @@ if __name__ == "__main__":
             load_state(module, resume[key], f"{run_dir}/resume.pt")
         global_step, best = resume["global_step"], resume["best"]
         print(f"resuming {run_dir} from global step {global_step}", flush=True)
-
-    if resume is not None:
         set_rng_state(resume["rng"])  # last: building the networks above drew random numbers
+
     stop, clock = StopSignal(), CheckpointClock(args.checkpoint_minutes)
     start_time, start_step, last_progress, last_success = time.time(), global_step, time.time(), float("nan")
     while global_step < args.total_timesteps:
