@@ -609,8 +609,8 @@ if __name__ == "__main__":
                 flush=True,
             )
 
-        # Checkpoint at the end of an iteration, where the state is consistent: periodically, and when SLURM (USR1)
-        # or a preemption (TERM) says the job is about to stop, in which case the job then requeues itself.
+        # Checkpoint at the end of an iteration, where the state is consistent: periodically, and when the job is
+        # about to stop: SLURM's time-limit warning (USR1; the job then requeues itself) or scancel/preemption (TERM).
         if stop.requested or clock.due():
             writer.flush()  # all that was logged up to global_step is on disk before the resume file says so
             save_resume(run_dir, SCRIPT, args, global_step=global_step, iteration=iteration,
