@@ -35,7 +35,7 @@ from torch.distributions.normal import Normal
 from torch.utils.tensorboard import SummaryWriter
 
 from cleanrl_equi.utils import (
-    RESUMABLE_CHANGES, RESUME_FILE, CheckpointClock, StopSignal, fail, load_checkpoint, load_resume, load_state,
+    RESUME_FILE, CheckpointClock, StopSignal, fail, load_checkpoint, load_resume, load_state,
     make_run_name, save_checkpoint, save_resume, set_rng_state, stop_for_requeue,
 )
 
@@ -432,7 +432,7 @@ if __name__ == "__main__":
     run_dir = f"runs/{run_name}"
     # A resume file in the run directory (a requeued SLURM job, or the same --run-name again): go on from it.
     # num_iterations follows --total-timesteps, which may be raised.
-    resume = load_resume(run_dir, SCRIPT, args, may_differ=RESUMABLE_CHANGES + ("num_iterations",))
+    resume = load_resume(run_dir, SCRIPT, args)
     if args.track:
         import wandb
 

@@ -37,7 +37,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from cleanrl_equi.equivariant import count_parameters
 from cleanrl_equi.manipulation_rl import (build_networks, check_network_args, evaluate, format_eval, make_envs,
-                                          obs_to_tensor, rotate_batch, run_evaluation, sample_action)
+                                          obs_to_tensor, rotate_batch, run_evaluation, sample_action,
+                                          stored_obs_to_tensor)
 from cleanrl_equi.utils import (CheckpointClock, StopSignal, fail, load_resume, load_state, make_run_name,
                                 save_checkpoint, save_resume, set_rng_state, stop_for_requeue)
 
@@ -236,13 +237,10 @@ class ReplayBuffer:
         rows, envs = np.divmod(flat, self.num_envs)
         next_rows = (rows + 1) % self.rows
 
-        def observation(r):  # -> float (B, 2, S, S) in [0, 1]: height / 255 and the tiled holding flag
-            heights = torch.as_tensor(self.heights[r, envs], device=device).float().div_(255.0)
-            flag = torch.as_tensor(self.holding[r, envs], device=device).float()
-            return torch.stack([heights, flag[:, None, None].expand_as(heights)], dim=1)
-
         as_tensor = lambda a: torch.as_tensor(a[rows, envs], device=device)  # noqa: E731
-        return {"obs": observation(rows), "next_obs": observation(next_rows), "actions": as_tensor(self.actions),
+        return {"obs": stored_obs_to_tensor(self.heights[rows, envs], self.holding[rows, envs], device),
+                "next_obs": stored_obs_to_tensor(self.heights[next_rows, envs], self.holding[next_rows, envs], device),
+                "actions": as_tensor(self.actions),
                 "rewards": as_tensor(self.rewards), "terminated": as_tensor(self.terminated).float(),
                 "expert": as_tensor(self.expert)}
 

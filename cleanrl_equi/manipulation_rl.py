@@ -27,15 +27,19 @@ from cleanrl_equi.utils import fail, load_checkpoint, load_state
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 
 
+def check_env_id(env_id: str) -> None:
+    """Stop with one sentence unless `env_id` is one of the manipulation tasks, `cleanrl_equi/<Task>-v0`."""
+    task = env_id.removeprefix("cleanrl_equi/").removesuffix("-v0")
+    if env_id not in gym.registry:
+        tasks = ",".join(cleanrl_equi.MANIPULATION_TASKS)
+        fail(f"unknown env id {env_id!r}; use one of cleanrl_equi/{{{tasks}}}-v0.")
+    if not env_id.startswith("cleanrl_equi/") or task not in cleanrl_equi.MANIPULATION_TASKS:
+        fail(f"{env_id!r} is not a manipulation task; use cleanrl_equi/<Task>-v0 (e.g. cleanrl_equi/BlockPulling-v0).")
+
+
 def check_network_args(args) -> None:
     """Stop at start-up, with one sentence, on an env id or network setting that cannot work."""
-    task = args.env_id.removeprefix("cleanrl_equi/").removesuffix("-v0")
-    if args.env_id not in gym.registry:
-        tasks = ",".join(cleanrl_equi.MANIPULATION_TASKS)
-        fail(f"unknown env id {args.env_id!r}; use one of cleanrl_equi/{{{tasks}}}-v0.")
-    if not args.env_id.startswith("cleanrl_equi/") or task not in cleanrl_equi.MANIPULATION_TASKS:
-        fail(f"{args.env_id!r} is not a manipulation task; use cleanrl_equi/<Task>-v0 "
-             "(e.g. cleanrl_equi/BlockPulling-v0).")
+    check_env_id(args.env_id)
     if args.model not in ("equi", "cnn"):
         fail(f"--model must be 'equi' or 'cnn', not {args.model!r}.")
     if args.image_size not in (16, 32, 64, 128, 256):
@@ -266,6 +270,14 @@ def make_envs(args, num_envs: int, asynchronous: bool = False, video_folder: Opt
 def obs_to_tensor(obs: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 (B, 2, S, S) from the env -> float in [0, 1]: height / 255, holding flag 0/1."""
     return torch.as_tensor(obs, device=device).float().div_(255.0)
+
+
+def stored_obs_to_tensor(heights: np.ndarray, holding: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The compact stored form (height channel uint8 (B, S, S), holding flag bool (B,)) -> the float (B, 2, S, S)
+    that `obs_to_tensor` makes of the env's observation (the replay buffer and offline datasets store this form)."""
+    heights = torch.as_tensor(heights, device=device).float().div_(255.0)
+    flag = torch.as_tensor(holding, device=device).float()
+    return torch.stack([heights, flag[:, None, None].expand_as(heights)], dim=1)
 
 
 def action_smoothness(actions: np.ndarray) -> float:

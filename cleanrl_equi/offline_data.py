@@ -52,7 +52,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-import cleanrl_equi
+from cleanrl_equi.manipulation_rl import check_env_id, evaluate, load_actor, stored_obs_to_tensor
 from cleanrl_equi.utils import fail
 
 FORMAT_VERSION = 1
@@ -131,13 +131,8 @@ class OfflineDataset:
         holding flag tiled as 0/1, i.e. the env's observation / 255."""
         index = np.random.randint(0, len(self), size=batch_size)
         rows = self.obs_index[index]
-
-        def observation(r):
-            heights = torch.as_tensor(self.heights[r], device=device).float().div_(255.0)
-            flag = torch.as_tensor(self.holding[r], device=device).float()
-            return torch.stack([heights, flag[:, None, None].expand_as(heights)], dim=1)
-
-        return {"obs": observation(rows), "next_obs": observation(rows + 1),
+        return {"obs": stored_obs_to_tensor(self.heights[rows], self.holding[rows], device),
+                "next_obs": stored_obs_to_tensor(self.heights[rows + 1], self.holding[rows + 1], device),
                 "actions": torch.as_tensor(self.actions[index], device=device),
                 "rewards": torch.as_tensor(self.rewards[index], device=device),
                 "terminated": torch.as_tensor(self.terminations[index], device=device).float(),
@@ -291,10 +286,7 @@ def load_dataset(path: str, env_id: Optional[str] = None, image_size: Optional[i
 # ---- Collection -----------------------------------------------------------------------------------------------------
 def make_env(env_id: str, image_size: int, max_steps: int, env_kwargs: Optional[dict] = None) -> gym.Env:
     """One manipulation env, failing with one sentence on an unknown task or an impossible setting."""
-    task = env_id.removeprefix("cleanrl_equi/").removesuffix("-v0")
-    if not env_id.startswith("cleanrl_equi/") or task not in cleanrl_equi.MANIPULATION_TASKS:
-        tasks = ",".join(cleanrl_equi.MANIPULATION_TASKS)
-        fail(f"unknown manipulation task {env_id!r}; use one of cleanrl_equi/{{{tasks}}}-v0.")
+    check_env_id(env_id)
     try:
         return gym.make(env_id, image_size=image_size, max_steps=max_steps, **(env_kwargs or {}))
     except (ValueError, TypeError) as exc:
@@ -422,8 +414,6 @@ def load_medium_policy(checkpoint_path: str, env_id: str, image_size: int, max_s
                        script: str = "sac_equi_bullet", num_eval_envs: int = 5):
     """Load a saved actor, evaluate it greedily on `eval_episodes` episodes, and refuse it (one sentence) if its
     mean discounted return is below `reward_limit`. Returns (policy callable, policy_info for the metadata)."""
-    from cleanrl_equi.manipulation_rl import evaluate, load_actor
-
     device = torch.device(device)
     actor, saved = load_actor(checkpoint_path, script, device)
     if getattr(saved, "env_id", None) != env_id:

@@ -61,9 +61,10 @@ def load_checkpoint(path: str, script: str, map_location: str | torch.device = "
 # command, finds the same run directory (its name comes from the SLURM job id, or from --run-name) and continues
 # from the same global step with the same network, optimiser and RNG state (and replay buffer, where there is one).
 RESUME_FILE = "resume.pt"
-RESUMABLE_CHANGES = ("total_timesteps", "checkpoint_minutes", "progress_interval", "cuda", "track",
+RESUMABLE_CHANGES = ("total_timesteps", "num_iterations", "checkpoint_minutes", "progress_interval", "cuda", "track",
                      "wandb_project_name", "wandb_entity", "save_model", "capture_video", "run_name")
-"""Flags that may differ between an interrupted run and its resumption; any other difference is refused."""
+"""Flags that may differ between an interrupted run and its resumption (num_iterations: the PPO scripts derive it
+from total_timesteps); any other difference is refused."""
 
 
 def make_run_name(run_name: str | None, env_label: str, exp_name: str, seed: int) -> str:
@@ -128,7 +129,7 @@ def save_resume(run_dir: str, script: str, args: Any, **state: Any) -> None:
     save_checkpoint(os.path.join(run_dir, RESUME_FILE), script, args, rng=rng_state(), **state)
 
 
-def load_resume(run_dir: str, script: str, args: Any, may_differ: tuple[str, ...] = RESUMABLE_CHANGES) -> dict | None:
+def load_resume(run_dir: str, script: str, args: Any) -> dict | None:
     """The run's resume file if there is one (None for a new run), after checking it was written by `script` with
     the same settings. Fails with one sentence if the file cannot be used. Restore its RNG state with
     `set_rng_state(resume["rng"])` once everything is built, right before the loop (building networks draws
@@ -138,7 +139,7 @@ def load_resume(run_dir: str, script: str, args: Any, may_differ: tuple[str, ...
         return None
     payload = load_checkpoint(path, script, fix="this run directory belongs to that script; pick another --run-name")
     saved, now = payload["args"], dict(vars(args))
-    changed = sorted(k for k in set(saved) | set(now) if k not in may_differ and saved.get(k) != now.get(k))
+    changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')} ({saved.get(k)!r} there, {now.get(k)!r} now)" for k in changed)
         fail(f"{path!r} was saved with other settings: {flags}; resume with the same flags or pick a new --run-name.")
