@@ -11,11 +11,12 @@ weight so the gap stays near `--cql-target-gap`. `--model cnn` trains the plain-
 With no `--dataset`, a small planner dataset of `--env-id` is built once (cached) and used, so this just works:
 
     uv run python cql_equi_offline.py
-    uv run python -m cleanrl_equi.offline_data --env-id cleanrl_equi/BlockInBowl-v0 --quality expert --num-episodes 10
+    uv run python -m cleanrl_equi.datasets --env-id cleanrl_equi/BlockInBowl-v0 --quality expert --num-episodes 10
     uv run python cql_equi_offline.py --env-id cleanrl_equi/BlockInBowl-v0 --dataset datasets/<file>.npz --model cnn
     uv run python cql_equi_offline.py --eval-checkpoint runs/<run>/cql_equi_offline.cleanrl_model
 """
 
+import copy
 import math
 import os
 import random
@@ -25,16 +26,14 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from torch.utils.tensorboard import SummaryWriter
 
-from cleanrl_equi.equivariant import count_parameters
-from cleanrl_equi.manipulation_rl import (build_networks, check_network_args, evaluate, format_eval, rotate_batch,
-                                          run_evaluation, sample_action)
-from cleanrl_equi.offline_data import default_dataset, load_dataset
-from cleanrl_equi.utils import (CheckpointClock, StopSignal, fail, load_resume, load_state, make_run_name,
-                                save_checkpoint, save_resume, set_rng_state, stop_for_requeue)
+from cleanrl_equi.datasets import default_dataset, load_dataset
+from cleanrl_equi.envs.manipulation import check_env_id, evaluate, evaluate_checkpoint, format_eval, rotate_batch
+from cleanrl_equi.equivariant import EscnnModule, TensorToField, count_parameters, enn, gspaces, planar_action_type
+from cleanrl_equi.run import Run, device_for, fail, load_checkpoint, load_state
 
 SCRIPT = os.path.basename(__file__)[: -len(".py")]
 LOG_UNIFORM_DENSITY = 5 * math.log(0.5)  # the uniform proposal on [-1, 1]^5
@@ -72,7 +71,7 @@ class Args:
     env_id: str = "cleanrl_equi/BlockPulling-v0"
     """the manipulation task, `cleanrl_equi/<Task>-v0`: the dataset's task and the evaluation env"""
     dataset: Optional[str] = None
-    """an offline dataset file (`python -m cleanrl_equi.offline_data`); default: a cached planner dataset of env_id"""
+    """an offline dataset file (`python -m cleanrl_equi.datasets`); default: a cached planner dataset of env_id"""
     default_dataset_episodes: int = 10
     """episodes of the default planner dataset built when no --dataset is given (the paper's 10 expert demos)"""
     image_size: int = 128
@@ -137,7 +136,17 @@ class Args:
 
 def check_args(args: Args) -> None:
     """Stop at start-up, with one sentence, on settings that cannot work."""
-    check_network_args(args)
+    check_env_id(args.env_id)
+    if args.model not in ("equi", "cnn"):
+        fail(f"--model must be 'equi' or 'cnn', not {args.model!r}.")
+    if args.image_size not in (16, 32, 64, 128, 256):
+        fail(f"--image-size must be 16, 32, 64, 128 or 256 (the encoder halves it down to 8 pixels), not "
+             f"{args.image_size}.")
+    if args.group_order < 2 or (args.group_order != 2 and args.group_order % 4 != 0):
+        fail(f"--group-order {args.group_order} does not contain the 90-degree turns of the pixel grid; "
+             "use 4, 8, 12, 16 (or 2).")
+    if args.n_hidden < 8 or args.n_hidden % 8 != 0:
+        fail(f"--n-hidden {args.n_hidden} must be a multiple of 8 (the first layer has n/8 fields).")
     for name in ("batch_size", "cql_num_actions", "eval_frequency", "eval_episodes", "num_eval_envs",
                  "log_frequency", "max_steps", "default_dataset_episodes"):
         if getattr(args, name) < 1:
@@ -151,6 +160,170 @@ def check_args(args: Args) -> None:
     if args.cql_weight < 0 or not 0 <= args.tau <= 1:
         fail("--cql-weight must not be negative and --tau must lie in [0, 1].")
 
+
+# ---- Networks -----------------------------------------------------------------------------------------------------
+# Symmetry: turning the world by g in C_N about the gripper axis turns the image by g, turns the best (dx, dy) by g and
+# leaves p, dz, dtheta and the value unchanged. So the encoder maps the image to regular fields of C_N (features that
+# turn along with it), the actor outputs (dx, dy) as one vector field and everything else as invariant fields, and
+# the critic pools over the group before its output, so Q is invariant. The CNN baseline is the same schedule with
+# plain convolutions; the two sit side by side so a diff of the two shows where the symmetry enters.
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+
+
+def layer_plan(n_hidden: int, image_size: int) -> list[tuple[int, int, bool]]:
+    """The encoder's 3x3 conv layers as (width, padding, max-pool after) for an image_size x image_size input.
+
+    The paper's 128-pixel schedule is 128 -> 64 -> 32 -> 16 -> 8 (padded convs, each followed by a 2x2 max-pool, of
+    widths n/8, n/4, n/2, n), then a padded conv of width 2n at 8x8, an unpadded conv of width n (8 -> 6) and a
+    pool (-> 3), and an unpadded conv of width n (3 -> 1). A smaller image drops the first (narrowest) halving
+    layers; every stage keeps the grid symmetric, so 90-degree turns stay exact.
+    """
+    halvings = int(round(math.log2(image_size // 8)))
+    widths = [max(1, n_hidden >> shift) for shift in range(halvings - 1, -1, -1)]  # ..., n/4, n/2, n
+    return [(w, 1, True) for w in widths] + [(2 * n_hidden, 1, False), (n_hidden, 0, True), (n_hidden, 0, False)]
+
+
+class EquiEncoder(EscnnModule):
+    """2 x S x S image (height, holding flag: both invariant fields) -> n regular fields of C_N at 1 x 1."""
+
+    def __init__(self, gspace, n_hidden: int, image_size: int):
+        super().__init__()
+        self.in_type = enn.FieldType(gspace, 2 * [gspace.trivial_repr])
+        layers, field_type = [], self.in_type
+        for width, padding, pool in layer_plan(n_hidden, image_size):
+            out_type = enn.FieldType(gspace, width * [gspace.regular_repr])
+            layers += [enn.R2Conv(field_type, out_type, 3, padding=padding), enn.ReLU(out_type, inplace=True)]
+            if pool:
+                layers.append(enn.PointwiseMaxPool2D(out_type, 2))
+            field_type = out_type
+        self.out_type = field_type
+        self.input = TensorToField(self.in_type)
+        self.net = enn.SequentialModule(*layers)
+
+    def forward(self, x: torch.Tensor) -> enn.GeometricTensor:
+        return self.net(self.input(x))
+
+
+class EquiActor(EscnnModule):
+    """Equivariant Gaussian policy: a 1x1 conv from the encoder to [(dx, dy) mean as one vector field] + [means of
+    p, dz, dtheta and the five log-stds as eight invariant fields]."""
+
+    def __init__(self, args):
+        super().__init__()
+        gspace = gspaces.rot2dOnR2(args.group_order)
+        self.encoder = EquiEncoder(gspace, args.n_hidden, args.image_size)
+        self.head = enn.R2Conv(self.encoder.out_type, planar_action_type(gspace, 8), 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.head(self.encoder(x)).tensor.flatten(1)  # (dx, dy, p, dz, dtheta, log-std x 5)
+        mean = torch.cat([out[:, 2:3], out[:, 0:2], out[:, 3:5]], dim=1)  # -> (p, dx, dy, dz, dtheta)
+        return mean, out[:, 5:10].clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+
+class EquiCritic(EscnnModule):
+    """Twin invariant Q: one encoder; the action joins at the 1x1 bottleneck ((dx, dy) as a vector field, p, dz,
+    dtheta as invariant fields); each head is a 1x1 conv to n regular fields, ReLU, a max over the group (an
+    invariant feature per field), and a 1x1 conv to one invariant Q value."""
+
+    def __init__(self, args):
+        super().__init__()
+        gspace = gspaces.rot2dOnR2(args.group_order)
+        self.encoder = EquiEncoder(gspace, args.n_hidden, args.image_size)
+        self.joint_type = self.encoder.out_type + planar_action_type(gspace, 3)  # features, (dx, dy), p, dz, dtheta
+        hidden_type = enn.FieldType(gspace, args.n_hidden * [gspace.regular_repr])
+        pooled_type = enn.FieldType(gspace, args.n_hidden * [gspace.trivial_repr])
+        q_type = enn.FieldType(gspace, [gspace.trivial_repr])
+        self.q1, self.q2 = [
+            enn.SequentialModule(enn.R2Conv(self.joint_type, hidden_type, 1), enn.ReLU(hidden_type, inplace=True),
+                                 enn.GroupPooling(hidden_type), enn.R2Conv(pooled_type, q_type, 1))
+            for _ in range(2)
+        ]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x).tensor
+
+    def q_values(self, features: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fields = action[:, [1, 2, 0, 3, 4]].reshape(-1, 5, 1, 1)  # (dx, dy) first, as the field type lists them
+        joint = enn.GeometricTensor(torch.cat([features, fields], dim=1), self.joint_type)
+        return self.q1(joint).tensor.flatten(), self.q2(joint).tensor.flatten()
+
+    def forward(self, x, action):
+        return self.q_values(self.encode(x), action)
+
+
+def cnn_width_scale(group_order: int) -> float:
+    """A pair of C_N regular fields linked by a 3x3 kernel has about 6N free parameters, a pair of plain channels 9:
+    sqrt(2N/3) x as many channels as regular fields matches the parameter counts within a few percent."""
+    return math.sqrt(2 * group_order / 3)
+
+
+class CNNEncoder(nn.Module):
+    """The equivariant encoder's layer schedule with plain convolutions, `cnn_width_scale` x as wide."""
+
+    def __init__(self, args):
+        super().__init__()
+        scale, layers, channels = cnn_width_scale(args.group_order), [], 2
+        for width, padding, pool in layer_plan(args.n_hidden, args.image_size):
+            out_channels = max(1, round(scale * width))
+            layers += [nn.Conv2d(channels, out_channels, 3, padding=padding), nn.ReLU(inplace=True)]
+            if pool:
+                layers.append(nn.MaxPool2d(2))
+            channels = out_channels
+        self.out_channels = channels
+        self.net = nn.Sequential(*layers, nn.Flatten())
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class CNNActor(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.encoder = CNNEncoder(args)
+        self.head = nn.Linear(self.encoder.out_channels, 10)
+
+    def forward(self, x):
+        out = self.head(self.encoder(x))
+        return out[:, :5], out[:, 5:].clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+
+class CNNCritic(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.encoder = CNNEncoder(args)
+        hidden = round(cnn_width_scale(args.group_order) * args.n_hidden)
+        self.q1, self.q2 = [
+            nn.Sequential(nn.Linear(self.encoder.out_channels + 5, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
+            for _ in range(2)
+        ]
+
+    def encode(self, x):
+        return self.encoder(x)
+
+    def q_values(self, features, action):
+        joint = torch.cat([features, action], dim=1)
+        return self.q1(joint).flatten(), self.q2(joint).flatten()
+
+    def forward(self, x, action):
+        return self.q_values(self.encode(x), action)
+
+
+def sample_action(mean: torch.Tensor, log_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reparameterised tanh-squashed Gaussian sample in [-1, 1]^5 and its log-probability."""
+    std = log_std.exp()
+    pre_tanh = mean + std * torch.randn_like(mean)
+    action = torch.tanh(pre_tanh)
+    log_prob = torch.distributions.Normal(mean, std).log_prob(pre_tanh) - torch.log(1 - action.pow(2) + 1e-6)
+    return action, log_prob.sum(1)
+
+
+def load_actor(path: str, device: torch.device) -> tuple[nn.Module, Args]:
+    """The actor saved with --save-model and the settings it was trained with (one sentence if it does not fit)."""
+    checkpoint = load_checkpoint(path, SCRIPT)
+    saved = Args(**{k: v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__})
+    actor = EquiActor(saved) if saved.model == "equi" else CNNActor(saved)
+    load_state(actor, checkpoint["actor"], path)
+    return actor.to(device), saved
 
 # ---- Losses -------------------------------------------------------------------------------------------------------
 def cql_gap(q_data: torch.Tensor, q_uniform: torch.Tensor, q_current: torch.Tensor, logp_current: torch.Tensor,
@@ -171,7 +344,7 @@ def repeat_rows(x: torch.Tensor, n: int) -> torch.Tensor:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.eval_checkpoint is not None:
-        run_evaluation(args, SCRIPT)
+        evaluate_checkpoint(*load_actor(args.eval_checkpoint, device_for(args)), args, device_for(args))
         raise SystemExit(0)
     check_args(args)
     dataset_path = args.dataset or default_dataset(args.env_id, args.image_size, args.max_steps,
@@ -180,36 +353,22 @@ if __name__ == "__main__":
     print(f"dataset {dataset_path}: {data.num_episodes} episodes, {len(data)} transitions, "
           f"{data.metadata.get('quality', '?')} data", flush=True)
 
-    run_name = make_run_name(args.run_name, args.env_id.replace("/", "_"), args.exp_name, args.seed)
-    run_dir = f"runs/{run_name}"
+    run = Run(SCRIPT, args, args.env_id.replace("/", "_"))  # PLUMBING: run dir, TensorBoard, resume file, signals
+    writer, device = run.writer, run.device
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    resume = load_resume(run_dir, SCRIPT, args)
 
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True, resume="allow", id=run_name)
-    writer = SummaryWriter(run_dir, purge_step=resume["global_step"] + 1 if resume else None)
-    if resume is None:
-        writer.add_text("hyperparameters",
-                        "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    actor, critic = build_networks(args)
-    _, critic_target = build_networks(args)
-    actor, critic, critic_target = actor.to(device), critic.to(device), critic_target.to(device)
-    critic_target.load_state_dict(critic.state_dict())
-    critic_target.requires_grad_(False)
+    actor = (EquiActor(args) if args.model == "equi" else CNNActor(args)).to(device)
+    critic = (EquiCritic(args) if args.model == "equi" else CNNCritic(args)).to(device)
+    critic_target = copy.deepcopy(critic).requires_grad_(False)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.q_lr)
     print(f"{args.model} networks: actor {count_parameters(actor):,} + critic {count_parameters(critic):,} "
-          f"parameters, on {device}", flush=True)
+          "parameters", flush=True)
 
     # SAC's automatic entropy tuning, and CQL's Lagrange multiplier (log-parameterised, so it stays positive)
     target_entropy = -5.0  # -dim(action)
@@ -218,23 +377,15 @@ if __name__ == "__main__":
     log_cql_alpha = torch.zeros(1, device=device, requires_grad=True)
     cql_alpha_optimizer = torch.optim.Adam([log_cql_alpha], lr=args.cql_lagrange_lr)
 
-    global_step, best = 0, {"success_rate": -1.0, "discounted_return": -1.0}
-    if resume is not None:
-        for module, key in [(actor, "actor"), (critic, "critic"), (critic_target, "critic_target"),
-                            (actor_optimizer, "actor_optimizer"), (critic_optimizer, "critic_optimizer"),
-                            (alpha_optimizer, "alpha_optimizer"), (cql_alpha_optimizer, "cql_alpha_optimizer")]:
-            load_state(module, resume[key], f"{run_dir}/resume.pt")
-        with torch.no_grad():
-            log_alpha.copy_(resume["log_alpha"])
-            log_cql_alpha.copy_(resume["log_cql_alpha"])
-        global_step, best = resume["global_step"], resume["best"]
-        print(f"resuming {run_dir} from global step {global_step}", flush=True)
-        set_rng_state(resume["rng"])  # last: building the networks above drew random numbers
+    # PLUMBING: what a resumed run continues from
+    run.keep(actor=actor, critic=critic, critic_target=critic_target, actor_optimizer=actor_optimizer,
+             critic_optimizer=critic_optimizer, alpha_optimizer=alpha_optimizer, log_alpha=log_alpha,
+             cql_alpha_optimizer=cql_alpha_optimizer, log_cql_alpha=log_cql_alpha)
+    counters = run.resume(global_step=0, best={"success_rate": -1.0, "discounted_return": -1.0})
+    global_step, best, last_success = counters["global_step"], counters["best"], float("nan")
     alpha = log_alpha.exp().item()
 
     n = args.cql_num_actions
-    stop, clock = StopSignal(), CheckpointClock(args.checkpoint_minutes)
-    start_time, start_step, last_progress, last_success = time.time(), global_step, time.time(), float("nan")
     while global_step < args.total_timesteps:
         global_step += 1
         batch = data.sample(args.batch_size, device)
@@ -318,7 +469,7 @@ if __name__ == "__main__":
             writer.add_scalar("losses/alpha", alpha, global_step)
             if args.autotune:
                 writer.add_scalar("losses/alpha_loss", alpha_loss.item(), global_step)
-            writer.add_scalar("charts/SPS", int((global_step - start_step) / (time.time() - start_time)), global_step)
+            writer.add_scalar("charts/SPS", int(run.sps(global_step)), global_step)
 
         final = global_step == args.total_timesteps
         if global_step % args.eval_frequency == 0 or final:
@@ -330,31 +481,16 @@ if __name__ == "__main__":
                 writer.add_scalar(f"eval/best_{key}", best[key], global_step)
             last_success = result["success_rate"]
             print(f"eval @ {global_step} gradient steps: {format_eval(result)}", flush=True)
-        if time.time() - last_progress > args.progress_interval or final:
-            last_progress = time.time()
-            sps = (global_step - start_step) / (time.time() - start_time)
-            print(f"step {global_step}/{args.total_timesteps} | SPS {sps:.2f} | last eval success {last_success:.2f} | "
-                  f"best {best['success_rate']:.2f} | {(args.total_timesteps - global_step) / max(sps, 1e-9) / 60:.1f} "
-                  "min left", flush=True)
-
-        if stop.requested or clock.due():  # escnn: networks are in train mode here, so state_dicts hold parameters
-            save_resume(run_dir, SCRIPT, args, global_step=global_step, best=best, actor=actor.state_dict(),
-                        critic=critic.state_dict(), critic_target=critic_target.state_dict(),
-                        actor_optimizer=actor_optimizer.state_dict(), critic_optimizer=critic_optimizer.state_dict(),
-                        alpha_optimizer=alpha_optimizer.state_dict(), log_alpha=log_alpha.detach().cpu(),
-                        cql_alpha_optimizer=cql_alpha_optimizer.state_dict(),
-                        log_cql_alpha=log_cql_alpha.detach().cpu())
-            if stop.requested:
-                writer.close()
-                stop_for_requeue(stop)
+        best_text = f"best {best['success_rate']:.2f}" if best["success_rate"] >= 0 else "best -"
+        run.progress(global_step, args.total_timesteps, f"last eval success {last_success:.2f}", best_text,  # PLUMBING
+                     force=final)
+        run.checkpoint(global_step=global_step, best=best)  # PLUMBING: periodic resume file; stop on USR1/TERM
 
     if args.save_model:
-        model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
-        save_checkpoint(model_path, SCRIPT, args, actor=actor.state_dict(), critic=critic.state_dict(),
-                        critic_target=critic_target.state_dict(), log_alpha=log_alpha.detach().cpu(),
-                        global_step=global_step, dataset=dataset_path)
-        print(f"model saved to {model_path}", flush=True)
+        run.save_model(actor=actor.state_dict(), critic=critic.state_dict(),
+                       critic_target=critic_target.state_dict(), log_alpha=log_alpha.detach().cpu(),
+                       global_step=global_step, dataset=dataset_path)
         result = evaluate(actor, args, device, seed=args.seed + 10_000,
-                          video_folder=f"videos/{run_name}-eval" if args.capture_video else None)
+                          video_folder=f"videos/{run.name}-eval" if args.capture_video else None)
         print(f"checkpoint eval: {format_eval(result)} over {args.eval_episodes} episodes", flush=True)
-    writer.close()
+    run.close()

@@ -25,14 +25,10 @@ import torch.nn as nn
 import torch.optim as optim
 import tyro
 from torch.distributions.categorical import Categorical
-from torch.utils.tensorboard import SummaryWriter
 
-from cleanrl_equi.atari import MirrorSymmetry, action_meanings, make_atari_envs, mirror_symmetry
-from cleanrl_equi.equivariant import TensorToField, discrete_action_type, enn, mirror_gspace
-from cleanrl_equi.utils import (
-    RESUME_FILE, CheckpointClock, StopSignal, fail, load_checkpoint, load_resume, load_state,
-    make_run_name, save_checkpoint, save_resume, set_rng_state, stop_for_requeue,
-)
+from cleanrl_equi.envs.atari import MirrorSymmetry, action_meanings, make_atari_envs, mirror_symmetry
+from cleanrl_equi.equivariant import EscnnModule, TensorToField, discrete_action_type, enn, mirror_gspace
+from cleanrl_equi.run import Run, device_for, fail, load_checkpoint, load_state
 
 SCRIPT = os.path.basename(__file__)[: -len(".py")]
 
@@ -149,7 +145,7 @@ def check_args(args: Args) -> None:
 TRUNK_FIELDS = {"channels": (16, 32, 32, 256), "params": (36, 72, 72, 600)}
 
 
-class Agent(nn.Module):
+class Agent(EscnnModule):
     """Nature-CNN-shaped actor-critic whose every layer commutes with the mirror (escnn R2Conv on regular fields).
 
     The 7x7 "fully connected" layer is an R2Conv whose kernel covers the whole map, because flattening a feature
@@ -180,12 +176,6 @@ class Agent(nn.Module):
         self.critic = enn.R2Conv(h4, enn.FieldType(gspace, [gspace.trivial_repr]), 1)
         with torch.no_grad():  # a near-uniform initial policy, as CleanRL's orthogonal init with std 0.01 gives
             self.actor.weights.mul_(0.01)
-        self.train()  # escnn modules start with cached filter buffers; drop them so state_dicts hold parameters only
-
-    def train(self, mode: bool = True):
-        # escnn expands and caches its filters when it leaves train mode: do that outside autograd
-        with torch.no_grad():
-            return super().train(mode)
 
     def get_value(self, x):
         return self.critic(self.network(self.input(x / 255.0))).tensor.flatten(1)
@@ -228,12 +218,9 @@ def run_evaluation(args: Args) -> None:
     checkpoint = load_checkpoint(args.eval_checkpoint, SCRIPT)
     saved = Args(**{k: v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__})
     saved.eval_episodes, saved.seed, saved.env_backend = args.eval_episodes, args.seed, args.env_backend
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    device = device_for(args)
     agent = build_agent(saved).to(device)
-    try:
-        agent.load_state_dict(checkpoint["model"])
-    except RuntimeError:
-        fail(f"checkpoint {args.eval_checkpoint!r} does not fit this script's network (other shapes or settings).")
+    load_state(agent, checkpoint["model"], args.eval_checkpoint)
     run_name = f"{saved.env_id}__{saved.exp_name}__{saved.seed}__{int(time.time())}"
     scores = evaluate(agent, saved, device, run_name, capture_video=args.capture_video)
     print(f"{saved.env_id}: mean score {np.mean(scores):.1f} +- {np.std(scores):.1f} over {len(scores)} games")
@@ -251,8 +238,8 @@ if __name__ == "__main__":
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = args.total_timesteps // args.batch_size
-    run_name = make_run_name(args.run_name, args.env_id, args.exp_name, args.seed)
-    run_dir = f"runs/{run_name}"
+    run = Run(SCRIPT, args, args.env_id)  # PLUMBING: run dir, TensorBoard, wandb, resume file, signals
+    writer, device = run.writer, run.device
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -260,33 +247,8 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
-    # A resume file in the run directory (a requeued SLURM job, or the same --run-name again): go on from it.
-    # num_iterations follows --total-timesteps, which may be raised.
-    resume = load_resume(run_dir, SCRIPT, args)
-    if args.track:
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            monitor_gym=True,
-            save_code=True,
-        )
-    # On resume, TensorBoard drops what the interrupted run logged after its resume file (steps > its global step).
-    writer = SummaryWriter(run_dir, purge_step=resume["global_step"] + 1 if resume else None)
-    if resume is None:
-        rows = "\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % rows)
-    else:
-        print(f"resuming {run_dir} from global step {resume['global_step']}", flush=True)
-
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
     # env setup
-    envs = make_atari_envs(args.env_id, args.num_envs, args.env_backend, args.capture_video, run_name, args.async_envs)
+    envs = make_atari_envs(args.env_id, args.num_envs, args.env_backend, args.capture_video, run.name, args.async_envs)
 
     agent = build_agent(args).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
@@ -299,23 +261,15 @@ if __name__ == "__main__":
     dones = torch.zeros((args.num_steps, args.num_envs)).to(device)
     values = torch.zeros((args.num_steps, args.num_envs)).to(device)
 
-    global_step, start_iteration, env_seed = 0, 1, args.seed
-    if resume is not None:
-        resume_path = os.path.join(run_dir, RESUME_FILE)
-        load_state(agent, resume["model"], resume_path)
-        load_state(optimizer, resume["optimizer"], resume_path)
-        global_step, start_iteration = resume["global_step"], resume["iteration"] + 1
-        # The games are not saved: the resumed run starts fresh episodes, seeded from the seed and the iteration so
-        # that they are not the episodes the run opened with.
-        env_seed = args.seed + args.num_envs * start_iteration
-        set_rng_state(resume["rng"])  # building the agent drew from torch's RNG: go on from the saved state
-    stop = StopSignal()
-    clock = CheckpointClock(args.checkpoint_minutes)
+    # PLUMBING: what a resumed run continues from. The games are not saved: a resumed run starts fresh episodes,
+    # seeded from the seed and the iteration so that they are not the episodes the run opened with.
+    run.keep(agent=agent, optimizer=optimizer)
+    counters = run.resume(global_step=0, iteration=0)
+    global_step, start_iteration = counters["global_step"], counters["iteration"] + 1
 
     # TRY NOT TO MODIFY: start the game
-    start_step, start_time = global_step, time.time()  # SPS counts the steps of this process only
-    last_progress, last_return = start_time, float("nan")
-    next_obs, _ = envs.reset(seed=env_seed)
+    last_return = float("nan")
+    next_obs, _ = envs.reset(seed=args.seed + args.num_envs * counters["iteration"])
     next_obs = torch.as_tensor(next_obs, device=device)
     next_done = torch.zeros(args.num_envs).to(device)
 
@@ -326,7 +280,7 @@ if __name__ == "__main__":
             lrnow = frac * args.learning_rate
             optimizer.param_groups[0]["lr"] = lrnow
 
-        agent.eval()  # acting (no_grad): an escnn network expands its filters once here, not at every step
+        agent.eval()  # acting, no update until the rollout is done
         for step in range(0, args.num_steps):
             global_step += args.num_envs
             obs[step] = next_obs
@@ -435,7 +389,6 @@ if __name__ == "__main__":
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
-        sps = int((global_step - start_step) / (time.time() - start_time))
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
         writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
@@ -444,37 +397,17 @@ if __name__ == "__main__":
         writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
         writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
-        writer.add_scalar("charts/SPS", sps, global_step)
-        if time.time() - last_progress > args.progress_interval or iteration == args.num_iterations:
-            last_progress = time.time()
-            eta_min = (args.num_iterations * args.batch_size - global_step) / max(sps, 1) / 60
-            print(
-                f"step {global_step}/{args.num_iterations * args.batch_size} | SPS {sps} | "
-                f"last return {last_return:.1f} | {eta_min:.1f} min left",
-                flush=True,
-            )
-
-        # Checkpoint at the end of an iteration, where the state is consistent: periodically, and when the job is
-        # about to stop: SLURM's time-limit warning (USR1; the job then requeues itself) or scancel/preemption (TERM).
-        if stop.requested or clock.due():
-            writer.flush()  # all that was logged up to global_step is on disk before the resume file says so
-            agent.train()  # escnn: save in train mode, so the state_dict holds parameters only (no cached filters)
-            save_resume(run_dir, SCRIPT, args, global_step=global_step, iteration=iteration,
-                        model=agent.state_dict(), optimizer=optimizer.state_dict())
-            if stop.requested:
-                envs.close()
-                writer.close()
-                stop_for_requeue(stop)
+        writer.add_scalar("charts/SPS", int(run.sps(global_step)), global_step)
+        run.progress(global_step, args.num_iterations * args.batch_size, f"last return {last_return:.1f}",  # PLUMBING
+                     force=iteration == args.num_iterations)
+        run.checkpoint(global_step=global_step, iteration=iteration)  # PLUMBING: periodic resume file; stop on signal
 
     envs.close()
     if args.save_model:
-        model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
-        agent.train()  # escnn: save in train mode, so the file holds parameters only (no cached filters)
-        save_checkpoint(model_path, SCRIPT, args, model=agent.state_dict(), global_step=global_step)
-        print(f"model saved to {model_path}")
-        episodic_returns = evaluate(agent, args, device, run_name, capture_video=args.capture_video)
+        run.save_model(model=agent.state_dict(), global_step=global_step)
+        episodic_returns = evaluate(agent, args, device, run.name, capture_video=args.capture_video)
         for idx, episodic_return in enumerate(episodic_returns):
             writer.add_scalar("eval/episodic_return", episodic_return, idx)
         print(f"eval: mean score {np.mean(episodic_returns):.1f} over {len(episodic_returns)} games")
 
-    writer.close()
+    run.close()

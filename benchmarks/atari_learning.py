@@ -6,14 +6,16 @@ Start the runs (one per script and seed, in the background or on a cluster), the
     uv run python ppo_atari_equi.py --env-id BreakoutNoFrameskip-v4 --seed 1
     uv run python benchmarks/atari_learning.py --runs runs --env-id BreakoutNoFrameskip-v4
 
-Writes `benchmarks/results/atari_learning_<game>.{csv,json,png}`: the mean episodic return (raw game score) in
-bins of `bin_steps` environment steps, per script, up to the step every run of the comparison has reached.
+Writes `benchmarks/results/atari_learning_<game><tag>.{csv,json,png}` (or --out and its .csv/.png; existing results
+only with --overwrite): the mean episodic return (raw game score) in bins of `bin_steps` environment steps, per
+script, up to the step every run of the comparison has reached.
 """
 
 import glob
 import json
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 
@@ -22,14 +24,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import tyro  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import Output, cli, companion, results_path  # noqa: E402
 
 
 @dataclass
-class Args:
+class Args(Output):
     runs: str = "runs"
     """folder holding the run directories"""
     env_id: str = "BreakoutNoFrameskip-v4"
@@ -38,8 +40,6 @@ class Args:
     """width of the step bins that returns are averaged over"""
     hardware: str = "2-core AMD EPYC CPU (shared), no GPU"
     """what the runs ran on, for the record"""
-    output_dir: str = os.path.join(REPO, "benchmarks", "results")
-    """where to write the results"""
 
 
 def read_run(run_dir: str) -> dict:
@@ -51,8 +51,13 @@ def read_run(run_dir: str) -> dict:
     return {"returns": returns, "last_step": last_step, "sps": sps[-1] if sps else float("nan")}
 
 
+def game_name(env_id: str) -> str:
+    return env_id.split("NoFrameskip")[0].replace("ALE/", "").replace("-v5", "").lower()
+
+
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = cli(Args, __doc__)
+    out = results_path(args, f"atari_learning_{game_name(args.env_id)}.json", (".csv", ".png"))
     runs: dict[str, list[dict]] = {}
     for run_dir in sorted(glob.glob(os.path.join(args.runs, f"{args.env_id}__*"))):
         match = re.fullmatch(rf"{re.escape(args.env_id)}__(.+)__(\d+)__\d+", os.path.basename(run_dir))
@@ -79,9 +84,7 @@ if __name__ == "__main__":
             f"mean_return_last_bin_to_{common_step}": means[-1] if means else float("nan"),
         }
 
-    game = args.env_id.split("NoFrameskip")[0].replace("ALE/", "").replace("-v5", "")
-    stem = os.path.join(args.output_dir, f"atari_learning_{game.lower()}")
-    with open(stem + ".csv", "w") as f:
+    with open(companion(out, ".csv"), "w") as f:
         names = list(runs)
         f.write(",".join(["step"] + names) + "\n")
         for i, step in enumerate(table["step"]):
@@ -95,7 +98,7 @@ if __name__ == "__main__":
         "runs": summary,
         "cleanrl_reference": "ppo_atari.py at 10M steps: Breakout 414.7 +- 28.1 (3 seeds)",
     }
-    with open(stem + ".json", "w") as f:
+    with open(out, "w") as f:
         json.dump(result, f, indent=2)
 
     plt.figure(figsize=(6, 4))
@@ -107,5 +110,5 @@ if __name__ == "__main__":
     plt.legend()
     plt.grid(alpha=0.3)
     plt.tight_layout()
-    plt.savefig(stem + ".png", dpi=120)
+    plt.savefig(companion(out, ".png"), dpi=120)
     print(json.dumps(result, indent=2))

@@ -6,14 +6,16 @@ runs alternate plain / equi / plain / ... so both see the same machine load, and
 per second, the script's own `charts/SPS` at the end of the run) is what counts. Env throughput steps the vector
 envs with random actions (no network).
 
-    uv run python benchmarks/atari_sps.py --repeats 3 --iterations 3
+    uv run python benchmarks/atari_sps.py --repeats 3 --iterations 3 --overwrite
+    uv run python benchmarks/atari_sps.py --repeats 1 --iterations 1 --num-envs 8 --out /tmp/atari_sps.json -- --no-cuda
+
+Writes benchmarks/results/atari_sps<tag>.json (or --out; existing results only with --overwrite). Each run's output
+goes to a log file in a temporary folder; a failed run is reported with the tail of its log.
 """
 
 import glob
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,15 +23,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import tyro
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import REPO, Job, Output, cli, cpu_model, machine_info, results_path, run_jobs  # noqa: E402
+
 sys.path.insert(0, REPO)
-from cleanrl_equi.atari import make_atari_envs  # noqa: E402
+from cleanrl_equi.envs.atari import make_atari_envs  # noqa: E402
 
 
 @dataclass
-class Args:
+class Args(Output):
     repeats: int = 3
     """alternating runs of each script"""
     iterations: int = 3
@@ -40,16 +44,6 @@ class Args:
     """vector steps per env-throughput measurement"""
     num_envs: str = "8,32"
     """comma-separated numbers of envs for the env-throughput measurement"""
-    extra: str = ""
-    """extra flags for both scripts, e.g. '--no-cuda'"""
-    output: str = os.path.join(REPO, "benchmarks", "results", "atari_sps.json")
-    """where to write the results"""
-
-
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    return names[0] if names else platform.machine()
 
 
 def last_sps(run_dir: str) -> float:
@@ -60,11 +54,14 @@ def last_sps(run_dir: str) -> float:
     return accumulator.Scalars("charts/SPS")[-1].value
 
 
-def training_sps(script: str, args: Args, extra: list[str]) -> float:
+def training_sps(script: str, args: Args, flags: list[str], extra: list[str]) -> float:
+    """The script's own final charts/SPS of one run in a fresh folder (the run is alone on the machine)."""
+    log = os.path.join(tempfile.gettempdir(), f"atari_sps_{os.getpid()}_{script}.log")  # kept when the run fails
     with tempfile.TemporaryDirectory() as workdir:
         command = [sys.executable, os.path.join(REPO, script), "--env-id", args.env_id]
-        command += ["--total-timesteps", str(1024 * args.iterations), *extra, *args.extra.split()]
-        subprocess.run(command, cwd=workdir, check=True, capture_output=True)
+        command += ["--total-timesteps", str(1024 * args.iterations), *flags, *extra]
+        run_jobs([Job(f"{script} {' '.join(flags)}".strip(), command, log, workdir)], quiet=True, poll_seconds=0.2)
+        os.remove(log)
         return last_sps(glob.glob(os.path.join(workdir, "runs", "*"))[0])
 
 
@@ -82,7 +79,8 @@ def env_throughput(env_id: str, num_envs: int, steps: int, backend: str, async_e
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args, extra = cli(Args, __doc__, passthrough=True)
+    output = results_path(args, "atari_sps.json")
     variants = {
         "ppo_atari.py": [],
         "ppo_atari_equi.py (channel-matched)": ["--trunk", "channels"],
@@ -90,8 +88,8 @@ if __name__ == "__main__":
     }
     sps: dict[str, list[float]] = {name: [] for name in variants}
     for repeat in range(args.repeats):
-        for name, extra in variants.items():
-            sps[name].append(training_sps(name.split()[0], args, extra))
+        for name, flags in variants.items():
+            sps[name].append(training_sps(name.split()[0], args, flags, extra))
             print(f"repeat {repeat}: {name}: {sps[name][-1]:.0f} SPS", flush=True)
     plain = np.array(sps["ppo_atari.py"])
     training = {
@@ -112,11 +110,13 @@ if __name__ == "__main__":
         "hardware": f"{cpu_model()}, {os.cpu_count()} cores, "
         + ("GPU " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"),
         "load_average_at_end": os.getloadavg(),
+        "machine": machine_info(),
         "env_id": args.env_id,
-        "settings": "script defaults (8 envs x 128 steps, 4 epochs x 4 minibatches), " + f"{args.iterations} iterations/run",
+        "settings": "script defaults (8 envs x 128 steps, 4 epochs x 4 minibatches), " + f"{args.iterations} iterations/run"
+        + (f", extra flags {' '.join(extra)}" if extra else ""),
         "training": training,
         "env_throughput": throughput,
     }
-    with open(args.output, "w") as f:
+    with open(output, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))

@@ -7,25 +7,62 @@ CQL_SAC): the images themselves are repeated, so the encoder runs on B * (3n + 1
 loss (checked to float tolerance at start-up); the time is forward + backward + Adam step of the critic, median of
 --repeats after --warmup, measured side by side in one process.
 
-    uv run python benchmarks/cql_update_time.py                       # CPU preset, a few minutes
+    uv run python benchmarks/cql_update_time.py --overwrite           # CPU preset, a few minutes
     uv run python benchmarks/cql_update_time.py --device cuda --group-order 8 --n-hidden 64 --image-size 128 --tag _gpu
+
+Writes benchmarks/results/cql_update_time<tag>.json (or --out; existing results only with --overwrite).
 """
 
-import argparse
 import importlib.util
 import json
 import os
-import platform
 import statistics
+import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-spec = importlib.util.spec_from_file_location("cql_equi_offline", os.path.join(HERE, "..", "cql_equi_offline.py"))
+sys.path.insert(0, HERE)
+from common import REPO, Output, cli, cpu_model, machine_info, results_path  # noqa: E402
+
+# the script as a module: its networks and loss pieces (it trains only under __main__)
+spec = importlib.util.spec_from_file_location("cql_equi_offline", os.path.join(REPO, "cql_equi_offline.py"))
 cql = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(cql)
+
+
+@dataclass
+class Args(Output):
+    tag: str = "_cpu"
+    """suffix of the default results name, e.g. '_gpu' (not used with --out)"""
+    device: str = "cpu"
+    """torch device to time on, e.g. cpu, cuda"""
+    models: str = "equi,cnn"
+    """comma-separated models to time: equi, cnn"""
+    group_order: int = 4
+    """order N of the rotation group C_N of the equivariant networks"""
+    n_hidden: int = 32
+    """hidden width of the networks (the script's --n-hidden)"""
+    image_size: int = 64
+    """observation height and width in pixels"""
+    batch_size: int = 8
+    """states per batch (the paper's 8)"""
+    num_actions: int = 10
+    """n per proposal (the paper's 10)"""
+    warmup: int = 2
+    """untimed critic steps before the timed ones"""
+    repeats: int = 5
+    """timed critic steps per variant (the median is reported)"""
+    hardware: str = ""
+    """hardware description for the results (default: the CPU model, or the GPU)"""
+
+
+def build_critic(args):
+    """The critic the script builds for `args`."""
+    return cql.EquiCritic(args) if args.model == "equi" else cql.CNNCritic(args)
 
 
 def critic_loss(critic, obs, actions, proposals, n, reencode: bool):
@@ -64,19 +101,8 @@ def time_variant(critic, optimizer, obs, actions, proposals, n, reencode, warmup
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--models", default="equi,cnn")
-    parser.add_argument("--group-order", type=int, default=4)
-    parser.add_argument("--n-hidden", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8, help="the paper's 8")
-    parser.add_argument("--num-actions", type=int, default=10, help="n per proposal (the paper's 10)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--hardware", default=platform.processor() or platform.machine())
-    parser.add_argument("--tag", default="_cpu")
-    opts = parser.parse_args()
+    opts = cli(Args, __doc__)
+    out = results_path(opts, "cql_update_time.json")
     device = torch.device(opts.device)
     torch.manual_seed(0)
     b, n = opts.batch_size, opts.num_actions
@@ -88,7 +114,7 @@ def main():
     rows = []
     for model in opts.models.split(","):
         args = cql.Args(model=model, group_order=opts.group_order, n_hidden=opts.n_hidden, image_size=opts.image_size)
-        critic = cql.build_networks(args)[1].to(device)
+        critic = build_critic(args).to(device)
         optimizer = torch.optim.Adam(critic.parameters(), lr=1e-4)
         with torch.no_grad():  # the two ways compute the same loss
             once = critic_loss(critic, obs, actions, proposals, n, reencode=False)
@@ -102,10 +128,11 @@ def main():
         result["speedup"] = round(result["reencode_ms"] / result["encode_once_ms"], 2)
         print(result, flush=True)
         rows.append(result)
-    info = {"date": time.strftime("%Y-%m-%d"), "hardware": opts.hardware, "device": opts.device,
-            "torch_threads": torch.get_num_threads(), "settings": {k: v for k, v in vars(opts).items()
-                                                                  if k not in ("hardware", "tag")}, "results": rows}
-    out = os.path.join(HERE, "results", f"cql_update_time{opts.tag}.json")
+    machine = machine_info(opts.device)
+    info = {"date": time.strftime("%Y-%m-%d"), "hardware": opts.hardware or machine.get("gpu") or cpu_model(),
+            "device": opts.device, "torch_threads": torch.get_num_threads(), "machine": machine,
+            "settings": {k: v for k, v in vars(opts).items() if k not in ("hardware", "tag", "out", "overwrite")},
+            "results": rows}
     with open(out, "w") as f:
         json.dump(info, f, indent=1)
     print(f"wrote {out}")

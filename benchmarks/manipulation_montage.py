@@ -4,14 +4,17 @@ Each task gets one row: four moments of the seed-0 expert episode (the start, tw
 step), each as the rgb render (a tilted view from above the +x edge: up = -x, right = +y)
 next to channel 0 of the observation (height in mm, gripper at the centre, rows = +x, columns = +y). The
 title of an observation says the step, the holding flag (channel 1) and, on the last step, whether the task
-succeeded. Writes benchmarks/results/manipulation_montage.png.
+succeeded. Writes benchmarks/results/manipulation_montage<tag>.png (or --out; an existing one only with --overwrite).
 
-    uv run python benchmarks/manipulation_montage.py
+    uv run python benchmarks/manipulation_montage.py --overwrite
+    uv run python benchmarks/manipulation_montage.py --tasks BlockPulling --out /tmp/montage.png
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from dataclasses import dataclass
 
 import gymnasium as gym
 import matplotlib
@@ -20,10 +23,23 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-import cleanrl_equi
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import REPO, Output, cli, results_path  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+sys.path.insert(0, REPO)
+import cleanrl_equi  # noqa: E402
+
 MOMENTS = 4
+
+
+@dataclass
+class Args(Output):
+    tasks: str = ",".join(cleanrl_equi.MANIPULATION_TASKS)
+    """comma-separated tasks, one row each"""
+    seed: int = 0
+    """the expert episode's reset seed"""
+    dpi: int = 80
+    """resolution of the PNG"""
 
 
 def expert_episode(task: str, seed: int = 0):
@@ -41,10 +57,12 @@ def expert_episode(task: str, seed: int = 0):
 
 
 def main():
-    tasks = cleanrl_equi.MANIPULATION_TASKS
-    fig, axes = plt.subplots(len(tasks), 2 * MOMENTS, figsize=(2.0 * 2 * MOMENTS, 2.15 * len(tasks)))
+    args = cli(Args, __doc__)
+    path = results_path(args, "manipulation_montage.png")
+    tasks = args.tasks.split(",")
+    fig, axes = plt.subplots(len(tasks), 2 * MOMENTS, figsize=(2.0 * 2 * MOMENTS, 2.15 * len(tasks)), squeeze=False)
     for row, task in enumerate(tasks):
-        frames = expert_episode(task)
+        frames = expert_episode(task, args.seed)
         picks = np.unique(np.linspace(0, len(frames) - 1, MOMENTS).round().astype(int))
         picks = list(picks) + [picks[-1]] * (MOMENTS - len(picks))
         for column, index in enumerate(picks):
@@ -63,11 +81,9 @@ def main():
         axes[row, 1].set_ylabel("rows = +x", fontsize=7)
         axes[row, 1].set_xlabel("columns = +y", fontsize=7)
     fig.colorbar(image, ax=axes, fraction=0.01, pad=0.01, label="channel 0: height above the table (mm)")
-    fig.suptitle("cleanrl_equi manipulation tasks: seed-0 expert episodes (rgb render | observation channel 0)",
-                 fontsize=11)
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, "manipulation_montage.png")
-    fig.savefig(path, dpi=80, bbox_inches="tight")
+    fig.suptitle(f"cleanrl_equi manipulation tasks: seed-{args.seed} expert episodes (rgb render | observation "
+                 "channel 0)", fontsize=11)
+    fig.savefig(path, dpi=args.dpi, bbox_inches="tight")
     print(f"wrote {path}")
 
 

@@ -2,10 +2,10 @@
 
 The paper's claim under test (Tangri et al. 2024): with few demonstrations, the equivariant networks learn a
 working policy where the plain CNNs do not. For each task and data kind the datasets are built once
-(`cleanrl_equi.offline_data`: `expert` = planner episodes; `medium` = greedy roll-outs of a saved
+(`cleanrl_equi.datasets`: `expert` = planner episodes; `medium` = greedy roll-outs of a saved
 sac_equi_bullet.py policy whose discounted return passes 0.4, given with --medium-checkpoint TASK=PATH), then every
 (task, data, algorithm, model, seed) trains in its own process as a user would run it, and the runs are summarised
-by `python -m cleanrl_equi.plot_runs` (curves of mean and 95% interval over seeds, a table of last and best
+by `python -m cleanrl_equi.tools.plot_runs` (curves of mean and 95% interval over seeds, a table of last and best
 success) into benchmarks/results/offline_learning<tag>/, with the settings and hardware in info.json.
 
     # the paper's setting on a GPU node (C8, n_hidden 64, 128 px, batch 8, 100k steps is the paper; 20k here)
@@ -43,7 +43,7 @@ def build_datasets(opts, image_size: int) -> dict[tuple[str, str], str]:
             paths[(task, kind)] = path
             if os.path.exists(path):
                 continue
-            cmd = [sys.executable, "-m", "cleanrl_equi.offline_data", "--env-id", f"cleanrl_equi/{task}-v0",
+            cmd = [sys.executable, "-m", "cleanrl_equi.datasets", "--env-id", f"cleanrl_equi/{task}-v0",
                    "--quality", kind, "--num-episodes", str(opts.num_episodes), "--image-size", str(image_size),
                    "--out", path]
             if kind != "expert":
@@ -115,7 +115,7 @@ def main():
     if not opts.collect_only:
         run_all(opts, build_datasets(opts, image_size), extra)
     out = os.path.join(HERE, "results", f"offline_learning{opts.tag}")
-    subprocess.run([sys.executable, "-m", "cleanrl_equi.plot_runs", os.path.join(opts.runs_dir, "runs"), "--out", out,
+    subprocess.run([sys.executable, "-m", "cleanrl_equi.tools.plot_runs", os.path.join(opts.runs_dir, "runs"), "--out", out,
                     "--tags", "eval/success_rate", "eval/discounted_return", "--points", "50"], check=True, cwd=REPO)
     hardware = opts.hardware or f"{platform.machine()} {opts.device}, {os.cpu_count()} cores"
     info = {"date": time.strftime("%Y-%m-%d"), "hardware": hardware, "wall_seconds": round(time.time() - started),

@@ -10,10 +10,10 @@ import gymnasium as _gym
 
 warnings.filterwarnings("ignore", message=".*py3nj", category=UserWarning)
 
-# The eight manipulation tasks (cleanrl_equi/manipulation_tasks.py). Entry points are strings, so pybullet is only
+# The eight manipulation tasks (cleanrl_equi/envs/manipulation/tasks.py). Entry points are strings, so pybullet is only
 # imported when one of them is made. Episode limits are the envs' own `max_steps` kwarg (not a TimeLimit wrapper).
 MANIPULATION_TASKS = ("BlockPulling", "BlockPushing", "BlockPicking", "DrawerOpening", "BlockInBowl", "BlockStacking",
                       "HouseBuilding", "CornerPicking")
 for _name in MANIPULATION_TASKS:
     if f"cleanrl_equi/{_name}-v0" not in _gym.registry:
-        _gym.register(id=f"cleanrl_equi/{_name}-v0", entry_point=f"cleanrl_equi.manipulation_tasks:{_name}Env")
+        _gym.register(id=f"cleanrl_equi/{_name}-v0", entry_point=f"cleanrl_equi.envs.manipulation.tasks:{_name}Env")

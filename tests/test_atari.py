@@ -10,13 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from cleanrl_equi.atari import MIRROR_SYMMETRIES, action_meanings, make_atari_envs, mirror_symmetry
-from cleanrl_equi.equivariant import max_equivariance_error
-from conftest import REPO, only_run_dir, read_scalars, run_script
+from cleanrl_equi.envs.atari import MIRROR_SYMMETRIES, action_meanings, make_atari_envs, mirror_symmetry
+from conftest import load_script, max_equivariance_error, only_run_dir, read_scalars, run_script, script_fails_with
 
-sys.path.insert(0, REPO)
-import ppo_atari  # noqa: E402
-import ppo_atari_equi  # noqa: E402
+ppo_atari = load_script("ppo_atari")
+ppo_atari_equi = load_script("ppo_atari_equi")
 
 GAMES = sorted(MIRROR_SYMMETRIES)
 
@@ -290,20 +288,16 @@ def test_episode_scalars_are_logged(workdir):
     ],
 )
 def test_bad_input_stops_with_one_sentence(script, args, message, workdir):
-    proc = run_script(script, *args, cwd=workdir, check=False)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+    script_fails_with(run_script(script, *args, cwd=workdir, check=False), message)
 
 
 def test_checkpoint_of_other_script_or_corrupt_is_refused(workdir):
     run_script("ppo_atari.py", *TINY, "--save-model", "--eval-episodes", "1", cwd=workdir)
     model = os.path.join(only_run_dir(workdir), "ppo_atari.cleanrl_model")
     proc = run_script("ppo_atari_equi.py", "--eval-checkpoint", model, cwd=workdir, check=False)
-    assert proc.returncode == 2 and "written by ppo_atari, not ppo_atari_equi" in proc.stderr
+    script_fails_with(proc, "written by ppo_atari, not ppo_atari_equi")
     corrupt = os.path.join(workdir, "corrupt.cleanrl_model")
     with open(corrupt, "wb") as f:
         f.write(b"not a checkpoint")
     proc = run_script("ppo_atari.py", "--eval-checkpoint", corrupt, cwd=workdir, check=False)
-    assert proc.returncode == 2 and "corrupt" in proc.stderr
+    script_fails_with(proc, "corrupt")

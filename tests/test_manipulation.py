@@ -10,10 +10,10 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import cleanrl_equi
-from cleanrl_equi.manipulation import HEIGHT_UNIT, rotate_scene_state
+from cleanrl_equi.envs.manipulation.scene import HEIGHT_UNIT, rotate_scene_state
+from conftest import QUARTER_TURN
 
 TASKS = cleanrl_equi.MANIPULATION_TASKS
-QUARTER_TURN = np.array([[0, -1], [1, 0]])  # +90 degrees about +z acting on (dx, dy)
 
 
 def make(task, **kwargs):

@@ -1,4 +1,4 @@
-"""cleanrl_equi/offline_data.py: file format round trip, episodes as the env produced them, time-outs, sampling,
+"""cleanrl_equi/datasets.py and the make_dataset tool: file format round trip, episodes as the env produced them, time-outs, sampling,
 corrupt and mismatched files, the cached default dataset, checkpoint (medium / mixed) data, and the CLI.
 
 Small on purpose: 32x32 images and 2-3 episodes, so the whole file runs in well under a minute on one core.
@@ -11,7 +11,6 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import gymnasium as gym
 import numpy as np
@@ -20,8 +19,10 @@ import torch
 import tyro
 
 import cleanrl_equi  # noqa: F401  (registers the tasks)
-from cleanrl_equi import offline_data as od
-from cleanrl_equi.utils import save_checkpoint
+from cleanrl_equi import datasets as od
+from cleanrl_equi.run import save_checkpoint
+from cleanrl_equi.tools import make_dataset as tool
+from conftest import fails_with, load_script
 
 ENV_ID = "cleanrl_equi/BlockPulling-v0"
 SIZE = 32
@@ -117,17 +118,6 @@ def test_sample_batches(expert):
         np.testing.assert_array_equal(expert.obs_index[start:start + length], start + e + np.arange(length))
 
 
-def fails_with(capsys, words, function, *args, **kwargs):
-    with pytest.raises(SystemExit) as raised:
-        function(*args, **kwargs)
-    assert raised.value.code == 2
-    message = capsys.readouterr().err.strip()
-    assert message.startswith("error:") and "\n" not in message, message
-    for word in words:
-        assert word in message, message
-    return message
-
-
 def rewrite(path, out, change):
     """Copy a dataset file with `change(arrays)` applied to its arrays (the metadata, and its checksum, kept)."""
     with np.load(path) as file:
@@ -139,7 +129,7 @@ def rewrite(path, out, change):
 
 def test_bad_files_stop_with_one_sentence(expert_file, tmp_path, capsys):
     missing = str(tmp_path / "missing.npz")
-    fails_with(capsys, ["does not exist", "cleanrl_equi.offline_data", ENV_ID], od.load_dataset, missing, ENV_ID)
+    fails_with(capsys, ["does not exist", "cleanrl_equi.tools.make_dataset", ENV_ID], od.load_dataset, missing, ENV_ID)
     truncated = tmp_path / "truncated.npz"
     truncated.write_bytes(Path(expert_file).read_bytes()[:-300])
     fails_with(capsys, ["could not be read", "corrupt"], od.load_dataset, str(truncated))
@@ -191,12 +181,10 @@ def test_default_dataset_is_built_once(tmp_path, monkeypatch, capsys):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """An untrained sac_equi_bullet actor saved as --save-model does: greedy roll-outs that (almost surely) fail."""
-    from cleanrl_equi.manipulation_rl import build_networks
-
-    args = SimpleNamespace(env_id=ENV_ID, image_size=SIZE, max_steps=50, model="equi", group_order=4, n_hidden=8,
-                           gamma=0.99, seed=1, eval_episodes=2, num_eval_envs=2)
+    sac = load_script("sac_equi_bullet")
+    args = sac.Args(env_id=ENV_ID, image_size=SIZE, max_steps=50, model="equi", group_order=4, n_hidden=8)
     torch.manual_seed(0)
-    actor, _ = build_networks(args)
+    actor = sac.EquiActor(args)
     path = str(tmp_path_factory.mktemp("ckpt") / "sac_equi_bullet.cleanrl_model")
     save_checkpoint(path, "sac_equi_bullet", args, actor=actor.state_dict())
     return path
@@ -204,17 +192,17 @@ def checkpoint(tmp_path_factory):
 
 def test_medium_and_mixed_from_a_checkpoint(checkpoint, tmp_path, capsys):
     common = dict(env_id=ENV_ID, seed=3, image_size=SIZE, max_steps=4, eval_episodes=2)
-    fails_with(capsys, ["below --reward-limit 2"], od.collect_medium, checkpoint, num_episodes=2, reward_limit=2.0,
+    fails_with(capsys, ["below --reward-limit 2"], tool.collect_medium, checkpoint, num_episodes=2, reward_limit=2.0,
                **common)
-    fails_with(capsys, ["BlockPulling", "--env-id"], od.collect_medium, checkpoint, num_episodes=2,
+    fails_with(capsys, ["BlockPulling", "--env-id"], tool.collect_medium, checkpoint, num_episodes=2,
                **{**common, "env_id": "cleanrl_equi/BlockPushing-v0"})
-    medium = od.collect_medium(checkpoint, num_episodes=2, reward_limit=0.0, **common)
+    medium = tool.collect_medium(checkpoint, num_episodes=2, reward_limit=0.0, **common)
     meta = medium.metadata
     assert meta["quality"] == "medium" and not medium.expert.any() and medium.num_episodes == 2
     assert meta["policy"]["type"] == "checkpoint" and meta["policy"]["script"] == "sac_equi_bullet.py"
     assert meta["policy"]["path"] == os.path.abspath(checkpoint) and "eval_discounted_return" in meta["policy"]
     assert np.abs(medium.actions).max() <= 1
-    mixed = od.collect_mixed(checkpoint, num_episodes=3, expert_fraction=0.34, reward_limit=0.0, **common)
+    mixed = tool.collect_mixed(checkpoint, num_episodes=3, expert_fraction=0.34, reward_limit=0.0, **common)
     assert mixed.metadata["quality"] == "mixed" and mixed.num_episodes == 3
     assert mixed.metadata["policy"]["expert_episodes"] == 1 and mixed.metadata["policy"]["medium_episodes"] == 2
     np.testing.assert_array_equal(mixed.episode_seeds, [3, 4, 5])
@@ -227,7 +215,7 @@ def test_medium_and_mixed_from_a_checkpoint(checkpoint, tmp_path, capsys):
 
 def run_cli(*args, cwd):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "cleanrl_equi.offline_data", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "cleanrl_equi.tools.make_dataset", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -238,7 +226,7 @@ def test_cli_collects_reports_and_refuses(tmp_path, capsys):
     path = tmp_path / "datasets" / "block_pulling_expert_2ep_32px_20steps_seed0.npz"
     assert path.is_file() and "2 episodes" in proc.stdout and "success rate 1.000" in proc.stdout
     capsys.readouterr()
-    od.main(tyro.cli(od.Args, args=["--info", str(path)]))
+    tool.main(tyro.cli(tool.Args, args=["--info", str(path)]))
     out = capsys.readouterr().out
     assert json.loads(out[:out.rindex("}") + 1])["num_episodes"] == 2 and "heights" in out
     for args, words in ((["--info", "nope.npz"], "does not exist"),
@@ -246,9 +234,9 @@ def test_cli_collects_reports_and_refuses(tmp_path, capsys):
                         (["--checkpoint", "x.cleanrl_model"], "only used with --quality medium"),
                         (["--num-episodes", "0"], "at least 1"),
                         (["--env-id", "cleanrl_equi/NoSuchTask-v0", "--num-episodes", "1"], "unknown")):
-        fails_with(capsys, [words], od.main, tyro.cli(od.Args, args=args))
+        fails_with(capsys, [words], tool.main, tyro.cli(tool.Args, args=args))
     if importlib.util.find_spec("minari") is None:  # an optional extra: the export says how to get it, up front
-        fails_with(capsys, ["needs the `minari` package"], od.main, tyro.cli(od.Args, args=["--to-minari", "x-v0"]))
+        fails_with(capsys, ["needs the `minari` package"], tool.main, tyro.cli(tool.Args, args=["--to-minari", "x-v0"]))
 
 
 def test_export_to_minari_keeps_every_episode(expert, tmp_path, monkeypatch):

@@ -1,32 +1,22 @@
-"""cql_equi_offline.py and iql_equi_offline.py: equivariance of every network, the losses against hand-computed
-values, short training runs on a tiny dataset, resumption after a stop signal, and clear errors for bad data."""
+"""cql_equi_offline.py and iql_equi_offline.py: the losses against hand-computed values, short training runs on a
+tiny dataset, resumption after a stop signal, and clear errors for bad data (the networks' symmetry is checked in
+test_networks.py)."""
 
-import importlib.util
 import math
 import os
 import signal
 import subprocess
 import sys
 
-import gymnasium as gym
-import numpy as np
 import pytest
 import torch
 
 import cleanrl_equi  # noqa: F401  (registers the tasks)
-from cleanrl_equi.offline_data import collect_expert, save_dataset
-from conftest import REPO, only_run_dir, read_scalars, run_script
+from cleanrl_equi.datasets import collect_expert, save_dataset
+from conftest import REPO, load_script, only_run_dir, read_scalars, run_script, script_fails_with
 
-QUARTER_TURN = torch.tensor([[0.0, -1.0], [1.0, 0.0]])  # +90 degrees about +z acting on (dx, dy)
 TINY = ["--group-order", "4", "--n-hidden", "8", "--image-size", "32", "--max-steps", "6", "--batch-size", "4",
         "--eval-episodes", "2", "--num-eval-envs", "2", "--log-frequency", "1"]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 cql = load_script("cql_equi_offline")
@@ -39,54 +29,6 @@ def tiny_dataset(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("data") / "block_pulling_expert.npz")
     save_dataset(path, collect_expert("cleanrl_equi/BlockPulling-v0", 3, seed=0, image_size=32, max_steps=6))
     return path
-
-
-def real_observations() -> torch.Tensor:
-    """Observations along planner episodes of two tasks, holding and not holding, as the networks see them."""
-    observations = []
-    for task in ("BlockPulling", "BlockPicking"):
-        env = gym.make(f"cleanrl_equi/{task}-v0", image_size=32).unwrapped
-        obs, _ = env.reset(seed=3)
-        observations.append(obs)
-        for _ in range(5):
-            obs, _, terminated, truncated, _ = env.step(env.expert_action())
-            observations.append(obs)
-            if terminated or truncated:
-                break
-        env.close()
-    x = torch.as_tensor(np.stack(observations)).float() / 255.0
-    assert x[:, 1].max() == 1.0 and x[:, 1].min() == 0.0
-    return x
-
-
-@pytest.mark.parametrize("group_order", [4, 8])
-def test_every_network_is_exactly_equivariant_on_real_observations(group_order):
-    """Actor: (dx, dy) mean turns with the image, every other output is unchanged; twin Q (given the turned action)
-    and V: unchanged. Checked for the three 90-degree turns, which act exactly on the pixel grid."""
-    torch.manual_seed(0)
-    args = iql.Args(group_order=group_order, n_hidden=8, image_size=32)
-    actor, critic = iql.build_networks(args)
-    value = iql.EquiValue(args)
-    x = real_observations()
-    actions = torch.rand(len(x), 5) * 2 - 1
-    with torch.no_grad():
-        mean, log_std = actor(x)
-        q1, q2 = critic(x, actions)
-        v = value(x)
-        assert min(mean[:, 1:3].abs().max(), q1.abs().max(), v.abs().max()) > 1e-3  # not trivially zero
-        for k in (1, 2, 3):
-            rotation = torch.linalg.matrix_power(QUARTER_TURN, k)
-            turned = torch.rot90(x, k, dims=(-2, -1))
-            turned_actions = actions.clone()
-            turned_actions[:, 1:3] = actions[:, 1:3] @ rotation.T
-            turned_mean, turned_log_std = actor(turned)
-            torch.testing.assert_close(turned_mean[:, 1:3], mean[:, 1:3] @ rotation.T, atol=1e-5, rtol=0)
-            torch.testing.assert_close(turned_mean[:, [0, 3, 4]], mean[:, [0, 3, 4]], atol=1e-5, rtol=0)
-            torch.testing.assert_close(turned_log_std, log_std, atol=1e-5, rtol=0)
-            for turned_q, q in zip(critic(turned, turned_actions), (q1, q2)):
-                torch.testing.assert_close(turned_q, q, atol=1e-5, rtol=0)
-            torch.testing.assert_close(value(turned), v, atol=1e-5, rtol=0)
-        assert (critic(torch.rot90(x, 1, dims=(-2, -1)), actions)[0] - q1).abs().max() > 1e-4  # the check has teeth
 
 
 def test_cql_gap_matches_a_hand_computation():
@@ -212,15 +154,15 @@ def test_resume_refuses_other_settings_and_other_scripts(tiny_dataset, workdir):
     run_script("cql_equi_offline.py", *flags, cwd=workdir)
     resume_file = os.path.join(workdir, "runs", "r", "resume.pt")
     # a run writes its resume file on a signal or on the clock; make one by hand from a finished run's settings
-    from cleanrl_equi.utils import save_resume
+    from cleanrl_equi.run import save_resume
 
     save_resume(os.path.join(workdir, "runs", "r"), "cql_equi_offline",
                 cql.Args(**{**vars(cql.Args()), "group_order": 4, "n_hidden": 8}), global_step=2)
     proc = run_script("cql_equi_offline.py", *flags, cwd=workdir, check=False)
-    assert proc.returncode == 2 and proc.stderr.count("error:") == 1 and "other settings" in proc.stderr
+    script_fails_with(proc, "other settings")
     assert os.path.exists(resume_file)
     proc = run_script("iql_equi_offline.py", *flags, cwd=workdir, check=False)
-    assert proc.returncode == 2 and "written by cql_equi_offline, not iql_equi_offline" in proc.stderr
+    script_fails_with(proc, "written by cql_equi_offline, not iql_equi_offline")
 
 
 @pytest.mark.parametrize("problem", ["missing", "corrupt", "other task", "other size"])
@@ -239,10 +181,7 @@ def test_bad_dataset_stops_with_one_sentence(problem, tiny_dataset, workdir):
         flags[flags.index("--image-size") + 1] = "64"
     proc = run_script("iql_equi_offline.py", *flags, "--dataset", path, "--total-timesteps", "2", cwd=workdir,
                       check=False)
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    assert "Traceback" not in proc.stderr
+    script_fails_with(proc)
 
 
 @pytest.mark.parametrize("flags,words", [
@@ -252,7 +191,7 @@ def test_bad_dataset_stops_with_one_sentence(problem, tiny_dataset, workdir):
 ])
 def test_bad_settings_stop_with_one_sentence(flags, words, workdir):
     proc = run_script("iql_equi_offline.py", *flags, cwd=workdir, check=False)
-    assert proc.returncode == 2 and proc.stderr.startswith("error:") and words in proc.stderr
+    script_fails_with(proc, words)
 
 
 def test_default_dataset_is_built_once_and_used(workdir, monkeypatch):

@@ -1,4 +1,4 @@
-"""cleanrl_equi.plot_runs on synthetic TensorBoard runs whose curves, last and best values are known by hand."""
+"""cleanrl_equi.tools.plot_runs on synthetic TensorBoard runs whose curves, last and best values are known by hand."""
 
 import csv
 import math
@@ -10,9 +10,8 @@ import time
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from cleanrl_equi.plot_runs import drop_superseded, parse_run_name
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from cleanrl_equi.tools.plot_runs import drop_superseded, parse_run_name
+from conftest import REPO, script_fails_with
 T_975 = {1: 12.706204736, 2: 4.302652730, 3: 3.182446305}  # Student-t 0.975 quantiles by degrees of freedom
 
 
@@ -63,7 +62,7 @@ def runs_root(tmp_path_factory):
 
 def plot_runs(*args, check=True):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "cleanrl_equi.plot_runs", *args], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "cleanrl_equi.tools.plot_runs", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300, check=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"plot_runs exited with {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
@@ -165,9 +164,7 @@ def test_errors(case, runs_root, tmp_path):
         "unknown group-by": [runs_root, "--group-by", "no_such_flag"],
     }[case]
     proc = plot_runs(*args, "--out", str(tmp_path / "plots"), check=False)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    script_fails_with(proc)
     assert not os.path.exists(tmp_path / "plots")
 
 

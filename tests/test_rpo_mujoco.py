@@ -11,12 +11,10 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, only_run_dir, read_scalars, run_script
+from conftest import fails_with, load_script, only_run_dir, read_scalars, run_script, script_fails_with
 
-from cleanrl_equi.utils import save_checkpoint
-
-sys.path.insert(0, REPO)
-import rpo_mujoco  # noqa: E402
+from cleanrl_equi.envs import mujoco
+from cleanrl_equi.run import save_checkpoint
 
 SCRIPT = "rpo_mujoco.py"
 # Hopper: a random policy falls within ~20-60 steps, so even 1024 steps finish many episodes.
@@ -40,7 +38,7 @@ def eval_lines(stdout: str) -> list[tuple[int, str, int]]:
 @pytest.fixture(scope="module")
 def rpo():
     """The script as a module: its helpers are importable, its training code sits under `if __name__ == ...`."""
-    return rpo_mujoco
+    return load_script("rpo_mujoco")
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +78,7 @@ def test_training_writes_cleanrl_scalars(trained):
     assert len(returns) >= 5 and all(np.isfinite(returns))
     assert len(scalars["eval/episodic_return"]) == EVAL_EPISODES
     assert os.path.isfile(trained["model"])
-    assert "global_step=1024/1024 (100%)" in trained["stdout"]
+    assert "step 1024/1024 | SPS" in trained["stdout"]
 
 
 def test_saved_policy_evaluates_like_the_in_memory_agent(trained):
@@ -102,8 +100,8 @@ def test_checkpoint_restores_and_freezes_the_statistics(trained, rpo):
     assert statistics["return_rms"]["count"] > 1024
 
     envs = gym.vector.SyncVectorEnv([rpo.make_env("Hopper-v5", 0, False, "", 0.99)])
-    rpo.restore_statistics(envs.envs[0], statistics)
-    obs_norm, reward_norm = rpo.normalizers(envs.envs[0])
+    mujoco.restore_statistics(envs.envs[0], statistics)
+    obs_norm, reward_norm = mujoco.normalizers(envs.envs[0])
     np.testing.assert_allclose(obs_norm.obs_rms.mean, obs_rms["mean"], rtol=1e-6)
     np.testing.assert_allclose(obs_norm.obs_rms.var, obs_rms["var"], rtol=1e-6)
     assert not obs_norm.update_running_mean and not reward_norm.update_running_mean
@@ -135,7 +133,7 @@ def test_statistics_of_several_envs_merge_like_one_tracker_over_all_data(rpo):
         tracker.update(part)
         trackers.append(tracker)
     everything.update(np.concatenate(parts))
-    merged = rpo.merged_statistics(trackers)
+    merged = mujoco.merged_statistics(trackers)
     np.testing.assert_allclose(merged["mean"], everything.mean, rtol=1e-5)  # up to the 1e-4 prior counts
     np.testing.assert_allclose(merged["var"], everything.var, rtol=1e-5)
     assert merged["count"] == pytest.approx(everything.count + 2e-4)  # each tracker starts with a count of 1e-4
@@ -177,21 +175,12 @@ def write_incomplete_checkpoint(path):
     class Args:
         env_id = "Hopper-v5"
 
-    save_checkpoint(path, SCRIPT, Args(), model={})
+    save_checkpoint(path, "rpo_mujoco", Args(), model={})
 
 
 def write_corrupt_file(path):
     with open(path, "w") as f:
         f.write("not a checkpoint")
-
-
-def assert_one_sentence_exit(capsys, call, expected):
-    """`call` must stop with exit status 2 and one `error: ...` line on stderr that contains `expected`."""
-    with pytest.raises(SystemExit) as exit_info:
-        call()
-    assert exit_info.value.code == 2
-    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(error_lines) == 1 and error_lines[0].startswith("error: ") and expected in error_lines[0], error_lines
 
 
 @pytest.mark.parametrize(
@@ -211,7 +200,7 @@ def assert_one_sentence_exit(capsys, call, expected):
     ],
 )
 def test_bad_flags_stop_with_one_sentence(rpo, capsys, flags, expected):
-    assert_one_sentence_exit(capsys, lambda: rpo.check_args(rpo.Args(**flags)), expected)
+    fails_with(capsys, [expected], rpo.check_args, rpo.Args(**flags))
 
 
 @pytest.mark.parametrize(
@@ -228,7 +217,7 @@ def test_unusable_checkpoints_stop_with_one_sentence(rpo, capsys, tmp_path, setu
     path = str(tmp_path / "checkpoint.cleanrl_model")
     if setup is not None:
         setup(path)
-    assert_one_sentence_exit(capsys, lambda: rpo.load_policy(path, "cpu"), expected)
+    fails_with(capsys, [expected], rpo.load_policy, path, "cpu")
 
 
 @pytest.mark.parametrize(
@@ -241,9 +230,7 @@ def test_unusable_checkpoints_stop_with_one_sentence(rpo, capsys, tmp_path, setu
 )
 def test_the_script_itself_stops_before_creating_a_run(workdir, flags, expected):
     proc = run_script(SCRIPT, *flags, cwd=workdir, check=False)
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+    script_fails_with(proc, expected)
     assert not os.path.exists(os.path.join(workdir, "runs")), "a failed start must not create a run"
 
 

@@ -3,7 +3,6 @@
 Everything runs on CPU with tiny networks (C4 / C8, n_hidden 8, 32x32 images) so the file takes about two minutes.
 """
 
-import importlib.util
 import math
 import os
 import re
@@ -17,26 +16,20 @@ import pytest
 import torch
 
 import cleanrl_equi  # noqa: F401  (registers the tasks)
-from cleanrl_equi.manipulation import rotate_scene_state
-from cleanrl_equi.manipulation_rl import action_smoothness, load_actor
-from cleanrl_equi.utils import save_checkpoint
-from conftest import REPO, only_run_dir, read_scalars, run_script
+from cleanrl_equi.envs.manipulation import action_smoothness, obs_to_tensor, rotate_batch
+from cleanrl_equi.envs.manipulation.scene import rotate_scene_state
+from cleanrl_equi.run import save_checkpoint
+from conftest import (QUARTER_TURN, REPO, fails_with, load_script, only_run_dir, read_scalars, run_script,
+                      script_fails_with)
 
 SCRIPT = "sac_equi_bullet.py"
-QUARTER_TURN = torch.tensor([[0.0, -1.0], [1.0, 0.0]])  # +90 degrees about +z acting on (dx, dy)
+QUARTER_TURN = torch.as_tensor(QUARTER_TURN, dtype=torch.float32)
 TINY = ["--group-order", "4", "--n-hidden", "8", "--image-size", "32", "--batch-size", "8", "--learning-starts", "8",
         "--num-envs", "2", "--num-demos", "2", "--max-steps", "6", "--total-timesteps", "40", "--eval-frequency", "10",
         "--eval-episodes", "2", "--num-eval-envs", "2", "--log-frequency", "4"]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("sac_equi_bullet", os.path.join(REPO, SCRIPT))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sac = load_script()
+sac = load_script("sac_equi_bullet")
 
 
 def tiny_args(**kwargs):
@@ -81,41 +74,10 @@ def test_env_turn_matches_the_networks_convention(task):
     np.testing.assert_allclose(gspace.irrep(1)(gspace.fibergroup.element(2)), QUARTER_TURN.numpy(), atol=1e-7)
 
 
-@pytest.mark.parametrize("group_order", [4, 8])
-def test_actor_equivariant_and_critic_invariant_on_real_observations(group_order):
-    torch.manual_seed(0)
-    actor, critic = sac.build_networks(tiny_args(group_order=group_order))
-    observations = []
-    for task in ("BlockPulling", "BlockPicking"):
-        env, obs, _ = real_observations(task)
-        env.close()
-        observations.append(obs)
-    x = sac.obs_to_tensor(np.concatenate(observations), "cpu")
-    assert x[:, 1].max() == 1.0 and x[:, 1].min() == 0.0  # holding and not holding both appear
-    actions = torch.rand(len(x), 5) * 2 - 1
-    with torch.no_grad():
-        mean, log_std = actor(x)
-        q1, q2 = critic(x, actions)
-        assert mean[:, 1:3].abs().max() > 1e-3 and q1.abs().max() > 1e-3  # not trivially zero
-        for k in (1, 2, 3):
-            rotation = torch.linalg.matrix_power(QUARTER_TURN, k)
-            turned_mean, turned_log_std = actor(turn(x, k))
-            torch.testing.assert_close(turned_mean[:, 1:3], mean[:, 1:3] @ rotation.T, atol=1e-5, rtol=0)
-            torch.testing.assert_close(turned_mean[:, [0, 3, 4]], mean[:, [0, 3, 4]], atol=1e-5, rtol=0)
-            torch.testing.assert_close(turned_log_std, log_std, atol=1e-5, rtol=0)
-            turned_actions = actions.clone()
-            turned_actions[:, 1:3] = actions[:, 1:3] @ rotation.T
-            turned_q1, turned_q2 = critic(turn(x, k), turned_actions)
-            torch.testing.assert_close(turned_q1, q1, atol=1e-5, rtol=0)
-            torch.testing.assert_close(turned_q2, q2, atol=1e-5, rtol=0)
-        # turning the image without the action is a different state-action pair: Q must be free to change
-        assert (critic(turn(x, 1), actions)[0] - q1).abs().max() > 1e-4
-
-
 def test_rotation_augmentation_is_the_same_turn():
-    x = sac.obs_to_tensor(real_observations("BlockPulling")[1], "cpu")
+    x = obs_to_tensor(real_observations("BlockPulling")[1], "cpu")
     batch = {"obs": x, "next_obs": x.flip(0), "actions": torch.rand(len(x), 5) * 2 - 1}
-    turned = sac.rotate_batch(batch, torch.full((len(x),), math.pi / 2))
+    turned = rotate_batch(batch, torch.full((len(x),), math.pi / 2))
     torch.testing.assert_close(turned["obs"], turn(x, 1), atol=1e-5, rtol=0)
     torch.testing.assert_close(turned["next_obs"], turn(x.flip(0), 1), atol=1e-5, rtol=0)
     torch.testing.assert_close(turned["actions"][:, 1:3], batch["actions"][:, 1:3] @ QUARTER_TURN.T)
@@ -154,9 +116,9 @@ def test_replay_buffer_stores_each_observation_once_and_never_joins_episodes():
 
 def test_caps_terms_zero_for_a_constant_policy_and_positive_otherwise():
     torch.manual_seed(0)
-    x = sac.obs_to_tensor(real_observations("BlockPicking")[1], "cpu")
+    x = obs_to_tensor(real_observations("BlockPicking")[1], "cpu")
     for model in ("equi", "cnn"):
-        actor, _ = sac.build_networks(tiny_args(model=model))
+        actor = sac.EquiActor(tiny_args()) if model == "equi" else sac.CNNActor(tiny_args())
         temporal, spatial = sac.caps_terms(actor, x[:-1], x[1:], sigma=0.05)
         assert temporal.item() > 0 and spatial.item() > 0
         temporal.backward()  # the terms train the actor
@@ -207,8 +169,8 @@ def test_short_equi_run_writes_the_scalars_and_its_checkpoint_acts_the_same(work
     assert re.search(r"\(equi\): (.*) over", proc.stdout).group(1) == in_training
     checkpoint = torch.load(path, weights_only=False)
     assert not any("filter" in key or "expanded_bias" in key for key in checkpoint["actor"])  # parameters only
-    x = sac.obs_to_tensor(real_observations("BlockPulling")[1], "cpu")
-    (actor_a, _), (actor_b, _) = load_actor(path, sac.SCRIPT, "cpu"), load_actor(path, sac.SCRIPT, "cpu")
+    x = obs_to_tensor(real_observations("BlockPulling")[1], "cpu")
+    (actor_a, _), (actor_b, _) = sac.load_actor(path, "cpu"), sac.load_actor(path, "cpu")
     with torch.no_grad():
         first = actor_a(x)[0]
         actor_b.eval()  # the cached eval-mode filters give the same actions as train mode
@@ -228,11 +190,7 @@ def test_short_equi_run_writes_the_scalars_and_its_checkpoint_acts_the_same(work
     (dict(buffer_size=10), "--buffer-size"),
 ])
 def test_bad_settings_stop_with_one_sentence(args, words, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        sac.check_args(tiny_args(**args))
-    assert exit_info.value.code == 2
-    message = capsys.readouterr().err.strip()
-    assert message.startswith("error:") and words in message and "\n" not in message
+    fails_with(capsys, [words], sac.check_args, tiny_args(**args))
 
 
 def test_bad_checkpoints_stop_with_one_sentence(tmp_path, capsys):
@@ -241,19 +199,16 @@ def test_bad_checkpoints_stop_with_one_sentence(tmp_path, capsys):
     foreign = str(tmp_path / "foreign.cleanrl_model")
     save_checkpoint(foreign, "ppo_atari_equi", tiny_args(), model={})
     mismatched = str(tmp_path / "mismatched.cleanrl_model")
-    other_actor, _ = sac.build_networks(tiny_args(n_hidden=16))
+    other_actor = sac.EquiActor(tiny_args(n_hidden=16))
     save_checkpoint(mismatched, "sac_equi_bullet", tiny_args(), actor=other_actor.state_dict())
     for path, words in ((str(tmp_path / "missing.cleanrl_model"), "does not exist"), (str(corrupt), "corrupt"),
                         (foreign, "ppo_atari_equi"), (mismatched, "does not fit")):
-        with pytest.raises(SystemExit):
-            load_actor(path, sac.SCRIPT, "cpu")
-        message = capsys.readouterr().err.strip()
-        assert message.startswith("error:") and words in message and "\n" not in message
+        fails_with(capsys, [words], sac.load_actor, path, "cpu")
 
 
 def test_unknown_env_id_from_the_command_line(workdir):
     proc = run_script(SCRIPT, "--env-id", "cleanrl_equi/NoSuchTask-v0", cwd=workdir, check=False)
-    assert proc.returncode == 2 and "unknown env id" in proc.stderr and "Traceback" not in proc.stderr
+    script_fails_with(proc, "unknown env id")
 
 
 def test_stopped_run_resumes_with_its_replay_buffer(workdir):
@@ -274,7 +229,7 @@ def test_stopped_run_resumes_with_its_replay_buffer(workdir):
     assert proc.wait(timeout=300) == 128 + signal.SIGUSR1, output
     resume_file = os.path.join(workdir, "runs", "r", "resume.pt")
     saved = torch.load(resume_file, weights_only=False)
-    assert saved["global_step"] >= 30 and saved["replay_buffer"]["valid"].sum() > 30  # demos + agent steps
+    assert saved["global_step"] >= 30 and saved["state"]["replay_buffer"]["valid"].sum() > 30  # demos + agent steps
 
     resumed = run_script(SCRIPT, *flags, cwd=workdir)
     assert f"resuming runs/r from global step {saved['global_step']}" in resumed.stdout
@@ -286,4 +241,4 @@ def test_stopped_run_resumes_with_its_replay_buffer(workdir):
     assert gradient_steps == list(range(gradient_steps[0], gradient_steps[0] + len(gradient_steps)))  # no gap
 
     proc = run_script(SCRIPT, *flags[:-8], "--model", "cnn", "--run-name", "r", cwd=workdir, check=False)
-    assert proc.returncode == 2 and "--model" in proc.stderr and proc.stderr.count("error:") == 1
+    script_fails_with(proc, "--model")

@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 
 import ale_py
+import cv2
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode
@@ -86,14 +87,31 @@ def action_meanings(env_id: str) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MirrorSymmetry:
-    """A mirror of the screen and the action swap that goes with it.
+    """A mirror of the screen, the action swap that goes with it, and where the game's mirror line lies.
 
     axis: "left-right" reverses the image width (columns); "top-bottom" reverses the height (rows).
     swap: the two words of action names that exchange under the mirror, e.g. ("RIGHT", "LEFT").
+    centre: the game's mirror line in raw-screen pixel indices (the 210x160 screen; Carnival's is 214x160) along the
+        mirrored dimension: the game's mirror maps pixel i to pixel 2 * centre - i. The screen's own centre is 79.5
+        (columns) or 104.5 (rows); most games' playfields are off it, so flipping the whole resized frame is not
+        the game's mirror.
+    window: the raw pixels [start, stop) along the mirrored dimension that `playfield_crop` keeps (the other
+        dimension is kept whole). Symmetric about `centre` (start + stop - 1 == 2 * centre), so that after the resize
+        to 84x84, flipping the frame about its centre is the game's mirror.
+    approximate: "" if the crop makes the mirror exact on the game's static background and on the player's
+        reachable range (tests/test_atari_mirror.py); otherwise what stays asymmetric, with its measured error.
     """
 
     axis: str
     swap: tuple[str, str]
+    centre: float
+    window: tuple[int, int]
+    approximate: str = ""
+
+    def __post_init__(self):
+        start, stop = self.window
+        if start + stop - 1 != 2 * self.centre:
+            raise ValueError(f"window {self.window} is not symmetric about {self.centre}")
 
     def action_permutation(self, meanings: list[str]) -> list[int]:
         """perm[i] = index of the action that mirrors action i (an involution)."""
@@ -109,17 +127,41 @@ class MirrorSymmetry:
         """The tensor dimension (of an N x C x H x W batch) that the mirror reverses."""
         return -1 if self.axis == "left-right" else -2
 
+    def crop(self, screen: np.ndarray) -> np.ndarray:
+        """The window of a raw screen (H x W, or H x W x C), as a view."""
+        start, stop = self.window
+        return screen[start:stop] if self.axis == "top-bottom" else screen[:, start:stop]
 
-# Checked on the emulator by tests/test_atari.py: the mirrored action moves the player the mirrored way.
+
+def playfield_frame(screen: np.ndarray, symmetry: MirrorSymmetry) -> np.ndarray:
+    """A raw screen as the agent sees it with `playfield_crop`: the window, resized to 84x84 with OpenCV's area
+    interpolation (what both back-ends use), so the frame's centre column (or row) is the game's mirror line."""
+    return cv2.resize(symmetry.crop(screen), (84, 84), interpolation=cv2.INTER_AREA)
+
+
+# Axes measured on the emulator by benchmarks/atari_mirror_axes.py (results in benchmarks/results/
+# atari_mirror_axes.json): each game's player is driven into both walls with its move actions, and the axis is the
+# centre of its reachable range in raw-screen pixels; the median background of random play cross-checks it. The
+# window is the widest one inside the screen symmetric about the axis, except Pong's (see there).
+# tests/test_atari.py checks that the mirrored action moves the player the mirrored way; tests/test_atari_mirror.py
+# that the crop maps the player's range and the static background onto themselves.
 # Pong's paddles move vertically: its RIGHT/LEFT actions move the paddle up/down, so its mirror is top-bottom.
 MIRROR_SYMMETRIES: dict[str, MirrorSymmetry] = {
-    "Breakout": MirrorSymmetry("left-right", ("RIGHT", "LEFT")),
-    "Pong": MirrorSymmetry("top-bottom", ("RIGHT", "LEFT")),
-    "SpaceInvaders": MirrorSymmetry("left-right", ("RIGHT", "LEFT")),
-    "BeamRider": MirrorSymmetry("left-right", ("RIGHT", "LEFT")),
-    "DemonAttack": MirrorSymmetry("left-right", ("RIGHT", "LEFT")),
-    "Phoenix": MirrorSymmetry("left-right", ("RIGHT", "LEFT")),
-    "Carnival": MirrorSymmetry("left-right", ("RIGHT", "LEFT")),
+    # paddle columns 8-151 between the walls at 0-7 and 152-159: centred
+    "Breakout": MirrorSymmetry("left-right", ("RIGHT", "LEFT"), centre=79.5, window=(0, 160)),
+    # paddle rows 34-193 between the walls at 24-33 and 194-209. The widest window (rows 18-209) would take in
+    # the score and the bottom wall's 6 extra rows; rows 24-203 keep 10 rows of each wall and drop the score.
+    "Pong": MirrorSymmetry("top-bottom", ("RIGHT", "LEFT"), centre=113.5, window=(24, 204)),
+    # cannon columns 34-122
+    "SpaceInvaders": MirrorSymmetry("left-right", ("RIGHT", "LEFT"), centre=78.0, window=(0, 157)),
+    # ship columns 26-142 (the five beams)
+    "BeamRider": MirrorSymmetry("left-right", ("RIGHT", "LEFT"), centre=84.0, window=(9, 160)),
+    # cannon columns 25-141
+    "DemonAttack": MirrorSymmetry("left-right", ("RIGHT", "LEFT"), centre=83.0, window=(7, 160)),
+    # ship columns 12-142
+    "Phoenix": MirrorSymmetry("left-right", ("RIGHT", "LEFT"), centre=77.0, window=(0, 155)),
+    # gun columns 8-151: centred
+    "Carnival": MirrorSymmetry("left-right", ("RIGHT", "LEFT"), centre=79.5, window=(0, 160)),
 }
 
 
@@ -130,7 +172,7 @@ def mirror_symmetry(env_id: str) -> MirrorSymmetry:
         known = ", ".join(sorted(MIRROR_SYMMETRIES))
         raise ValueError(
             f"{game.name} has no known mirror symmetry; ppo_atari_equi.py supports {known} "
-            "(add an entry to cleanrl_equi/atari.py:MIRROR_SYMMETRIES after checking it), or use ppo_atari.py."
+            "(add an entry to cleanrl_equi/envs/atari.py:MIRROR_SYMMETRIES after checking it), or use ppo_atari.py."
         )
     return MIRROR_SYMMETRIES[game.name]
 
@@ -212,6 +254,20 @@ class FireReset(gym.Wrapper):
         return obs, info
 
 
+class CropPlayfield(gym.ObservationWrapper):
+    """Keep the game's window about its mirror line (before the resize), so that the resized frame's centre is the
+    game's mirror line."""
+
+    def __init__(self, env: gym.Env, symmetry: MirrorSymmetry):
+        super().__init__(env)
+        self.symmetry = symmetry
+        shape = symmetry.crop(np.zeros(env.observation_space.shape, np.uint8)).shape
+        self.observation_space = gym.spaces.Box(0, 255, shape, np.uint8)
+
+    def observation(self, observation):
+        return np.ascontiguousarray(self.symmetry.crop(observation))
+
+
 class SignReward(gym.RewardWrapper):
     """Learn from the sign of the reward, so one set of hyperparameters fits games with very different scores."""
 
@@ -219,9 +275,11 @@ class SignReward(gym.RewardWrapper):
         return float(np.sign(reward))
 
 
-def make_gym_env(env_id: str, idx: int, capture_video: bool, run_name: str):
-    """A thunk building one env with CleanRL's wrapper order (innermost first) for gymnasium's vector envs."""
+def make_gym_env(env_id: str, idx: int, capture_video: bool, run_name: str, playfield_crop: bool = False):
+    """A thunk building one env with CleanRL's wrapper order (innermost first) for gymnasium's vector envs;
+    `playfield_crop` crops the screen to the game's window (MirrorSymmetry.window) before the resize."""
     game = parse_atari_env_id(env_id)
+    symmetry = playfield_symmetry(env_id) if playfield_crop else None
 
     def thunk():
         kwargs = {"frameskip": 1, "repeat_action_probability": game.sticky_action_probability}
@@ -237,6 +295,8 @@ def make_gym_env(env_id: str, idx: int, capture_video: bool, run_name: str):
         if "FIRE" in env.unwrapped.get_action_meanings():
             env = FireReset(env)
         env = SignReward(env)
+        if symmetry is not None:
+            env = CropPlayfield(env, symmetry)
         env = gym.wrappers.ResizeObservation(env, (84, 84))
         env = gym.wrappers.GrayscaleObservation(env)
         env = gym.wrappers.FrameStackObservation(env, 4)
@@ -304,6 +364,49 @@ class NativeAtariGames(gym.vector.VectorWrapper):
         return obs, np.sign(raw_rewards).astype(np.float32), terminations, truncations, infos
 
 
+class PlayfieldFrameStack(gym.vector.VectorWrapper):
+    """The native env's frame stack, redone on full-resolution frames so they can be cropped first.
+
+    Wraps `NativeAtariGames` over a native env run at the raw screen size with a 1-frame "stack" (ale-py 0.12.1 can
+    resize but not crop). Each new screen is cropped to the game's window and resized like the native env does
+    (`playfield_frame`), and the last `stack_num` are stacked, newest last, with zeros before a game's first frame
+    as in the native stack: with a whole-screen window the observations are the native env's, bit for bit.
+    """
+
+    def __init__(self, env: gym.vector.VectorEnv, symmetry: MirrorSymmetry, stack_num: int = 4):
+        super().__init__(env)
+        self.symmetry = symmetry
+        self.frames = np.zeros((self.num_envs, stack_num, 84, 84), dtype=np.uint8)
+        self.single_observation_space = gym.spaces.Box(0, 255, self.frames.shape[1:], np.uint8)
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, self.num_envs)
+
+    def _push(self, screens: np.ndarray, new_game: np.ndarray) -> np.ndarray:
+        self.frames[new_game] = 0
+        self.frames[:, :-1] = self.frames[:, 1:]
+        for i in range(self.num_envs):
+            self.frames[i, -1] = playfield_frame(screens[i, -1], self.symmetry)
+        return self.frames.copy()
+
+    def reset(self, **kwargs):
+        screens, infos = self.env.reset(**kwargs)
+        return self._push(screens, np.ones(self.num_envs, dtype=bool)), infos
+
+    def step(self, actions):
+        screens, rewards, terminations, truncations, infos = self.env.step(actions)
+        # same-step autoreset: a finished game's env already shows the next game's first screen
+        new_game = infos.get("_episode", np.zeros(self.num_envs, dtype=bool))
+        return self._push(screens, new_game), rewards, terminations, truncations, infos
+
+
+def playfield_symmetry(env_id: str) -> MirrorSymmetry:
+    """The symmetry whose window `playfield_crop` uses; ValueError (one sentence) for a game without one."""
+    game = parse_atari_env_id(env_id)
+    if game.name not in MIRROR_SYMMETRIES:
+        known = ", ".join(sorted(MIRROR_SYMMETRIES))
+        raise ValueError(f"{game.name} has no measured mirror axis to crop about; the playfield crop supports {known}.")
+    return MIRROR_SYMMETRIES[game.name]
+
+
 def make_atari_envs(
     env_id: str,
     num_envs: int,
@@ -312,14 +415,25 @@ def make_atari_envs(
     run_name: str = "",
     async_envs: bool = False,
     num_threads: int = 0,
+    *,
+    playfield_crop: bool = False,
 ) -> gym.vector.VectorEnv:
     """The vector env for PPO: `backend` "ale" (native, threaded) or "gym" (CleanRL's wrappers; can record video).
 
     Seed it with `envs.reset(seed=...)`; observations are uint8 arrays of shape (num_envs, 4, 84, 84).
+
+    `playfield_crop`: crop each raw screen to the game's window about its mirror line (`MIRROR_SYMMETRIES`) before
+    the resize, so that flipping the 84x84 frame about its centre is the game's mirror (what the equivariant agent
+    assumes). ValueError for a game without a measured axis. The native back-end then returns full-resolution
+    frames and crops, resizes and stacks them in Python (`PlayfieldFrameStack`).
     """
     game = parse_atari_env_id(env_id)
+    symmetry = playfield_symmetry(env_id) if playfield_crop else None
     if backend == "ale":
-        meanings = action_meanings(env_id)
+        env = gym.make(env_id)
+        meanings = list(env.unwrapped.get_action_meanings())
+        screen_height, screen_width = env.observation_space.shape[:2]
+        env.close()
         native = ale_py.vector_env.AtariVectorEnv(
             game.rom,
             num_envs,
@@ -333,14 +447,16 @@ def make_atari_envs(
             life_loss_info=True,
             reward_clipping=False,
             use_fire_reset=True,
-            img_height=84,
-            img_width=84,
+            # the native env resizes but cannot crop: with the crop, take whole screens and do the rest in Python
+            img_height=84 if symmetry is None else screen_height,
+            img_width=84 if symmetry is None else screen_width,
             grayscale=True,
-            stack_num=4,
+            stack_num=4 if symmetry is None else 1,
         )
-        return NativeAtariGames(native, has_fire="FIRE" in meanings)
+        envs = NativeAtariGames(native, has_fire="FIRE" in meanings)
+        return envs if symmetry is None else PlayfieldFrameStack(envs, symmetry)
     if backend == "gym":
-        thunks = [make_gym_env(env_id, i, capture_video, run_name) for i in range(num_envs)]
+        thunks = [make_gym_env(env_id, i, capture_video, run_name, playfield_crop) for i in range(num_envs)]
         vector_cls = gym.vector.AsyncVectorEnv if async_envs else gym.vector.SyncVectorEnv
         return LiftEpisodeStatistics(vector_cls(thunks, autoreset_mode=AutoresetMode.SAME_STEP))
     raise ValueError(f"unknown Atari back-end {backend!r}; use 'ale' or 'gym'.")

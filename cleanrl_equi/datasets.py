@@ -1,4 +1,4 @@
-"""Offline datasets of the manipulation tasks: one `.npz` file per dataset, collection, checks, and a CLI.
+"""Offline datasets of the manipulation tasks: one `.npz` file per dataset, its checks, and collection.
 
 A dataset is a list of whole **episodes**, stored back to back (SPEC §8). Episode e with T_e steps contributes
 T_e + 1 observations (its first observation up to its true final observation; never the reset frame of the next
@@ -25,10 +25,10 @@ Qualities (the Equivariant Offline RL paper's): "expert" = planner episodes; "me
 mean) of a saved SAC actor whose evaluation discounted return reaches `--reward-limit` (0.4 in the paper); "mixed" =
 both, `--expert-fraction` of the episodes from the planner.
 
-    uv run python -m cleanrl_equi.offline_data --env-id cleanrl_equi/BlockPulling-v0 --quality expert \\
+    uv run python -m cleanrl_equi.tools.make_dataset --env-id cleanrl_equi/BlockPulling-v0 --quality expert \\
         --num-episodes 10 --out datasets/block_pulling_expert.npz
-    uv run python -m cleanrl_equi.offline_data --quality medium --checkpoint runs/<run>/sac_equi_bullet.cleanrl_model
-    uv run python -m cleanrl_equi.offline_data --info datasets/block_pulling_expert.npz
+    uv run python -m cleanrl_equi.tools.make_dataset --quality medium --checkpoint runs/<run>/sac_equi_bullet.cleanrl_model
+    uv run python -m cleanrl_equi.tools.make_dataset --info datasets/block_pulling_expert.npz
 
 The training scripts read a dataset with `load_dataset(path, env_id, image_size)` and draw batches with
 `dataset.sample(batch_size, device)`; without a path they use `default_dataset(...)`, a small planner dataset built
@@ -46,19 +46,18 @@ import time
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable, Literal, Optional, Union
+from typing import Callable, Optional, Union
 
 import gymnasium as gym
 import numpy as np
 import torch
 
-from cleanrl_equi.manipulation_rl import check_env_id, evaluate, load_actor, stored_obs_to_tensor
-from cleanrl_equi.utils import fail
+from cleanrl_equi.envs.manipulation import check_env_id
+from cleanrl_equi.run import fail
 
 FORMAT_VERSION = 1
 GAMMA = 0.99  # the discount of the papers' metric (discounted return = gamma^(T-1) for success at step T)
 QUALITIES = ("expert", "medium", "mixed")
-EVAL_SEED_OFFSET = 1_000_000  # a checkpoint's evaluation uses scenes far from the collected ones
 ARRAYS = {  # name -> (dtype, number of dimensions)
     "heights": (np.uint8, 3),
     "holding": (np.bool_, 1),
@@ -71,6 +70,15 @@ ARRAYS = {  # name -> (dtype, number of dimensions)
     "episode_seeds": (np.int64, 1),
 }
 Policy = Union[str, Callable[[np.ndarray], np.ndarray]]
+
+
+def stored_obs_to_tensor(heights: np.ndarray, holding: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The compact stored form of observations (height channel uint8 (B, S, S), holding flag bool (B,)) -> the float
+    (B, 2, S, S) the networks take: height / 255 and the flag as 0/1, as from the env's uint8 (2, S, S) / 255.
+    Offline datasets and the SAC replay buffer store observations this way (16 KiB per 128 px image)."""
+    heights = torch.as_tensor(heights, device=device).float().div_(255.0)
+    flag = torch.as_tensor(holding, device=device).float()
+    return torch.stack([heights, flag[:, None, None].expand_as(heights)], dim=1)
 
 
 # ---- The dataset ----------------------------------------------------------------------------------------------------
@@ -186,7 +194,7 @@ def dataset_filename(env_id: str, quality: str, num_episodes: int, image_size: i
 def collect_command(env_id: Optional[str], out: str, image_size: Optional[int] = None) -> str:
     """The CLI line that makes an expert dataset at `out` (quoted in error messages)."""
     size = f" --image-size {image_size}" if image_size else ""
-    return (f"`uv run python -m cleanrl_equi.offline_data --env-id {env_id or 'cleanrl_equi/<Task>-v0'} "
+    return (f"`uv run python -m cleanrl_equi.tools.make_dataset --env-id {env_id or 'cleanrl_equi/<Task>-v0'} "
             f"--quality expert{size} --out {out}`")
 
 
@@ -374,7 +382,7 @@ def _metadata(env_id, image_size, max_steps, env_kwargs, quality, policy_info, s
             "env_kwargs": {"image_size": image_size, "max_steps": max_steps, **(env_kwargs or {})},
             "quality": quality, "policy": policy_info, "seed": seed, **summarise(dataset),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "created_by": "cleanrl_equi.offline_data"}
+            "created_by": "cleanrl_equi.datasets"}
 
 
 def concatenate(datasets: list[OfflineDataset], quality: str, policy_info: dict, seed: int) -> OfflineDataset:
@@ -395,81 +403,6 @@ def collect_expert(env_id: str, num_episodes: int, seed: int, image_size: int = 
                    **kwargs) -> OfflineDataset:
     """`num_episodes` planner episodes ("expert" quality)."""
     return collect_episodes(env_id, num_episodes, seed, image_size, max_steps, "planner", quality="expert", **kwargs)
-
-
-def greedy_policy(actor: torch.nn.Module, device: Union[str, torch.device]) -> Callable[[np.ndarray], np.ndarray]:
-    """uint8 observations (B, 2, S, S) -> the actor's deterministic actions tanh(mean), as NumPy (B, 5)."""
-    actor.eval()  # escnn expands its filters once; nothing is updated while collecting
-
-    @torch.no_grad()
-    def act(obs: np.ndarray) -> np.ndarray:
-        mean, _ = actor(torch.as_tensor(obs, device=device).float().div_(255.0))
-        return torch.tanh(mean).cpu().numpy()
-
-    return act
-
-
-def load_medium_policy(checkpoint_path: str, env_id: str, image_size: int, max_steps: int, reward_limit: float,
-                       eval_episodes: int, seed: int, device: Union[str, torch.device] = "cpu",
-                       script: str = "sac_equi_bullet", num_eval_envs: int = 5):
-    """Load a saved actor, evaluate it greedily on `eval_episodes` episodes, and refuse it (one sentence) if its
-    mean discounted return is below `reward_limit`. Returns (policy callable, policy_info for the metadata)."""
-    device = torch.device(device)
-    actor, saved = load_actor(checkpoint_path, script, device)
-    if getattr(saved, "env_id", None) != env_id:
-        fail(f"checkpoint {checkpoint_path!r} was trained on {getattr(saved, 'env_id', None)}, not {env_id}; pass "
-             f"--env-id {getattr(saved, 'env_id', None)} or a checkpoint of {env_id}.")
-    if getattr(saved, "image_size", None) != image_size:
-        fail(f"checkpoint {checkpoint_path!r} was trained on {getattr(saved, 'image_size', None)}-px images, not "
-             f"{image_size}; pass --image-size {getattr(saved, 'image_size', None)}.")
-    if eval_episodes < 1:
-        fail("--eval-episodes must be at least 1: a checkpoint is evaluated before it collects data.")
-    saved.max_steps, saved.gamma = max_steps, GAMMA  # judged under the dataset's time limit and the papers' gamma
-    saved.eval_episodes, saved.num_eval_envs = eval_episodes, num_eval_envs
-    result = evaluate(actor, saved, device, seed=seed + EVAL_SEED_OFFSET)
-    print(f"checkpoint {checkpoint_path}: discounted return {result['discounted_return']:.4f}, success rate "
-          f"{result['success_rate']:.3f} over {eval_episodes} evaluation episodes", flush=True)
-    if result["discounted_return"] < reward_limit:
-        fail(f"checkpoint {checkpoint_path!r} reaches a discounted return of {result['discounted_return']:.4f} over "
-             f"{eval_episodes} episodes, below --reward-limit {reward_limit}; train it longer or lower the limit.")
-    info = {"type": "checkpoint", "path": os.path.abspath(checkpoint_path), "script": f"{script}.py",
-            "model": getattr(saved, "model", None), "eval_episodes": eval_episodes,
-            "eval_discounted_return": result["discounted_return"], "eval_success_rate": result["success_rate"],
-            "reward_limit": reward_limit, "action": "tanh(mean)"}
-    return greedy_policy(actor, device), info
-
-
-def collect_medium(checkpoint_path: str, env_id: str, num_episodes: int, seed: int, image_size: int = 128,
-                   max_steps: int = 50, reward_limit: float = 0.4, eval_episodes: int = 100,
-                   device: Union[str, torch.device] = "cpu", script: str = "sac_equi_bullet",
-                   **kwargs) -> OfflineDataset:
-    """Greedy roll-outs of a saved actor that first passes the `reward_limit` evaluation ("medium" quality)."""
-    policy, info = load_medium_policy(checkpoint_path, env_id, image_size, max_steps, reward_limit, eval_episodes,
-                                      seed, device, script)
-    return collect_episodes(env_id, num_episodes, seed, image_size, max_steps, policy, quality="medium",
-                            policy_info=info, **kwargs)
-
-
-def collect_mixed(checkpoint_path: str, env_id: str, num_episodes: int, seed: int, image_size: int = 128,
-                  max_steps: int = 50, expert_fraction: float = 0.5, reward_limit: float = 0.4,
-                  eval_episodes: int = 100, device: Union[str, torch.device] = "cpu",
-                  script: str = "sac_equi_bullet", **kwargs) -> OfflineDataset:
-    """round(expert_fraction * num_episodes) planner episodes (seeds seed, seed+1, ...) followed by medium episodes
-    of the checkpoint (the next seeds), in one dataset ("mixed" quality)."""
-    if not 0.0 <= expert_fraction <= 1.0:
-        fail(f"--expert-fraction must be in [0, 1], not {expert_fraction}.")
-    num_expert = int(round(expert_fraction * num_episodes))
-    policy, info = load_medium_policy(checkpoint_path, env_id, image_size, max_steps, reward_limit, eval_episodes,
-                                      seed, device, script)
-    parts = []
-    if num_expert > 0:
-        parts.append(collect_episodes(env_id, num_expert, seed, image_size, max_steps, "planner", **kwargs))
-    if num_episodes - num_expert > 0:
-        parts.append(collect_episodes(env_id, num_episodes - num_expert, seed + num_expert, image_size, max_steps,
-                                      policy, **kwargs))
-    mixed_info = {"type": "mixed", "expert_fraction": expert_fraction, "expert_episodes": num_expert,
-                  "medium_episodes": num_episodes - num_expert, "expert": {"type": "planner"}, "medium": info}
-    return concatenate(parts, "mixed", mixed_info, seed)
 
 
 def data_dir() -> str:
@@ -526,101 +459,10 @@ def to_minari(dataset: OfflineDataset, dataset_id: str, author: Optional[str] = 
                 observation_space=gym.spaces.Box(0, 255, (2, size, size), np.uint8),
                 action_space=gym.spaces.Box(-1.0, 1.0, (5,), np.float32),
                 algorithm_name=f"cleanrl-equi {meta['quality']} data: {json.dumps(meta['policy'])}",
-                author=author, code_permalink="cleanrl_equi/offline_data.py",
+                author=author, code_permalink="cleanrl_equi/datasets.py",
                 description=description or (
                     f"{meta['quality']} episodes of {meta['env_id']} converted from a cleanrl-equi dataset (sha256 "
                     f"{meta['checksum'][:16]}...); infos['expert'][t + 1] flags transition t as a planner step."))
         except ValueError as exc:  # an existing id, or one that breaks Minari's naming rules
             fail(f"Minari refused the dataset id {dataset_id!r} ({str(exc).strip()[:160]}); pick another id or "
                  f"remove the old one with `minari delete {dataset_id}`.")
-
-
-# ---- Command line ---------------------------------------------------------------------------------------------------
-@dataclass
-class Args:
-    env_id: str = "cleanrl_equi/BlockPulling-v0"
-    """the manipulation task, `cleanrl_equi/<Task>-v0`"""
-    quality: Literal["expert", "medium", "mixed"] = "expert"
-    """expert = planner episodes, medium = greedy roll-outs of --checkpoint, mixed = both"""
-    num_episodes: int = 10
-    """the number of whole episodes to collect"""
-    seed: int = 0
-    """episode i starts from reset(seed=seed + i)"""
-    image_size: int = 128
-    """observation height and width in pixels"""
-    max_steps: int = 50
-    """episode length limit; a time-out is stored as a truncation"""
-    out: Optional[str] = None
-    """the output file (default: datasets/<task>_<quality>_<episodes>ep_<size>px_<steps>steps_seed<seed>.npz)"""
-    checkpoint: Optional[str] = None
-    """for medium / mixed: a sac_equi_bullet.py model saved with --save-model"""
-    reward_limit: float = 0.4
-    """refuse a checkpoint whose evaluation discounted return is below this (0.4 = the paper's "medium")"""
-    expert_fraction: float = 0.5
-    """for mixed: the fraction of episodes that come from the planner"""
-    eval_episodes: int = 100
-    """episodes of the checkpoint's evaluation before it collects"""
-    cuda: bool = True
-    """run the checkpoint's actor on the GPU when there is one"""
-    info: Optional[str] = None
-    """print this dataset's metadata and array shapes instead of collecting"""
-    to_minari: Optional[str] = None
-    """also export the dataset at --out (collected first if the file does not exist) as this Minari dataset id"""
-
-
-def print_info(path: str) -> None:
-    dataset = load_dataset(path)
-    print(json.dumps(dataset.metadata, indent=2))
-    for name, array in dataset.arrays().items():
-        print(f"{name:16s} {str(array.dtype):8s} {array.shape}")
-    print(f"file size {os.path.getsize(path) / 1e6:.2f} MB")
-
-
-def summary_line(path: str, dataset: OfflineDataset, seconds: float) -> str:
-    meta = dataset.metadata
-    return (f"{path}: {meta['quality']} {meta['env_id']}, {meta['num_episodes']} episodes, {meta['num_transitions']} "
-            f"transitions, success rate {meta['success_rate']:.3f}, discounted return {meta['discounted_return']:.4f}, "
-            f"{os.path.getsize(path) / 1e6:.2f} MB, {seconds:.1f} s")
-
-
-def main(args: Args) -> None:
-    if args.info is not None:
-        print_info(args.info)
-        return
-    if args.num_episodes < 1:
-        fail(f"--num-episodes must be at least 1, not {args.num_episodes}.")
-    if args.quality == "expert" and args.checkpoint is not None:
-        fail("--checkpoint is only used with --quality medium or mixed; drop it for planner data.")
-    if args.quality != "expert" and args.checkpoint is None:
-        fail(f"--quality {args.quality} needs --checkpoint, a sac_equi_bullet.py model saved with --save-model.")
-    out = args.out or os.path.join("datasets", dataset_filename(args.env_id, args.quality, args.num_episodes,
-                                                                args.image_size, args.max_steps, args.seed))
-    if args.to_minari is not None:
-        import_minari()  # before a long collection, not after it
-    if args.to_minari is not None and os.path.isfile(out):
-        to_minari(load_dataset(out, args.env_id, args.image_size), args.to_minari)
-        print(f"exported {out} as Minari dataset {args.to_minari!r}")
-        return
-    device = "cuda" if args.cuda and torch.cuda.is_available() else "cpu"
-    start = time.time()
-    common = dict(env_id=args.env_id, num_episodes=args.num_episodes, seed=args.seed, image_size=args.image_size,
-                  max_steps=args.max_steps, progress_interval=30.0)
-    medium = dict(checkpoint_path=args.checkpoint, reward_limit=args.reward_limit, eval_episodes=args.eval_episodes,
-                  device=device)
-    if args.quality == "expert":
-        dataset = collect_expert(**common)
-    elif args.quality == "medium":
-        dataset = collect_medium(**medium, **common)
-    else:
-        dataset = collect_mixed(**medium, **common, expert_fraction=args.expert_fraction)
-    save_dataset(out, dataset)
-    print(summary_line(out, dataset, time.time() - start), flush=True)
-    if args.to_minari is not None:
-        to_minari(dataset, args.to_minari)
-        print(f"exported {out} as Minari dataset {args.to_minari!r}")
-
-
-if __name__ == "__main__":
-    import tyro
-
-    main(tyro.cli(Args))

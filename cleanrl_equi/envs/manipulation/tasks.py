@@ -1,6 +1,6 @@
 """The eight close-loop manipulation tasks: objects, randomisation, success checks and expert planners.
 
-Conventions (action, observation, frames) are in `cleanrl_equi.manipulation`. Every task is registered with
+Conventions (action, observation, frames) are in `cleanrl_equi.envs.manipulation.scene`. Every task is registered with
 gymnasium as `cleanrl_equi/<Name>-v0` when `cleanrl_equi` is imported. Sizes follow BulletArm's close-loop
 defaults (5 cm cubes, 8 x 8 cm flat blocks, a 0.3 m workspace); the drawer, bowl, roof and corner are built here
 from boxes and a convex hull.
@@ -21,7 +21,7 @@ import math
 import numpy as np
 import pybullet as pb
 
-from cleanrl_equi.manipulation import (
+from cleanrl_equi.envs.manipulation.scene import (
     FINGER_HALF,
     Z_RANGE,
     ManipulationEnv,

@@ -18,9 +18,9 @@ sqrt(n) over the n seeds (no band with one seed). The table (`summary.md`, `summ
 per (env, experiment, tag): the number of seeds, the last value (each seed's final logged value; mean +- the same
 95% t half-width), the best value (the mean over seeds of each seed's maximum) and the steps reached.
 
-    uv run python -m cleanrl_equi.plot_runs runs/ --out plots/
-    uv run python -m cleanrl_equi.plot_runs runs/ --out plots/ --group-by model --smooth 5
-    uv run python -m cleanrl_equi.plot_runs runs/a runs/b --tags charts/episodic_return losses/value_loss
+    uv run python -m cleanrl_equi.tools.plot_runs runs/ --out plots/
+    uv run python -m cleanrl_equi.tools.plot_runs runs/ --out plots/ --group-by model --smooth 5
+    uv run python -m cleanrl_equi.tools.plot_runs runs/a runs/b --tags charts/episodic_return losses/value_loss
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tyro
 
-from cleanrl_equi.utils import fail
+from cleanrl_equi.run import fail
 
 DEFAULT_TAGS = ["charts/episodic_return", "eval/success_rate", "eval/discounted_return"]
 EVENT_FILE_PREFIX = "events.out.tfevents."

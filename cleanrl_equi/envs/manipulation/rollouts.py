@@ -1,0 +1,144 @@
+"""Agent-side helpers of the manipulation scripts: vector envs, the observation tensor, rotation of batches (the
+task's symmetry applied to training data), and evaluation of a policy.
+
+Action layout, everywhere: a = (p, dx, dy, dz, dtheta) in [-1, 1]^5. Under a turn R of the world about the gripper
+axis the image turns (torch.rot90 for R = +90 degrees) and (dx, dy) -> R (dx, dy); p, dz and dtheta are invariant.
+A manipulation actor maps the float observation (B, 2, S, S) to (mean, log_std) of a tanh-squashed Gaussian; its
+deterministic action is tanh(mean).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import cleanrl_equi
+from cleanrl_equi.run import fail
+
+
+def check_env_id(env_id: str) -> None:
+    """Stop with one sentence unless `env_id` is one of the manipulation tasks, `cleanrl_equi/<Task>-v0`."""
+    task = env_id.removeprefix("cleanrl_equi/").removesuffix("-v0")
+    if env_id not in gym.registry:
+        tasks = ",".join(cleanrl_equi.MANIPULATION_TASKS)
+        fail(f"unknown env id {env_id!r}; use one of cleanrl_equi/{{{tasks}}}-v0.")
+    if not env_id.startswith("cleanrl_equi/") or task not in cleanrl_equi.MANIPULATION_TASKS:
+        fail(f"{env_id!r} is not a manipulation task; use cleanrl_equi/<Task>-v0 (e.g. cleanrl_equi/BlockPulling-v0).")
+
+
+def rotate_batch(batch: dict[str, torch.Tensor], angles: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Turn each sample's world by its angle (radians, counter-clockwise seen from above) about the gripper axis:
+    the height channels of obs and next_obs rotate about the image centre (bilinear, the table's 0 fills the
+    corners; pi/2 gives exactly torch.rot90(x, 1, dims=(-2, -1))), (dx, dy) rotates by the same angle and is clipped
+    to [-1, 1]; p, dz, dtheta, the holding flag and the reward are unchanged."""
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    # affine_grid maps output coordinates (x = column, y = row, in [-1, 1]) to input coordinates; a +90 degree
+    # rot90 takes output (row, col) from input (col, S-1-row), i.e. x_in = -y_out, y_in = x_out at angle pi/2
+    theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1),
+                         torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1)
+    out = dict(batch)
+    for key in ("obs", "next_obs"):
+        obs = batch[key]
+        grid = F.affine_grid(theta, list(obs[:, :1].shape), align_corners=False)
+        heights = F.grid_sample(obs[:, :1], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        out[key] = torch.cat([heights, obs[:, 1:]], dim=1)
+    actions = batch["actions"].clone()
+    dx, dy = actions[:, 1].clone(), actions[:, 2].clone()
+    actions[:, 1], actions[:, 2] = cos * dx - sin * dy, sin * dx + cos * dy
+    out["actions"] = actions.clamp(-1.0, 1.0)
+    return out
+
+
+# ---- Environments and evaluation ------------------------------------------------------------------------------------
+def make_envs(args, num_envs: int, asynchronous: bool = False, video_folder: Optional[str] = None):
+    def thunk(idx: int):
+        def make():
+            render_mode = "rgb_array" if video_folder and idx == 0 else None
+            env = gym.make(args.env_id, image_size=args.image_size, max_steps=args.max_steps, render_mode=render_mode)
+            if render_mode:
+                env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda e: True)
+            return env
+
+        return make
+
+    vector_cls = gym.vector.AsyncVectorEnv if asynchronous and num_envs > 1 else gym.vector.SyncVectorEnv
+    envs = vector_cls([thunk(i) for i in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    return gym.wrappers.vector.RecordEpisodeStatistics(envs)
+
+
+def obs_to_tensor(obs: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (B, 2, S, S) from the env -> float in [0, 1]: height / 255, holding flag 0/1."""
+    return torch.as_tensor(obs, device=device).float().div_(255.0)
+
+
+def action_smoothness(actions: np.ndarray) -> float:
+    """CAPS's smoothness measure of one episode's executed actions (T x 5): the amplitude-weighted mean frequency
+    of their spectrum, Sm = 2 / (n f_s) sum_i M_i f_i with f_s = 1 per step, averaged over action dimensions.
+    0 for a constant action sequence; larger means more high-frequency jitter."""
+    if len(actions) < 2:
+        return 0.0
+    spectrum = np.abs(np.fft.rfft(actions, axis=0))  # (n_freq, 5)
+    freqs = np.fft.rfftfreq(len(actions))[:, None]
+    return float((2.0 / len(freqs) * (spectrum * freqs).sum(0)).mean())
+
+
+def evaluate(actor: nn.Module, args, device: torch.device, seed: int,
+             video_folder: Optional[str] = None) -> dict[str, float]:
+    """Run `args.eval_episodes` episodes with the deterministic action tanh(mean); return the mean success rate,
+    discounted return (gamma^(T-1) for success at step T: the papers' metric), length and action smoothness."""
+    num_envs = min(args.num_eval_envs, args.eval_episodes)
+    quota = [args.eval_episodes // num_envs + (i < args.eval_episodes % num_envs) for i in range(num_envs)]
+    envs = make_envs(args, num_envs, video_folder=video_folder)
+    obs, _ = envs.reset(seed=seed)
+    returns, successes, lengths, smooth, change = [], [], [], [], []
+    episode_actions: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
+    discounted, steps = np.zeros(num_envs), np.zeros(num_envs, dtype=int)
+    resetting = np.zeros(num_envs, dtype=bool)
+    with torch.no_grad():
+        actor.eval()  # nothing is updated during the evaluation: escnn layers expand their filters once
+        while any(q > 0 for q in quota):
+            actions = torch.tanh(actor(obs_to_tensor(obs, device))[0]).cpu().numpy()
+            obs, rewards, terminations, truncations, infos = envs.step(actions)
+            for i in range(num_envs):
+                if resetting[i] or quota[i] == 0:  # this step reset env i (its action was ignored), or it is done
+                    continue
+                discounted[i] += args.gamma ** steps[i] * rewards[i]
+                steps[i] += 1
+                episode_actions[i].append(actions[i])
+                if terminations[i] or truncations[i]:
+                    acts = np.array(episode_actions[i])
+                    returns.append(discounted[i])
+                    successes.append(float(infos["is_success"][i]))
+                    lengths.append(steps[i])
+                    smooth.append(action_smoothness(acts))
+                    change.append(float(np.linalg.norm(np.diff(acts, axis=0), axis=1).mean()) if len(acts) > 1 else 0.0)
+                    quota[i] -= 1
+                    discounted[i], steps[i], episode_actions[i] = 0.0, 0, []
+            resetting = np.logical_or(terminations, truncations)
+    actor.train()
+    envs.close()
+    return {"success_rate": float(np.mean(successes)), "discounted_return": float(np.mean(returns)),
+            "episode_length": float(np.mean(lengths)), "action_smoothness": float(np.mean(smooth)),
+            "action_change": float(np.mean(change))}
+
+
+def format_eval(result: dict[str, float]) -> str:
+    return (f"success {result['success_rate']:.3f} | discounted return {result['discounted_return']:.4f} | "
+            f"length {result['episode_length']:.2f} | smoothness {result['action_smoothness']:.6f} | "
+            f"action change {result['action_change']:.6f}")
+
+
+def evaluate_checkpoint(actor: nn.Module, saved, args, device: torch.device) -> None:
+    """A script's `--eval-checkpoint`: report `args.eval_episodes` episodes of the saved `actor`, trained with the
+    settings `saved`, under the env settings it was trained with."""
+    if args.eval_episodes < 1:
+        fail("--eval-episodes must be at least 1.")
+    saved.eval_episodes, saved.num_eval_envs = args.eval_episodes, args.num_eval_envs
+    video_folder = f"videos/{saved.env_id.replace('/', '_')}__{saved.exp_name}__eval" if args.capture_video else None
+    result = evaluate(actor, saved, device, seed=saved.seed + 10_000, video_folder=video_folder)
+    print(f"{saved.env_id} ({saved.model}): {format_eval(result)} over {args.eval_episodes} episodes", flush=True)

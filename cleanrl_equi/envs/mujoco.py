@@ -1,0 +1,129 @@
+"""MuJoCo helpers for rpo_mujoco.py: env-id checks, an early rendering check, and the observation/reward
+normalisation statistics of CleanRL's continuous-control wrappers (merge, save, restore).
+
+CleanRL does not save these statistics with the model, so a saved policy is evaluated behind fresh normalisers
+and acts on observations it never saw (CleanRL issues #425 and #532); rpo_mujoco.py saves and restores them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import gymnasium as gym
+import numpy as np
+
+from cleanrl_equi.run import fail
+
+# MuJoCo renders (for --capture-video) through OpenGL; a Linux machine without a display has no window system, so
+# use EGL there (it needs the libegl1 package) unless the user chose a backend with MUJOCO_GL themselves.
+if sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
+    os.environ.setdefault("MUJOCO_GL", "egl")
+
+
+def check_env_id(env_id: str) -> None:
+    """Stop with one sentence unless `env_id` names a gymnasium MuJoCo task."""
+    examples = "HalfCheetah-v5, Hopper-v5, Walker2d-v5, Ant-v5 or Humanoid-v5"
+    if env_id.startswith("ALE/") or "NoFrameskip" in env_id or _is_registered_atari(env_id):
+        fail(f"{env_id} is an Atari game and this script trains MuJoCo tasks; use ppo_atari.py for Atari.")
+    try:
+        spec = gym.spec(env_id)
+    except gym.error.Error:
+        fail(f"unknown env id {env_id!r}; pass a gymnasium MuJoCo task such as {examples}.")
+    entry_point = spec.entry_point if isinstance(spec.entry_point, str) else ""
+    if not entry_point.startswith("gymnasium.envs.mujoco."):
+        if (spec.version or 0) < 4 and f"{spec.name}-v5" in gym.registry:
+            fail(f"{env_id} needs mujoco-py, which gymnasium 1.x no longer supports; use {spec.name}-v5.")
+        fail(f"{env_id} is not a MuJoCo continuous-control task; pass one such as {examples}.")
+
+
+def _is_registered_atari(env_id: str) -> bool:
+    """Whether `env_id` is one of the Atari ids that ale-py registers (only known after importing ale_py)."""
+    if env_id in gym.registry:
+        return "ale_py" in str(gym.registry[env_id].entry_point)
+    try:
+        import ale_py
+    except ImportError:
+        return False
+    gym.register_envs(ale_py)
+    return env_id in gym.registry and "ale_py" in str(gym.registry[env_id].entry_point)
+
+
+def check_rendering(env_id: str) -> None:
+    """Render one frame, so a machine without a working OpenGL backend fails now rather than at the first video."""
+    # torch loads triton (with its own LLVM) lazily, the first time an optimizer is built. Loaded after Mesa's
+    # software EGL (which brings another LLVM), it crashes the process with a segmentation fault, so load it first.
+    import torch._dynamo  # noqa: F401
+    try:
+        env = gym.make(env_id, render_mode="rgb_array")
+        env.reset(seed=0)
+        env.render()
+        env.close()
+    except Exception as exc:
+        fail(f"--capture-video cannot render {env_id} with MUJOCO_GL={os.environ.get('MUJOCO_GL')!r} "
+             f"({type(exc).__name__}); install EGL (Debian: libegl1 libgl1-mesa-dri) or OSMesa (libosmesa6) and set "
+             "MUJOCO_GL=egl or MUJOCO_GL=osmesa.")
+
+
+def normalizers(env: gym.Env) -> tuple[gym.wrappers.NormalizeObservation, gym.wrappers.NormalizeReward]:
+    """The observation and reward normalisation wrappers inside one sub-env."""
+    obs_norm = reward_norm = None
+    while isinstance(env, gym.Wrapper):
+        if isinstance(env, gym.wrappers.NormalizeObservation):
+            obs_norm = env
+        elif isinstance(env, gym.wrappers.NormalizeReward):
+            reward_norm = env
+        env = env.env
+    assert obs_norm is not None and reward_norm is not None, "the env must have both normalisation wrappers"
+    return obs_norm, reward_norm
+
+
+def merged_statistics(rms_list) -> dict:
+    """Combine running mean/variance/count trackers (one per sub-env) into one, as if they had seen all the data."""
+    mean = np.array(rms_list[0].mean, dtype=np.float64)
+    var = np.array(rms_list[0].var, dtype=np.float64)
+    count = float(rms_list[0].count)
+    for rms in rms_list[1:]:
+        total = count + rms.count
+        delta = rms.mean - mean
+        mean = mean + delta * rms.count / total
+        var = (var * count + rms.var * rms.count + np.square(delta) * count * rms.count / total) / total
+        count = total
+    return {"mean": mean, "var": var, "count": count}
+
+
+def training_statistics(envs: gym.vector.SyncVectorEnv) -> dict:
+    """The normalisation statistics of all sub-envs, merged: what a saved policy needs to see as it saw in training."""
+    pairs = [normalizers(env) for env in envs.envs]
+    return {"obs_rms": merged_statistics([obs_norm.obs_rms for obs_norm, _ in pairs]),
+            "return_rms": merged_statistics([reward_norm.return_rms for _, reward_norm in pairs])}
+
+
+def restore_statistics(env: gym.Env, statistics: dict, freeze: bool = True) -> None:
+    """Load saved normalisation statistics into one sub-env; freeze them (evaluation) or let them go on (resume)."""
+    obs_norm, reward_norm = normalizers(env)
+    for rms, saved in ((obs_norm.obs_rms, statistics["obs_rms"]), (reward_norm.return_rms, statistics["return_rms"])):
+        rms.mean = np.array(saved["mean"], dtype=rms.mean.dtype).reshape(rms.mean.shape)
+        rms.var = np.array(saved["var"], dtype=rms.var.dtype).reshape(rms.var.shape)
+        rms.count = float(saved["count"])
+    obs_norm.update_running_mean = not freeze
+    reward_norm.update_running_mean = not freeze
+
+
+class NormalizationState:
+    """The statistics of every sub-env, not merged, as resumable state (`state_dict` / `load_state_dict`): a resumed
+    run goes on normalising exactly as the interrupted one did."""
+
+    def __init__(self, envs: gym.vector.SyncVectorEnv):
+        self.envs = envs
+
+    def state_dict(self) -> list[dict]:
+        pairs = [normalizers(env) for env in self.envs.envs]
+        return [{"obs_rms": merged_statistics([obs.obs_rms]), "return_rms": merged_statistics([ret.return_rms])}
+                for obs, ret in pairs]
+
+    def load_state_dict(self, state: list[dict]) -> None:
+        if len(state) != len(self.envs.envs):
+            raise ValueError(f"{len(state)} sub-envs were saved, {len(self.envs.envs)} are running")
+        for env, statistics in zip(self.envs.envs, state):
+            restore_statistics(env, statistics, freeze=False)

@@ -1,0 +1,283 @@
+"""Run plumbing of the training scripts: one-sentence errors, checkpoint files, and `Run`, which owns everything a run
+needs besides its algorithm (run name and directory, TensorBoard writer, wandb, resume file, stop signals, periodic
+checkpoints, RNG state, progress line).
+
+A mistake a user can make (a bad flag, a missing file) should stop the script with one sentence that names the
+fix, not a stack trace from deep inside training: `fail` prints that sentence and exits with status 2.
+
+Runs survive SLURM time limits and preemption. A training script keeps one resume file in its run directory,
+written every `--checkpoint-minutes` and when a signal says the job is about to stop: SLURM sends
+`--signal=B:USR1@<seconds>` before the wall-time limit and TERM on preemption or scancel. The script then asks
+SLURM to requeue the job and exits; the requeued job runs the same command, finds the same run directory (its name
+comes from the SLURM job id, or from --run-name) and continues from the same global step with the same networks,
+optimisers and RNG state (and replay buffer, where there is one). TensorBoard drops whatever the interrupted run
+logged after its resume file (`purge_step`), so curves continue without gaps or repeated steps.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, NoReturn
+
+import numpy as np
+import torch
+
+RESUME_FILE = "resume.pt"
+RESUMABLE_CHANGES = ("total_timesteps", "num_iterations", "checkpoint_minutes", "progress_interval", "cuda", "track",
+                     "wandb_project_name", "wandb_entity", "save_model", "capture_video", "run_name")
+"""Flags that may differ between an interrupted run and its resumption (num_iterations: the PPO scripts derive it
+from total_timesteps); any other difference is refused."""
+
+
+def fail(message: str) -> NoReturn:
+    """Print `error: <message>` on stderr and exit with status 2 (the usual exit status for bad usage)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def device_for(args: Any) -> torch.device:
+    """CUDA when asked for (`--cuda`, the default) and available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+
+def save_checkpoint(path: str, script: str, args: Any, **state: Any) -> None:
+    """Write `state` (state_dicts, tensors, plain data) with the script name and its args to `path`, atomically.
+
+    The file is written next to its final place and renamed, so an interrupted save (a SLURM time limit) never
+    leaves a truncated checkpoint behind.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    payload = {"script": script, "args": dict(vars(args)), **state}
+    tmp_path = f"{path}.tmp"
+    torch.save(payload, tmp_path)
+    os.replace(tmp_path, path)
+
+
+def load_checkpoint(path: str, script: str, map_location: str | torch.device = "cpu",
+                    fix: str = "evaluate it with that script") -> dict:
+    """Read a checkpoint written by `save_checkpoint` for `script`, failing with one sentence if it cannot be used."""
+    if not os.path.isfile(path):
+        fail(f"checkpoint {path!r} does not exist; pass the path of a file written with --save-model.")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # any unpickling problem means the file is not a usable checkpoint
+        fail(f"checkpoint {path!r} could not be read ({type(exc).__name__}); it is corrupt or not a checkpoint.")
+    if not isinstance(payload, dict) or "script" not in payload:
+        fail(f"checkpoint {path!r} was not written by a cleanrl-equi script.")
+    if payload["script"] != script:
+        fail(f"checkpoint {path!r} was written by {payload['script']}, not {script}; {fix}.")
+    return payload
+
+
+def load_state(module: Any, state: dict, path: str) -> None:
+    """`module.load_state_dict(state)`, failing with one sentence when the shapes or names do not match."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        fail(f"checkpoint {path!r} does not fit this network ({first[:160]}); it has other shapes or settings.")
+
+
+def make_run_name(run_name: str | None, env_label: str, exp_name: str, seed: int) -> str:
+    """`--run-name` if given; under SLURM `{env}__{exp}__{seed}__slurm{job}` (array task: `{array_job}_{task}`),
+    which a requeued job finds again; otherwise CleanRL's `{env}__{exp}__{seed}__{unix time}`."""
+    if run_name:
+        return run_name
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{env_label}__{exp_name}__{seed}__slurm{array_job}_{task}"
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"{env_label}__{exp_name}__{seed}__slurm{os.environ['SLURM_JOB_ID']}"
+    return f"{env_label}__{exp_name}__{seed}__{int(time.time())}"
+
+
+class StopSignal:
+    """Remembers that SLURM (or anyone) asked the job to stop: USR1 (the wall-time warning) or TERM (preemption,
+    scancel). The training loop checks `requested` at a step boundary, where a checkpoint is consistent."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
+        self.received: int | None = None
+        for signum in signals:
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+
+class CheckpointClock:
+    """True every `minutes` of wall time (0 = never): the periodic checkpoint that a hard kill cannot take away."""
+
+    def __init__(self, minutes: float):
+        self.seconds, self.last = 60.0 * minutes, time.time()
+
+    def due(self) -> bool:
+        if self.seconds <= 0 or time.time() - self.last < self.seconds:
+            return False
+        self.last = time.time()
+        return True
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global random generator a script draws from (Python, NumPy, torch CPU and CUDA)."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_resume(run_dir: str, script: str, args: Any, **state: Any) -> None:
+    """Write the run's resume file (atomically, with the RNG state); `state` is whatever the loop needs to go on."""
+    save_checkpoint(os.path.join(run_dir, RESUME_FILE), script, args, rng=rng_state(), **state)
+
+
+def load_resume(run_dir: str, script: str, args: Any) -> dict | None:
+    """The run's resume file if there is one (None for a new run), after checking it was written by `script` with
+    the same settings. Fails with one sentence if the file cannot be used."""
+    path = os.path.join(run_dir, RESUME_FILE)
+    if not os.path.exists(path):
+        return None
+    payload = load_checkpoint(path, script, fix="this run directory belongs to that script; pick another --run-name")
+    saved, now = payload["args"], dict(vars(args))
+    changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} ({saved.get(k)!r} there, {now.get(k)!r} now)" for k in changed)
+        fail(f"{path!r} was saved with other settings: {flags}; resume with the same flags or pick a new --run-name.")
+    return payload
+
+
+def stop_for_requeue(stop: StopSignal) -> NoReturn:
+    """After the resume file is written: on SLURM's time-limit warning (USR1) requeue this job, which restarts and
+    resumes; then exit. TERM is not requeued here: `scancel` sends it too (and SLURM's state cannot tell the two
+    apart at that moment), and a site that preempts with requeue requeues the job itself. Otherwise the exit status
+    is the usual 128 + signal number, so a caller sees the run did not finish (the same command resumes it)."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    name = signal.Signals(stop.received).name if stop.received else "stop"
+    if job_id and shutil.which("scontrol") and stop.received == signal.SIGUSR1:
+        print(f"{name} received: checkpoint written; requeueing SLURM job {job_id}", flush=True)
+        subprocess.run(["scontrol", "requeue", job_id], check=False)
+        raise SystemExit(0)
+    print(f"{name} received: checkpoint written; run the same command again to resume", flush=True)
+    raise SystemExit(128 + (stop.received or 0))
+
+
+def format_minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+
+
+class Run:
+    """The plumbing of one training run, so the script keeps to its algorithm. In a script:
+
+        run = Run(SCRIPT, args, env_label)         # run dir, device, writer, wandb; reads a resume file if present
+        run.keep(actor=actor, optimizer=opt, ...)  # the resumable state, listed once (state_dict/load_state_dict,
+                                                   # or tensors)
+        step = run.resume(global_step=0, ...)      # the loop's counters: saved values on resume, else these;
+                                                   # restores the kept state and the RNG
+        for ...:
+            run.checkpoint(global_step=..., ...)   # at a step boundary: periodic resume file; on USR1/TERM also
+                                                   # stop (and requeue under SLURM)
+            run.progress(global_step, total, ...)  # a progress line every --progress-interval seconds
+        run.save_model(actor=actor.state_dict())   # --save-model's file
+
+    It prints the run directory and device as soon as it is made. On resume, TensorBoard purges what the interrupted
+    run logged after its resume file, and wandb continues the run of the same name.
+    """
+
+    def __init__(self, script: str, args: Any, env_label: str):
+        self.script, self.args = script, args
+        self.name = make_run_name(args.run_name, env_label, args.exp_name, args.seed)
+        self.dir = os.path.join("runs", self.name)
+        self.resume_path = os.path.join(self.dir, RESUME_FILE)
+        self.device = device_for(args)
+        self.saved = load_resume(self.dir, script, args)
+        self.state: dict[str, Any] = {}
+        if args.track:
+            try:
+                import wandb
+            except ImportError:
+                fail("--track logs to Weights & Biases, which is not installed; install it with `uv pip install "
+                     "wandb`, or leave out --track.")
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=vars(args), name=self.name, save_code=True, resume="allow", id=self.name)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(self.dir, purge_step=self.saved["global_step"] + 1 if self.saved else None)
+        if self.saved is None:
+            rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+            self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
+        self.stop, self.clock = StopSignal(), CheckpointClock(args.checkpoint_minutes)
+        self.start_time, self.start_step, self.last_progress = time.time(), 0, 0.0
+        what = f"resuming {self.dir} from global step {self.saved['global_step']}" if self.saved else f"run {self.dir}"
+        print(f"{what} on {self.device}", flush=True)
+
+    def keep(self, **state: Any) -> None:
+        """Name the state a resumed run needs: objects with state_dict/load_state_dict, or tensors."""
+        self.state = state
+
+    def resume(self, **counters: Any) -> dict[str, Any]:
+        """The loop's counters (`global_step` among them): the saved ones when resuming (after loading the kept state
+        and restoring the RNG, so it is the last thing before the loop), else the given starting values."""
+        if self.saved is not None:
+            for key, target in self.state.items():
+                if isinstance(target, torch.Tensor):
+                    with torch.no_grad():
+                        target.copy_(self.saved["state"][key])
+                else:
+                    load_state(target, self.saved["state"][key], self.resume_path)
+            counters = {key: self.saved["counters"][key] for key in counters}
+            set_rng_state(self.saved["rng"])
+        self.start_time, self.start_step = time.time(), counters["global_step"]  # SPS counts this process's steps
+        return counters
+
+    def checkpoint(self, **counters: Any) -> None:
+        """At a step boundary: write the resume file when the clock says so or a stop signal came; after a signal,
+        stop (under SLURM's USR1: requeue)."""
+        if not (self.stop.requested or self.clock.due()):
+            return
+        self.writer.flush()  # what was logged up to this step is on disk before the resume file says so
+        state = {key: value.detach().cpu() if isinstance(value, torch.Tensor) else value.state_dict()
+                 for key, value in self.state.items()}
+        save_resume(self.dir, self.script, self.args, global_step=counters["global_step"], counters=counters,
+                    state=state)
+        if self.stop.requested:
+            self.writer.close()
+            stop_for_requeue(self.stop)
+
+    def sps(self, global_step: int) -> float:
+        """Steps per second of this process (a resumed run counts from its restart)."""
+        return (global_step - self.start_step) / max(time.time() - self.start_time, 1e-9)
+
+    def progress(self, global_step: int, total: int, *fields: str, force: bool = False) -> None:
+        """`step N/total | SPS | fields... | time left`, at most every `--progress-interval` seconds (or `force`)."""
+        if not force and time.time() - self.last_progress < self.args.progress_interval:
+            return
+        self.last_progress = time.time()
+        sps = self.sps(global_step)
+        left = format_minutes((total - global_step) / sps) if sps > 0 else "?"
+        line = " | ".join([f"step {global_step}/{total}", f"SPS {sps:.1f}", *fields, f"{left} left"])
+        print(line, flush=True)
+
+    def save_model(self, **state: Any) -> str:
+        """`--save-model`: write runs/{run}/{exp_name}.cleanrl_model (with the script name and args); its path."""
+        path = os.path.join(self.dir, f"{self.args.exp_name}.cleanrl_model")
+        save_checkpoint(path, self.script, self.args, **state)
+        print(f"model saved to {path}", flush=True)
+        return path
+
+    def close(self) -> None:
+        self.writer.close()
