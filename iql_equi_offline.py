@@ -11,7 +11,7 @@ action is taken through the squashing, so what is trained is what runs. `--model
 With no `--dataset`, a small planner dataset of `--env-id` is built once (cached) and used, so this just works:
 
     uv run python iql_equi_offline.py
-    uv run python -m cleanrl_equi.datasets --env-id cleanrl_equi/BlockInBowl-v0 --quality expert --num-episodes 10
+    uv run python -m cleanrl_equi.tools.make_dataset --env-id cleanrl_equi/BlockInBowl-v0 --quality expert --num-episodes 10
     uv run python iql_equi_offline.py --env-id cleanrl_equi/BlockInBowl-v0 --dataset datasets/<file>.npz --model cnn
     uv run python iql_equi_offline.py --eval-checkpoint runs/<run>/iql_equi_offline.cleanrl_model
 """
@@ -20,7 +20,6 @@ import copy
 import math
 import os
 import random
-import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -70,7 +69,7 @@ class Args:
     env_id: str = "cleanrl_equi/BlockPulling-v0"
     """the manipulation task, `cleanrl_equi/<Task>-v0`: the dataset's task and the evaluation env"""
     dataset: Optional[str] = None
-    """an offline dataset file (`python -m cleanrl_equi.datasets`); default: a cached planner dataset of env_id"""
+    """an offline dataset file (`python -m cleanrl_equi.tools.make_dataset`); default: a cached planner dataset of env_id"""
     default_dataset_episodes: int = 10
     """episodes of the default planner dataset built when no --dataset is given (the paper's 10 expert demos)"""
     image_size: int = 128

@@ -229,6 +229,7 @@ if __name__ == "__main__":
 
     agent = build_agent(args).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    print(f"agent: {sum(p.numel() for p in agent.parameters()):,} parameters", flush=True)
 
     # ALGO Logic: Storage setup (frames stay uint8 until the network scales them: 4x less memory for big rollouts)
     obs = torch.zeros((args.num_steps, args.num_envs) + envs.single_observation_space.shape, dtype=torch.uint8).to(device)

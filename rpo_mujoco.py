@@ -100,8 +100,7 @@ class Args:
     target_kl: Optional[float] = None
     """the target KL divergence threshold (stop the epochs of an update early once it is passed)"""
     rpo_alpha: float = 0.5
-    """the alpha parameter for RPO: half-width of the noise on the mean (CleanRL advises 0.01 for Ant, Hopper,
-    InvertedDoublePendulum, Reacher, Pusher)"""
+    """the alpha parameter for RPO (noise half-width; CleanRL: 0.01 for Ant, Hopper, Reacher, Pusher, IDP)"""
     bootstrap_truncated: bool = True
     """bootstrap from the value of the final observation when the time limit cuts an episode (CleanRL does not)"""
 
@@ -292,6 +291,7 @@ if __name__ == "__main__":
 
     agent = Agent(obs_dim, action_dim, args.rpo_alpha).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    print(f"agent: {sum(p.numel() for p in agent.parameters()):,} parameters", flush=True)
 
     # ALGO Logic: Storage setup
     obs = torch.zeros((args.num_steps, args.num_envs) + envs.single_observation_space.shape).to(device)

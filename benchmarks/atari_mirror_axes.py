@@ -8,10 +8,12 @@ left-right mirror, rows for Pong's top-bottom one):
 
 * the player's reachable range: the player is driven into each wall with the game's move action, then the screen
   after standing still is compared with the screen after moving away: the pixels that differ, in the player's band,
-  start at the player's outer edge. Several hold lengths and move lengths are tried; the answer is their mode.
-  The mirror axis is the centre of that range: the mirror maps raw pixel i to pixel 2 * axis - i.
+  start at the player's outer edge. Several hold lengths and move lengths are tried; the answer is the most extreme
+  edge two of them agree on. The mirror axis is the centre of that range: the mirror about it maps raw pixel i to
+  pixel 2 * axis - i.
 * the static background: the median of many max-pooled frames (what the agent sees before the resize) of random
-  play, and the axis about which it is most symmetric (a cross-check of the player's axis).
+  play; its static features (walls, shields, beams, HUD) with their extents and centres, and the axes near the
+  player's about which it is most symmetric (a cross-check of the player's axis).
 * the error left in the 84x84 frame, without the crop (today's mirror about the frame centre) and with the table's
   crop: the mean absolute difference between the median background and its mirror, and where along the other
   dimension (HUD rows, playfield) it comes from; and how far the player's reachable range lands from itself.
@@ -20,14 +22,15 @@ left-right mirror, rows for Pong's top-bottom one):
     uv run python benchmarks/atari_mirror_axes.py                      # writes the default output if it is absent
     uv run python benchmarks/atari_mirror_axes.py --overwrite          # re-measure and replace it
     uv run python benchmarks/atari_mirror_axes.py --games Pong --speed-steps 0 --out /tmp/pong.json
+
+Results: benchmarks/results/atari_mirror_axes.json and, beside it, a .png of each game's median background (as the
+agent sees it without and with the crop, mirrored, and the difference).
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -35,20 +38,20 @@ from dataclasses import dataclass
 import cv2
 import gymnasium as gym
 import numpy as np
-import tyro
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import REPO, Output, cli, companion, fail, machine_info, results_path  # noqa: E402
+
 sys.path.insert(0, REPO)
 from cleanrl_equi.envs.atari import FRAME_SKIP, MIRROR_SYMMETRIES, make_atari_envs  # noqa: E402
-
-DEFAULT_OUT = os.path.join(REPO, "benchmarks", "results", "atari_mirror_axes.json")
 
 # No-op frames before the player answers the joystick (some games play an intro first).
 WARM_UP_FRAMES = {"BeamRider": 300, "Carnival": 1000}
 
 
 @dataclass
-class Args:
+class Args(Output):
     games: str = ""
     """comma-separated game names, e.g. 'Pong,Phoenix' (default: every game of MIRROR_SYMMETRIES)"""
     background_steps: int = 3000
@@ -64,11 +67,6 @@ class Args:
     """alternating repeats of each throughput measurement (the median is reported)"""
     speed_game: str = "DemonAttack"
     """game of the throughput measurement (one whose crop is not the whole screen)"""
-    out: str | None = None
-    """where to write the JSON (a PNG of the backgrounds goes beside it, same name); default
-    benchmarks/results/atari_mirror_axes.json, which is written only if it does not exist yet"""
-    overwrite: bool = False
-    """replace the output files if they exist"""
     png: bool = True
     """also write the PNG: per game the median background without crop, with the crop, its mirror, and their
     difference"""
@@ -120,9 +118,13 @@ def player_band(emu: Emulator, state, dim: int, word_a: str, word_b: str) -> np.
 
 def player_edge(emu: Emulator, state, dim: int, band: np.ndarray, toward: str, away: str, lives: int, low: bool) -> dict:
     """The player's outer edge at the wall it reaches holding `toward` (the low-index wall if `low`): the first (or
-    last) changed pixel between standing still and moving `away` for a few frames, in the player's band."""
+    last) changed pixel, in the player's band, between standing still and moving `away` for a few frames.
+
+    Trials that lost a life (the sprite may be an explosion) or whose changes span most of the screen (a flash)
+    are dropped; a hold too short to reach the wall gives a less extreme edge. The answer is the most extreme edge
+    that two trials agree on."""
     edges = []
-    for hold in (120, 180, 240, 300):
+    for hold in (100, 200, 300, 400):
         emu.ale.restoreState(state)
         emu.act(toward, hold)
         at_wall = emu.ale.cloneState()
@@ -130,15 +132,17 @@ def player_edge(emu: Emulator, state, dim: int, band: np.ndarray, toward: str, a
             still = emu.screen_after(at_wall, "NOOP", frames)
             moved = emu.screen_after(at_wall, away, frames)
             if emu.ale.lives() != lives or emu.ale.game_over():
-                continue  # the player was hit: its sprite may be an explosion
+                continue
             changed = np.take(still != moved, band, axis=1 - dim)
             positions = np.flatnonzero(changed.any(axis=1 - dim))
-            if len(positions):
+            if len(positions) and positions[-1] - positions[0] < 0.75 * still.shape[dim]:
                 edges.append(int(positions[0] if low else positions[-1]))
     if not edges:
         raise RuntimeError(f"no edge found holding {toward}")
     values, counts = np.unique(edges, return_counts=True)
-    return {"edge": int(values[counts.argmax()]), "agreeing": int(counts.max()), "trials": edges}
+    agreed = values[counts >= 2] if (counts >= 2).any() else values
+    edge = int(agreed.min() if low else agreed.max())
+    return {"edge": edge, "trials": edges}
 
 
 def measure_player_range(game: str, seed: int) -> dict:
@@ -310,12 +314,6 @@ def measure_speed(args: Args) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    return names[0] if names else platform.machine()
-
-
 def measure_game(game: str, args: Args) -> tuple[dict, dict]:
     symmetry = MIRROR_SYMMETRIES[game]
     player = measure_player_range(game, args.seed)
@@ -350,7 +348,7 @@ def measure_game(game: str, args: Args) -> tuple[dict, dict]:
             "axis": symmetry.centre,
             "window": list(table_window),
             "approximate": symmetry.approximate,
-            "agrees_with_measurement": symmetry.centre == player["axis"],
+            "offset_from_player_axis": symmetry.centre - player["axis"],
         },
         "evaluations": evaluations,
     }
@@ -379,15 +377,13 @@ def montage(images: dict[str, dict], path: str):
 
 
 def main(args: Args):
-    out = args.out or DEFAULT_OUT
-    png = os.path.splitext(out)[0] + ".png"
-    existing = [p for p in (out, png if args.png else None) if p and os.path.exists(p)]
-    if existing and not args.overwrite:
-        sys.exit(f"error: {existing[0]} exists; pass --overwrite to replace it (or --out elsewhere).")
     games = [g for g in args.games.split(",") if g] or list(MIRROR_SYMMETRIES)
     unknown = [g for g in games if g not in MIRROR_SYMMETRIES]
     if unknown:
-        sys.exit(f"error: {unknown} not in MIRROR_SYMMETRIES ({', '.join(MIRROR_SYMMETRIES)}).")
+        fail(f"{', '.join(unknown)} not in MIRROR_SYMMETRIES ({', '.join(MIRROR_SYMMETRIES)}).")
+    # committed results are kept: the default path may exist only with --overwrite (before measuring anything)
+    out = results_path(args, "atari_mirror_axes.json", (".png",) if args.png else ())
+    png = companion(out, ".png")
 
     results, images = {}, {}
     for game in games:
@@ -405,10 +401,8 @@ def main(args: Args):
             flush=True,
         )
     report = {
-        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "hardware": f"{cpu_model()}, {os.cpu_count()} cores",
-        "load_average_at_start": os.getloadavg(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "overwrite")},
+        "machine": machine_info(),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "tag", "overwrite")},
         "coordinates": (
             "raw-screen pixel indices (210x160; Carnival 214x160), along the mirrored dimension; the mirror about "
             "`axis` maps pixel i to 2 * axis - i; a window is [start, stop); 84-px errors are in the 84x84 frame"
@@ -422,7 +416,6 @@ def main(args: Args):
     if args.speed_steps > 0:
         report["speed"] = measure_speed(args)
         print(json.dumps(report["speed"], indent=1))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
     if args.png:
@@ -431,4 +424,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli(Args, __doc__))

@@ -218,12 +218,13 @@ def _interrupt(signum, frame) -> NoReturn:
 
 
 def run_jobs(jobs: Sequence[Job], parallel: int = 1, check: bool = True, poll_seconds: float = 1.0,
-             heartbeat_minutes: float = 10.0, tail_lines: int = 20, quiet: bool = False) -> list[JobResult]:
+             heartbeat_minutes: float = 10.0, tail_lines: int = 20, quiet: bool = False, hint: str = "") -> list[JobResult]:
     """Run `jobs`, at most `parallel` at a time, in the order given; return their results in that order.
 
     Prints a progress line when a job starts and when one ends (and every `heartbeat_minutes` while they run). Every
     job runs even when another fails; at the end each failed job is reported with its exit status, command, log path
-    and the last `tail_lines` lines of its log, and with `check` the process exits with status 1. Ctrl-C (or TERM)
+    and the last `tail_lines` lines of its log, and with `check` the process exits with status 1 (after printing
+    `hint`, e.g. how to use the jobs that did finish). Ctrl-C (or TERM)
     stops the running jobs (TERM, then KILL after 30 s) and re-raises.
     """
     if parallel < 1:
@@ -292,8 +293,8 @@ def run_jobs(jobs: Sequence[Job], parallel: int = 1, check: bool = True, poll_se
         tail = log_tail(r.job.log, tail_lines).rstrip("\n")
         print("\n".join("    " + line for line in tail.splitlines()) or "    (empty)", file=sys.stderr, flush=True)
     if bad and check:
-        print(f"error: {len(bad)} of {total} job(s) failed: {', '.join(r.job.name for r in bad)}.", file=sys.stderr,
-              flush=True)
+        print(f"error: {len(bad)} of {total} job(s) failed: {', '.join(r.job.name for r in bad)}."
+              + (f" {hint[0].upper()}{hint[1:]}." if hint else ""), file=sys.stderr, flush=True)
         raise SystemExit(1)
     return ordered
 

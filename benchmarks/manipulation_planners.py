@@ -1,33 +1,49 @@
 """Planner quality of the manipulation tasks: success rate and episode length of each expert over seeded episodes.
 
 Runs `expert_action()` in every task for `--episodes` episodes (seeds 0..N-1, default settings: 0.3 m workspace,
-dpos 0.05, drot pi/4, 50 steps) and writes benchmarks/results/manipulation_planners.{json,csv}. `--iclr` uses the
-ICLR-2022 paper's settings instead (0.4 m workspace, drot pi/8, 100 steps) and writes manipulation_planners_iclr.*.
+dpos 0.05, drot pi/4, 50 steps) and writes benchmarks/results/manipulation_planners<tag>.{json,csv}. `--iclr` uses
+the ICLR-2022 paper's settings instead (0.4 m workspace, drot pi/8, 100 steps) and writes
+manipulation_planners_iclr<tag>.*. With --out, the .csv goes next to that .json; existing results only with
+--overwrite.
 
-    OMP_NUM_THREADS=1 uv run python benchmarks/manipulation_planners.py --episodes 100
-    OMP_NUM_THREADS=1 uv run python benchmarks/manipulation_planners.py --episodes 100 --iclr
+    OMP_NUM_THREADS=1 uv run python benchmarks/manipulation_planners.py --episodes 100 --overwrite
+    OMP_NUM_THREADS=1 uv run python benchmarks/manipulation_planners.py --episodes 100 --iclr --overwrite
+    OMP_NUM_THREADS=1 uv run python benchmarks/manipulation_planners.py --episodes 2 --tasks BlockPulling --out /tmp/p.json
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime
 import json
 import math
 import os
 import platform
+import sys
 import time
+from dataclasses import dataclass
 
 import gymnasium as gym
 import numpy as np
 
-import cleanrl_equi
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import REPO, Output, cli, companion, cpu_model, load_average, results_path  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+sys.path.insert(0, REPO)
+import cleanrl_equi  # noqa: E402
 
 
 ICLR_SETTINGS = {"workspace_size": 0.4, "drot": math.pi / 8, "max_steps": 100}
+
+
+@dataclass
+class Args(Output):
+    episodes: int = 100
+    """episodes per task (seeds 0..episodes-1)"""
+    tasks: str = ",".join(cleanrl_equi.MANIPULATION_TASKS)
+    """comma-separated tasks"""
+    iclr: bool = False
+    """the ICLR-2022 settings instead of BulletArm's defaults (results named manipulation_planners_iclr)"""
 
 
 def evaluate(task: str, episodes: int, gamma: float = 0.99, **env_kwargs) -> dict:
@@ -60,14 +76,12 @@ def evaluate(task: str, episodes: int, gamma: float = 0.99, **env_kwargs) -> dic
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--episodes", type=int, default=100)
-    parser.add_argument("--tasks", nargs="*", default=list(cleanrl_equi.MANIPULATION_TASKS))
-    parser.add_argument("--iclr", action="store_true", help="the ICLR-2022 settings instead of BulletArm's defaults")
-    args = parser.parse_args()
+    args = cli(Args, __doc__)
+    path = results_path(args, "manipulation_planners_iclr.json" if args.iclr else "manipulation_planners.json",
+                        (".csv",))
     env_kwargs = ICLR_SETTINGS if args.iclr else {}
     rows = []
-    for task in args.tasks:
+    for task in args.tasks.split(","):
         row = evaluate(task, args.episodes, **env_kwargs)
         rows.append(row)
         print(f"{task:15s} success {row['success_rate']:.2f}  mean length {row['mean_length']:.1f}  "
@@ -75,15 +89,13 @@ def main():
               flush=True)
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.machine(),
             "processor": platform.processor() or platform.uname().processor, "python": platform.python_version(),
-            "cpus": os.cpu_count(),
+            "cpus": os.cpu_count(), "cpu": cpu_model(), "load_average": load_average(),
             "settings": ("ICLR-2022 settings: workspace 0.4 m, dpos 0.05, drot pi/8, 100 steps" if args.iclr
                          else "default env kwargs (workspace 0.3 m, dpos 0.05, drot pi/4, 50 steps)"),
             "seeds": f"0..{args.episodes - 1}"}
-    os.makedirs(RESULTS, exist_ok=True)
-    stem = os.path.join(RESULTS, "manipulation_planners_iclr" if args.iclr else "manipulation_planners")
-    with open(f"{stem}.json", "w") as f:
+    with open(path, "w") as f:
         json.dump({"meta": meta, "results": rows}, f, indent=2)
-    with open(f"{stem}.csv", "w", newline="") as f:
+    with open(companion(path, ".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "failed_seeds"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)

@@ -7,9 +7,12 @@ Measures, on this machine:
      TinyRenderer and rayTestBatch (128 x 128 each), and Block Pulling steps/s with each of them;
   3. scaling: total steps/s of Block Pulling with random actions in N independent processes and in a gymnasium
      AsyncVectorEnv with N workers, for N = 1 .. --max-processes.
-Writes benchmarks/results/manipulation_speed.{json,csv}. Run it with one BLAS thread per process:
+Writes benchmarks/results/manipulation_speed<tag>.{json,csv} (or --out and its .csv; existing results only with
+--overwrite). Run it with one BLAS thread per process:
 
-    OMP_NUM_THREADS=1 uv run python benchmarks/manipulation_speed.py
+    OMP_NUM_THREADS=1 uv run python benchmarks/manipulation_speed.py --overwrite
+    OMP_NUM_THREADS=1 uv run python benchmarks/manipulation_speed.py --steps 50 --frames 10 --max-processes 1 \
+        --tasks BlockPulling --out /tmp/manipulation_speed.json
 
 BulletArm's close-loop envs take 0.03-0.08 s per step in one process on this kind of machine (SPEC §6:
 12-33 steps/s); the ratio column compares against its fastest end, 33 steps/s.
@@ -17,22 +20,38 @@ BulletArm's close-loop envs take 0.03-0.08 s per step in one process on this kin
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime
 import json
 import multiprocessing
 import os
 import platform
+import sys
 import time
+from dataclasses import dataclass
 
 import gymnasium as gym
 import numpy as np
 
-import cleanrl_equi
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import REPO, Output, cli, companion, cpu_model, results_path  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+sys.path.insert(0, REPO)
+import cleanrl_equi  # noqa: E402
+
 BULLETARM_STEPS_PER_SECOND = 33.0  # the fast end of 0.03-0.08 s per step (SPEC §6, measured on this machine type)
+
+
+@dataclass
+class Args(Output):
+    steps: int = 1000
+    """steps per single-process measurement"""
+    frames: int = 300
+    """renders per renderer measurement"""
+    max_processes: int = os.cpu_count() or 1
+    """the scaling measurement uses 1 .. this many processes (default: the logical cores)"""
+    tasks: str = ",".join(cleanrl_equi.MANIPULATION_TASKS)
+    """comma-separated tasks of the per-task measurement"""
 
 
 def steps_per_second(task: str, policy: str, steps: int, seed: int = 0, **kwargs) -> float:
@@ -97,16 +116,13 @@ def async_vector_env(task: str, processes: int, steps: int) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1000, help="steps per single-process measurement")
-    parser.add_argument("--frames", type=int, default=300, help="renders per renderer measurement")
-    parser.add_argument("--max-processes", type=int, default=os.cpu_count())
-    args = parser.parse_args()
+    args = cli(Args, __doc__)
+    path = results_path(args, "manipulation_speed.json", (".csv",))
     load_before = os.getloadavg()
     started = time.time()
 
     per_task = []
-    for task in cleanrl_equi.MANIPULATION_TASKS:
+    for task in args.tasks.split(","):
         row = {"task": task,
                "random_steps_per_s": round(steps_per_second(task, "random", args.steps), 1),
                "expert_steps_per_s": round(steps_per_second(task, "expert", args.steps), 1)}
@@ -136,13 +152,9 @@ def main():
         for key in ("independent_total_steps_per_s", "async_vector_env_total_steps_per_s"):
             row[key.replace("total_steps_per_s", "speedup")] = round(row[key] / scaling[0][key], 2)
 
-    cpu_model = ""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     meta = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "cpu": cpu_model, "cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+        "cpu": cpu_model(), "cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "seconds": round(time.time() - started, 1),
@@ -154,10 +166,9 @@ def main():
         meta["scaling_note"] = (f"load average {load_before[0]:.1f} -> {meta['load_average_after'][0]:.1f} on "
                                 f"{os.cpu_count()} cores during this run: other jobs held the cores, so the scaling "
                                 "rows measure contention, not how the env scales; rerun on idle cores.")
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "manipulation_speed.json"), "w") as f:
+    with open(path, "w") as f:
         json.dump({"meta": meta, "per_task": per_task, "renderers": renderers, "scaling": scaling}, f, indent=2)
-    with open(os.path.join(RESULTS, "manipulation_speed.csv"), "w", newline="") as f:
+    with open(companion(path, ".csv"), "w", newline="") as f:
         writer = csv.writer(f)
         for name, rows in (("per_task", per_task), ("renderers", renderers), ("scaling", scaling)):
             writer.writerow([f"# {name}"])

@@ -15,111 +15,136 @@ success) into benchmarks/results/offline_learning<tag>/, with the settings and h
     uv run python benchmarks/offline_learning.py --data expert,medium \\
         --medium-checkpoint BlockPulling=runs/<run>/sac_equi_bullet.cleanrl_model --tag _gpu
     # the CPU preset committed in benchmarks/results (small networks and images)
-    uv run python benchmarks/offline_learning.py --preset cpu --tag _cpu
-Extra flags after `--` go to every training run.
+    uv run python benchmarks/offline_learning.py --preset cpu --tag _cpu --overwrite
+    # a tiny check that writes nowhere near the committed results
+    uv run python benchmarks/offline_learning.py --preset cpu --tasks BlockPulling --algos iql --models cnn --seeds 1 \\
+        --num-episodes 1 --total-timesteps 20 --eval-frequency 10 --eval-episodes 1 --runs-dir /tmp/offline_runs \\
+        --out /tmp/offline_learning_check
+
+The datasets are made by `python -m cleanrl_equi.tools.make_dataset` and, like the training runs, run --parallel at a
+time with their output in <runs-dir>/logs/. An existing results folder is replaced only when --out names it or with
+--overwrite.
 """
 
-import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Annotated, Literal, Optional
+
+import tyro
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from common import (REPO, Job, Launch, Output, cli, device_flags, fail, machine_info, results_path,  # noqa: E402
+                    run_jobs, thread_env)
+
 CPU_PRESET = ["--group-order", "4", "--n-hidden", "16", "--image-size", "64", "--batch-size", "32",
               "--policy-lr", "3e-4", "--q-lr", "3e-4"]
 
 
+@dataclass
+class Args(Output, Launch):
+    preset: Literal["paper", "cpu"] = "paper"
+    """cpu: --device cpu, C4, n_hidden 16, 64 px, batch 32, lr 3e-4, 600 steps (paper: the scripts' defaults)"""
+    tasks: str = "BlockPulling,BlockInBowl"
+    """comma-separated manipulation tasks"""
+    data: str = "expert"
+    """comma-separated data kinds: expert, medium, mixed"""
+    medium_checkpoint: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
+    """TASK=PATH of a sac_equi_bullet.py model saved with --save-model, for medium/mixed data (repeat per task)"""
+    num_episodes: int = 10
+    """episodes per dataset (the paper's 10 demos)"""
+    algos: str = "cql,iql"
+    """comma-separated algorithms: cql, iql"""
+    models: str = "equi,cnn"
+    """comma-separated models: equi, cnn"""
+    seeds: str = "1,2,3"
+    """comma-separated seeds"""
+    total_timesteps: Optional[int] = None
+    """gradient steps per run (default: 20000, or 600 with --preset cpu)"""
+    eval_frequency: Optional[int] = None
+    """gradient steps between evaluations (default: 1000, or 150 with --preset cpu)"""
+    eval_episodes: Optional[int] = None
+    """episodes per evaluation (default: 100, or 20 with --preset cpu)"""
+    runs_dir: str = os.path.join(REPO, "benchmarks", "offline_runs")
+    """folder of the datasets, the runs' TensorBoard logs (runs/) and their output (logs/)"""
+    collect_only: bool = False
+    """skip training; summarise the runs already in --runs-dir"""
+    hardware: str = ""
+    """hardware description for the results (default: detected)"""
+
+
 def build_datasets(opts, image_size: int) -> dict[tuple[str, str], str]:
-    """{(task, data kind): dataset path}, collected once into --runs-dir/datasets."""
+    """{(task, data kind): dataset path}, collected once into --runs-dir/datasets (--parallel at a time)."""
     checkpoints = dict(item.split("=", 1) for item in opts.medium_checkpoint)
-    paths = {}
+    paths, jobs = {}, []
     for task in opts.tasks.split(","):
         for kind in opts.data.split(","):
             path = os.path.join(opts.runs_dir, "datasets", f"{task}_{kind}_{opts.num_episodes}ep_{image_size}px.npz")
             paths[(task, kind)] = path
             if os.path.exists(path):
                 continue
-            cmd = [sys.executable, "-m", "cleanrl_equi.datasets", "--env-id", f"cleanrl_equi/{task}-v0",
+            cmd = [sys.executable, "-m", "cleanrl_equi.tools.make_dataset", "--env-id", f"cleanrl_equi/{task}-v0",
                    "--quality", kind, "--num-episodes", str(opts.num_episodes), "--image-size", str(image_size),
                    "--out", path]
             if kind != "expert":
-                if task not in checkpoints:
-                    raise SystemExit(f"--data {kind} needs --medium-checkpoint {task}=<sac_equi_bullet checkpoint>")
                 cmd += ["--checkpoint", checkpoints[task]]
-            print(" ".join(cmd), flush=True)
-            subprocess.run(cmd, check=True, cwd=REPO)
+            log = os.path.join(opts.runs_dir, "logs", f"dataset_{task}_{kind}.log")
+            jobs.append(Job(f"dataset {task} {kind}", cmd, log, REPO, thread_env(opts.threads)))
+    run_jobs(jobs, opts.parallel)
     return paths
 
 
 def run_all(opts, datasets, extra):
-    env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads), MKL_NUM_THREADS=str(opts.threads))
-    os.makedirs(os.path.join(opts.runs_dir, "logs"), exist_ok=True)
-    running = []
+    jobs = []
     for (task, kind), path in datasets.items():
         for algo in opts.algos.split(","):
             for model in opts.models.split(","):
                 for seed in opts.seeds.split(","):
-                    while len(running) >= opts.parallel:
-                        running = [p for p in running if p.poll() is None]
-                        time.sleep(2)
                     name = f"{algo}_{kind}_{model}"
                     cmd = [sys.executable, os.path.join(REPO, f"{algo}_equi_offline.py"),
                            "--env-id", f"cleanrl_equi/{task}-v0", "--dataset", path, "--model", model,
                            "--seed", seed, "--exp-name", name, "--run-name", f"cleanrl_equi_{task}-v0__{name}__{seed}",
                            "--total-timesteps", str(opts.total_timesteps), "--eval-frequency",
                            str(opts.eval_frequency), "--eval-episodes", str(opts.eval_episodes),
-                           *(["--no-cuda"] if opts.device == "cpu" else []), *extra]
-                    log = open(os.path.join(opts.runs_dir, "logs", f"{task}_{name}_{seed}.log"), "w")
-                    print(" ".join(cmd), flush=True)
-                    running.append(subprocess.Popen(cmd, cwd=opts.runs_dir, env=env, stdout=log,
-                                                    stderr=subprocess.STDOUT))
-    for p in running:
-        p.wait()
+                           *device_flags(opts.device), *extra]
+                    log = os.path.join(opts.runs_dir, "logs", f"{task}_{name}_{seed}.log")
+                    jobs.append(Job(f"{task} {name} seed {seed}", cmd, log, opts.runs_dir, thread_env(opts.threads)))
+    run_jobs(jobs, opts.parallel)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", choices=["paper", "cpu"], default="paper",
-                        help="cpu: C4, n_hidden 16, 64 px, batch 32, lr 3e-4, 600 steps (paper: the scripts' defaults)")
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--tasks", default="BlockPulling,BlockInBowl")
-    parser.add_argument("--data", default="expert", help="comma list of expert, medium, mixed")
-    parser.add_argument("--medium-checkpoint", action="append", default=[], help="TASK=PATH, per task")
-    parser.add_argument("--num-episodes", type=int, default=10, help="episodes per dataset (the paper's 10 demos)")
-    parser.add_argument("--algos", default="cql,iql")
-    parser.add_argument("--models", default="equi,cnn")
-    parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--total-timesteps", type=int, default=None, help="gradient steps per run")
-    parser.add_argument("--eval-frequency", type=int, default=None)
-    parser.add_argument("--eval-episodes", type=int, default=None)
-    parser.add_argument("--parallel", type=int, default=1, help="runs at the same time")
-    parser.add_argument("--threads", type=int, default=1, help="OMP/MKL threads per run")
-    parser.add_argument("--runs-dir", default=os.path.join(REPO, "benchmarks", "offline_runs"))
-    parser.add_argument("--collect-only", action="store_true", help="skip training; summarise --runs-dir")
-    parser.add_argument("--hardware", default="", help="hardware description for the results")
-    parser.add_argument("--tag", default="")
-    opts, extra = parser.parse_known_args()
-    extra = [a for a in extra if a != "--"]
+    opts, extra = cli(Args, __doc__, passthrough=True)
+    opts.runs_dir = os.path.abspath(opts.runs_dir)
     cpu = opts.preset == "cpu"
     if cpu:
         opts.device, extra = "cpu", CPU_PRESET + extra
     opts.total_timesteps = opts.total_timesteps or (600 if cpu else 20000)
     opts.eval_frequency = opts.eval_frequency or (150 if cpu else 1000)
     opts.eval_episodes = opts.eval_episodes or (20 if cpu else 100)
+    for item in opts.medium_checkpoint:
+        if "=" not in item:
+            fail(f"--medium-checkpoint {item!r} is not TASK=PATH, e.g. BlockPulling=runs/<run>/sac_equi_bullet.cleanrl_model.")
+    checkpoints = dict(item.split("=", 1) for item in opts.medium_checkpoint)
+    missing = [t for t in opts.tasks.split(",") if t not in checkpoints]
+    if not opts.collect_only and set(opts.data.split(",")) - {"expert"} and missing:
+        fail(f"--data {opts.data} needs --medium-checkpoint {missing[0]}=<sac_equi_bullet checkpoint> for each task.")
     image_size = int(extra[extra.index("--image-size") + 1]) if "--image-size" in extra else 128
+    out = results_path(opts, "offline_learning", folder=True)
     started = time.time()
     if not opts.collect_only:
         run_all(opts, build_datasets(opts, image_size), extra)
-    out = os.path.join(HERE, "results", f"offline_learning{opts.tag}")
-    subprocess.run([sys.executable, "-m", "cleanrl_equi.tools.plot_runs", os.path.join(opts.runs_dir, "runs"), "--out", out,
-                    "--tags", "eval/success_rate", "eval/discounted_return", "--points", "50"], check=True, cwd=REPO)
-    hardware = opts.hardware or f"{platform.machine()} {opts.device}, {os.cpu_count()} cores"
+    subprocess.run([sys.executable, "-m", "cleanrl_equi.tools.plot_runs", os.path.join(opts.runs_dir, "runs"), "--out",
+                    out, "--tags", "eval/success_rate", "eval/discounted_return", "--points", "50"], check=True, cwd=REPO)
+    machine = machine_info(opts.device)
+    hardware = opts.hardware or f"{machine['cpu']} {opts.device}, {os.cpu_count()} cores" + (
+        f", {machine['gpu']}" if "gpu" in machine else "")
     info = {"date": time.strftime("%Y-%m-%d"), "hardware": hardware, "wall_seconds": round(time.time() - started),
-            "settings": {k: v for k, v in vars(opts).items() if k not in ("hardware", "tag")}, "extra_flags": extra}
+            "settings": {k: v for k, v in vars(opts).items() if k not in ("hardware", "tag", "out", "overwrite")},
+            "extra_flags": extra, "machine": machine}
     with open(os.path.join(out, "info.json"), "w") as f:
         json.dump(info, f, indent=1)
     print(f"wrote {out}/ (summary.md, summary.csv, plots, info.json)")

@@ -2,10 +2,15 @@
 
 Two steps, so the long runs can go in the background and be collected later:
 
-    # train (one process per env x seed, `--workers` at a time, each with one BLAS/OpenMP thread)
-    OMP_NUM_THREADS=1 nohup uv run python benchmarks/rpo_mujoco_learning.py run > rpo_bench.log 2>&1 &
+    # train (one process per env x seed, `--parallel` at a time, each with `--threads` BLAS/OpenMP threads)
+    nohup uv run python benchmarks/rpo_mujoco_learning.py run > rpo_bench.log 2>&1 &
     # read the runs' own TensorBoard scalars and write benchmarks/results/rpo_mujoco_learning.{csv,json,png}
-    uv run python benchmarks/rpo_mujoco_learning.py collect
+    uv run python benchmarks/rpo_mujoco_learning.py collect --overwrite
+    # a tiny check: flags after `--` go to every rpo_mujoco.py run; --out keeps the committed results
+    uv run python benchmarks/rpo_mujoco_learning.py run --workdir /tmp/rpo_check --env-ids Hopper-v5 --seeds 1 \
+        --total-timesteps 2048 -- --num-steps 512
+    uv run python benchmarks/rpo_mujoco_learning.py collect --workdir /tmp/rpo_check --total-timesteps 2048 \
+        --out /tmp/rpo_check/rpo_mujoco_learning.json
 
 Every run uses the script's defaults except `--total-timesteps 1001472` (489 rollouts of 2048 steps, the first
 whole number of rollouts past 1M; the learning rate therefore anneals to zero at 1M steps, not at 8M as in CleanRL's
@@ -15,22 +20,25 @@ of its saved policy with the saved, frozen normalisation statistics.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime
 import glob
+import importlib.util
 import json
 import os
 import platform
 import re
-import subprocess
 import sys
-import time
+from dataclasses import dataclass
+from typing import Annotated, Literal, Union
 
 import numpy as np
+import tyro
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(REPO, "benchmarks", "results")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (REPO, Job, Launch, Output, cli, companion, device_flags, fail, load_average,  # noqa: E402
+                    results_path, run_jobs, thread_env)
+
 DEFAULT_WORKDIR = os.path.join(REPO, "runs", "rpo_mujoco_benchmark")  # runs/ is git-ignored
 
 # CleanRL's published RPO returns (docs/rl-algorithms/rpo.md, MuJoCo v4, 8M steps, 10 seeds, mean +- std of the
@@ -50,28 +58,50 @@ PUBLISHED = {
 }
 
 
-def run(args: argparse.Namespace) -> None:
+@dataclass
+class Common:
+    workdir: str = DEFAULT_WORKDIR
+    """where the runs' runs/ folder and logs go"""
+    # 489 rollouts of 2048 steps: the smallest whole number of iterations that reaches 1M steps (the script, like
+    # CleanRL, runs total_timesteps // batch_size iterations, so 1_000_000 would stop at 999,424).
+    total_timesteps: int = 489 * 2048
+    """environment steps per run (489 rollouts of 2048: the first whole number of rollouts past 1M)"""
+
+
+@dataclass
+class RunArgs(Common, Launch):
+    """Train: one rpo_mujoco.py process per env x seed (flags after `--` go to every run)."""
+
+    device: Literal["cuda", "cpu"] = "cpu"
+    """cpu: every run gets --no-cuda (the committed runs); cuda: the script's default (the GPU when there is one)"""
+    parallel: int = 2
+    """runs at the same time (one core each)"""
+    env_ids: tuple[str, ...] = ("HalfCheetah-v5", "Hopper-v5")
+    """MuJoCo tasks"""
+    seeds: tuple[int, ...] = (1, 2)
+    """seeds of every task"""
+
+
+@dataclass
+class CollectArgs(Common, Output):
+    """Read the runs' TensorBoard scalars and write rpo_mujoco_learning<tag>.{json,csv,png}."""
+
+    hardware_note: str = "2 logical cores shared with other jobs during the runs"
+    """what else ran on the machine, for the record"""
+
+
+def run(args: RunArgs, extra: list[str]) -> None:
     os.makedirs(args.workdir, exist_ok=True)
-    jobs = [(env_id, seed) for env_id in args.env_ids for seed in args.seeds]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    running: list[tuple[subprocess.Popen, str]] = []
-    while jobs or running:
-        while jobs and len(running) < args.workers:
-            env_id, seed = jobs.pop(0)
+    jobs = []
+    for env_id in args.env_ids:
+        for seed in args.seeds:
             command = [
                 sys.executable, os.path.join(REPO, "rpo_mujoco.py"), "--env-id", env_id, "--seed", str(seed),
-                "--total-timesteps", str(args.total_timesteps), "--save-model", "--no-cuda", *args.extra,
+                "--total-timesteps", str(args.total_timesteps), "--save-model", *device_flags(args.device), *extra,
             ]
-            log_path = os.path.join(args.workdir, f"{env_id}__seed{seed}.log")
-            print(f"start: {' '.join(command)}  (log: {log_path})", flush=True)
-            log = open(log_path, "w")
-            proc = subprocess.Popen(command, cwd=args.workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
-            running.append((proc, log_path))
-        time.sleep(5)
-        for proc, log_path in list(running):
-            if proc.poll() is not None:
-                print(f"done (exit {proc.returncode}): {log_path}", flush=True)
-                running.remove((proc, log_path))
+            jobs.append(Job(f"{env_id} seed {seed}", command, os.path.join(args.workdir, f"{env_id}__seed{seed}.log"),
+                            args.workdir, thread_env(args.threads)))
+    run_jobs(jobs, args.parallel, hint="`collect` summarises the runs that finished")
 
 
 def read_scalars(run_dir: str) -> tuple[dict[str, list[tuple[int, float]]], list[float]]:
@@ -96,8 +126,9 @@ def fresh_normaliser_return(model_path: str, env_id: str, episodes: int = 10, se
     import gymnasium as gym
     import torch
 
-    sys.path.insert(0, REPO)
-    import rpo_mujoco
+    spec = importlib.util.spec_from_file_location("rpo_mujoco", os.path.join(REPO, "rpo_mujoco.py"))
+    rpo_mujoco = importlib.util.module_from_spec(spec)  # the script as a module: it trains only under __main__
+    spec.loader.exec_module(rpo_mujoco)
 
     agent, _, saved_args = rpo_mujoco.load_policy(model_path, "cpu")
     envs = gym.vector.SyncVectorEnv([rpo_mujoco.make_env(env_id, 0, False, "", saved_args["gamma"])],
@@ -134,10 +165,12 @@ def hardware() -> dict:
         "torch": torch.__version__,
         "gymnasium": gymnasium.__version__,
         "mujoco": mujoco.__version__,
+        "load_average_at_collect": load_average(),
     }
 
 
-def collect(args: argparse.Namespace) -> None:
+def collect(args: CollectArgs) -> None:
+    out = results_path(args, "rpo_mujoco_learning.json", (".csv", ".png"))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,8 +211,7 @@ def collect(args: argparse.Namespace) -> None:
     if not runs:
         raise SystemExit(f"no finished runs with episodic returns under {args.workdir}/runs")
 
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "rpo_mujoco_learning.csv"), "w", newline="") as f:
+    with open(companion(out, ".csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["env_id", "seed", "global_step", "episodic_return"])
         for r in runs:
@@ -221,7 +253,7 @@ def collect(args: argparse.Namespace) -> None:
         "summary": summary,
         "runs": [{k: v for k, v in r.items() if k != "curve"} for r in runs],
     }
-    with open(os.path.join(RESULTS, "rpo_mujoco_learning.json"), "w") as f:
+    with open(out, "w") as f:
         json.dump(report, f, indent=2)
 
     fig, axes = plt.subplots(1, len(env_ids), figsize=(6 * len(env_ids), 4.2), squeeze=False)
@@ -250,7 +282,7 @@ def collect(args: argparse.Namespace) -> None:
     hw = report["hardware"]
     fig.suptitle(f"{hw['cpu']}, {hw['logical_cores']} logical cores, CPU only; {report['date']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, "rpo_mujoco_learning.png"), dpi=120)
+    fig.savefig(companion(out, ".png"), dpi=120)
 
     print("| task | seeds | return, last 100 episodes at 1M | eval, saved statistics | eval, fresh normaliser | SPS "
           "| CleanRL RPO α=0.5 at 8M (v4) |")
@@ -269,20 +301,12 @@ def collect(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "collect"):
-        p = sub.add_parser(name)
-        p.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where the runs' runs/ folder and logs go")
-        # 489 rollouts of 2048 steps: the smallest whole number of iterations that reaches 1M steps (the script, like
-        # CleanRL, runs total_timesteps // batch_size iterations, so 1_000_000 would stop at 999,424).
-        p.add_argument("--total-timesteps", type=int, default=489 * 2048)
-        if name == "run":
-            p.add_argument("--env-ids", nargs="+", default=["HalfCheetah-v5", "Hopper-v5"])
-            p.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
-            p.add_argument("--workers", type=int, default=2, help="runs at the same time (one core each)")
-            p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for rpo_mujoco.py")
-        else:
-            p.add_argument("--hardware-note", default="2 logical cores shared with other jobs during the runs")
-    args = parser.parse_args()
-    run(args) if args.command == "run" else collect(args)
+    Command = Union[Annotated[RunArgs, tyro.conf.subcommand("run")],
+                    Annotated[CollectArgs, tyro.conf.subcommand("collect")]]
+    parsed, extra = cli(Command, __doc__, passthrough=True)
+    if isinstance(parsed, RunArgs):
+        run(parsed, extra)
+    else:
+        if extra:
+            fail("flags after `--` go to the training runs of `run`; `collect` takes none.")
+        collect(parsed)

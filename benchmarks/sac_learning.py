@@ -10,46 +10,71 @@ first gradient step and wall time at which the seed-mean success reached --targe
         --total-timesteps 25000 --parallel 3 --tag _gpu
     # only tabulate / plot runs that already exist (any runs folder written by sac_equi_bullet.py)
     uv run python benchmarks/sac_learning.py --collect-only --runs-dir /tmp/sac_learn --tag _cpu
-Extra flags after `--` go to every training run (e.g. `-- --group-order 4 --n-hidden 16 --image-size 64`).
+    # a tiny check that writes nowhere near the committed results
+    uv run python benchmarks/sac_learning.py --device cpu --models cnn --seeds 1 --total-timesteps 100 \\
+        --eval-frequency 10 --eval-episodes 1 --runs-dir /tmp/sac_check --out /tmp/sac_check/sac_learning.json \\
+        -- --num-demos 1 --group-order 4 --n-hidden 16 --image-size 64 --batch-size 32
+Extra flags after `--` go to every training run (e.g. `-- --group-order 4 --n-hidden 16 --image-size 64`). The runs go
+--parallel at a time, each one's output in <runs-dir>/runs/<task>_<experiment>_<seed>.log. Existing results are
+replaced only when --out names them or with --overwrite.
 """
 
-import argparse
 import glob
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from common import (REPO, Job, Launch, Output, cli, companion, device_flags, machine_info, results_path,  # noqa: E402
+                    run_jobs, thread_env)
+
+
+@dataclass
+class Args(Output, Launch):
+    tasks: str = "BlockPulling"
+    """comma-separated manipulation tasks"""
+    models: str = "equi,cnn"
+    """comma-separated models: equi, cnn"""
+    seeds: str = "1,2,3"
+    """comma-separated seeds"""
+    total_timesteps: int = 25000
+    """env steps per run (5 envs: 5k gradient steps)"""
+    eval_frequency: int = 250
+    """gradient steps between evaluations (the script's --eval-frequency)"""
+    eval_episodes: int = 50
+    """episodes per evaluation"""
+    exp_prefix: str = "sac"
+    """experiment names are <prefix>_<model>"""
+    runs_dir: str = os.path.join(REPO, "benchmarks", "sac_runs")
+    """folder of the runs (runs/, with one .log per run)"""
+    collect_only: bool = False
+    """skip training; tabulate the runs already in --runs-dir"""
+    target: float = 0.9
+    """success rate whose first crossing (seed mean) is reported"""
+    hardware: str = ""
+    """hardware description for the results (default: detected)"""
 
 
 def run_all(opts, extra):
-    """Launch the training runs, at most --parallel at a time; each one's stdout goes to <runs-dir>/runs/<name>.log."""
-    os.makedirs(os.path.join(opts.runs_dir, "runs"), exist_ok=True)  # logs beside the runs (git-ignored)
-    jobs = [(task, model, seed) for task in opts.tasks.split(",") for model in opts.models.split(",")
-            for seed in opts.seeds.split(",")]
-    env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads), MKL_NUM_THREADS=str(opts.threads))
-    running = []
-    for task, model, seed in jobs:
-        while len(running) >= opts.parallel:
-            running = [p for p in running if p.poll() is None]
-            time.sleep(5)
-        name = f"{opts.exp_prefix}_{model}"
-        cmd = [sys.executable, os.path.join(REPO, "sac_equi_bullet.py"), "--env-id", f"cleanrl_equi/{task}-v0",
-               "--model", model, "--seed", seed, "--exp-name", name, "--total-timesteps", str(opts.total_timesteps),
-               "--eval-frequency", str(opts.eval_frequency), "--eval-episodes", str(opts.eval_episodes),
-               *(["--no-cuda"] if opts.device == "cpu" else []), *extra]
-        log = open(os.path.join(opts.runs_dir, "runs", f"{task}_{name}_{seed}.log"), "w")
-        print(" ".join(cmd), flush=True)
-        running.append(subprocess.Popen(cmd, cwd=opts.runs_dir, env=env, stdout=log, stderr=subprocess.STDOUT))
-    for p in running:
-        p.wait()
+    """Run the training runs, at most --parallel at a time; each one's output goes to <runs-dir>/runs/<name>.log."""
+    jobs = []
+    for task in opts.tasks.split(","):
+        for model in opts.models.split(","):
+            for seed in opts.seeds.split(","):
+                name = f"{opts.exp_prefix}_{model}"
+                cmd = [sys.executable, os.path.join(REPO, "sac_equi_bullet.py"), "--env-id",
+                       f"cleanrl_equi/{task}-v0", "--model", model, "--seed", seed, "--exp-name", name,
+                       "--total-timesteps", str(opts.total_timesteps), "--eval-frequency", str(opts.eval_frequency),
+                       "--eval-episodes", str(opts.eval_episodes), *device_flags(opts.device), *extra]
+                log = os.path.join(opts.runs_dir, "runs", f"{task}_{name}_{seed}.log")  # beside the runs (git-ignored)
+                jobs.append(Job(f"{task} {name} seed {seed}", cmd, log, opts.runs_dir, thread_env(opts.threads)))
+    run_jobs(jobs, opts.parallel, hint="--collect-only tabulates the runs that finished")
 
 
 def read_runs(runs_dir):
@@ -127,58 +152,33 @@ def plot(summary, path, title):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--tasks", default="BlockPulling")
-    parser.add_argument("--models", default="equi,cnn")
-    parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--total-timesteps", type=int, default=25000,
-                        help="env steps per run (5 envs: 5k gradient steps)")
-    parser.add_argument("--eval-frequency", type=int, default=250)
-    parser.add_argument("--eval-episodes", type=int, default=50)
-    parser.add_argument("--parallel", type=int, default=1, help="runs at the same time")
-    parser.add_argument("--threads", type=int, default=1, help="OMP/MKL threads per run")
-    parser.add_argument("--exp-prefix", default="sac")
-    parser.add_argument("--runs-dir", default=os.path.join(REPO, "benchmarks", "sac_runs"))
-    parser.add_argument("--collect-only", action="store_true", help="skip training; tabulate --runs-dir")
-    parser.add_argument("--target", type=float, default=0.9)
-    parser.add_argument("--hardware", default="", help="hardware description for the results (default: detected)")
-    parser.add_argument("--tag", default="")
-    opts, extra = parser.parse_known_args()
-    extra = [a for a in extra if a != "--"]
+    opts, extra = cli(Args, __doc__, passthrough=True)
+    opts.runs_dir = os.path.abspath(opts.runs_dir)
+    path = results_path(opts, "sac_learning.json", (".csv", ".png"))
     if not opts.collect_only:
         run_all(opts, extra)
     runs = read_runs(opts.runs_dir)
     if not runs:
         raise SystemExit(f"no runs with evaluations under {opts.runs_dir}/runs")
     summary = summarise(runs, opts.target)
-    hardware = opts.hardware
-    if not hardware:
-        try:
-            import torch
-
-            hardware = (torch.cuda.get_device_name(0) if opts.device == "cuda" and torch.cuda.is_available()
-                        else f"{platform.machine()} CPU, {os.cpu_count()} cores")
-        except Exception:
-            hardware = platform.machine()
+    machine = machine_info(opts.device)
+    hardware = opts.hardware or machine.get("gpu") or f"{machine['cpu']}, {os.cpu_count()} cores"
     info = {"date": time.strftime("%Y-%m-%d"), "hardware": hardware, "target": opts.target,
-            "extra_flags": extra, "results": summary}
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    stem = os.path.join(HERE, "results", f"sac_learning{opts.tag}")
-    with open(stem + ".json", "w") as f:
+            "extra_flags": extra, "machine": machine, "results": summary}
+    with open(path, "w") as f:
         json.dump(info, f, indent=1)
-    with open(stem + ".csv", "w") as f:
+    with open(companion(path, ".csv"), "w") as f:
         f.write("env_id,experiment,seeds,final_success,best_success,first_step_at_target,wall_seconds_at_target,"
                 "wall_seconds_total\n")
         for s in summary:
             f.write(f"{s['env_id']},{s['experiment']},{len(s['seeds'])},{s['final_success']:.3f},{s['best_success']:.3f},"
                     f"{s['first_step_at_target']},{s['wall_seconds_at_target']},{s['wall_seconds_total']:.0f}\n")
-    plot(summary, stem + ".png", f"sac_equi_bullet.py, {hardware}, {info['date']}")
+    plot(summary, companion(path, ".png"), f"sac_equi_bullet.py, {hardware}, {info['date']}")
     for s in summary:
         print(f"{s['env_id']} {s['experiment']}: seeds {s['seeds']} final {s['final_success']:.2f} best "
               f"{s['best_success']:.2f} first >= {opts.target} at {s['first_step_at_target']} steps "
               f"({s['wall_seconds_at_target']} s)")
-    print(f"wrote {stem}.json/.csv/.png")
+    print(f"wrote {path} and its .csv/.png")
 
 
 if __name__ == "__main__":

@@ -15,27 +15,66 @@ Phases timed (seconds per gradient step, device synchronised around each): sampl
 rotation augmentation), target (actor on s', target critic on s', no grad), critic (critic forward + backward +
 Adam), actor (actor forward + backward incl. the critic evaluation + Adam + alpha), polyak.
 
-    uv run python benchmarks/sac_update_time.py --device cpu --repeats 3             # this machine
+    uv run python benchmarks/sac_update_time.py --device cpu --repeats 3 --overwrite # this machine
     uv run python benchmarks/sac_update_time.py --device cuda --repeats 20           # on a GPU node
-Results go to benchmarks/results/sac_update_time_<device>.{json,csv} (append with --tag to keep several).
+    uv run python benchmarks/sac_update_time.py --group-order 4 --n-hidden 16 --image-size 64 --batch-size 8 \\
+        --repeats 1 --out /tmp/sac_update_time.json                                 # a quick check
+Results go to benchmarks/results/sac_update_time_<device><tag>.{json,csv,png} (or --out and its .csv/.png); existing
+results are replaced only when --out names them or with --overwrite.
 """
 
-import argparse
 import importlib.util
 import json
 import math
 import os
-import platform
+import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-spec = importlib.util.spec_from_file_location("sac_equi_bullet", os.path.join(HERE, "..", "sac_equi_bullet.py"))
+sys.path.insert(0, HERE)
+from common import REPO, Output, cli, companion, cpu_model, machine_info, results_path  # noqa: E402
+
+# the script as a module: its networks, replay buffer and augmentation (it trains only under __main__)
+spec = importlib.util.spec_from_file_location("sac_equi_bullet", os.path.join(REPO, "sac_equi_bullet.py"))
 sac = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sac)
+from cleanrl_equi.equivariant import count_parameters  # noqa: E402
+
+
+@dataclass
+class Args(Output):
+    device: str = "cpu"
+    """torch device to time on, e.g. cpu, cuda (it names the results: sac_update_time_<device type><tag>)"""
+    group_order: int = 8
+    """order N of the rotation group C_N of the equivariant networks"""
+    n_hidden: int = 64
+    """hidden width of the networks (the script's --n-hidden)"""
+    image_size: int = 128
+    """observation height and width in pixels"""
+    batch_size: int = 64
+    """replay batch size"""
+    models: str = "equi,cnn"
+    """comma-separated models to time: equi, cnn"""
+    variants: str = "straightforward,reuse,ours"
+    """comma-separated update variants: straightforward, reuse, ours"""
+    repeats: int = 3
+    """timed gradient steps per variant (after 1 warm-up)"""
+    threads: int = 0
+    """torch CPU threads (0 = torch's default)"""
+    plot_only: bool = False
+    """only redraw the .png from the results .json"""
+
+
+def build_networks(args):
+    """The actor and critic the script builds for `args`."""
+    if args.model == "equi":
+        return sac.EquiActor(args), sac.EquiCritic(args)
+    return sac.CNNActor(args), sac.CNNCritic(args)
 
 
 def timer(device):
@@ -49,8 +88,8 @@ def timer(device):
 def make_setup(args, device, seed=0):
     torch.manual_seed(seed)
     np.random.seed(seed)
-    actor, critic = sac.build_networks(args)
-    _, critic_target = sac.build_networks(args)
+    actor, critic = build_networks(args)
+    _, critic_target = build_networks(args)
     actor, critic, critic_target = actor.to(device), critic.to(device), critic_target.to(device)
     critic_target.load_state_dict(critic.state_dict())
     critic_target.requires_grad_(False)
@@ -122,14 +161,14 @@ def gradient_step(s, args, device, variant, now):
     return times
 
 
-def plot(stem):
-    """Stacked bars: seconds per gradient step by phase, per model and variant."""
+def plot(path):
+    """Stacked bars: seconds per gradient step by phase, per model and variant, from results `path` (.json)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(stem + ".json") as f:
+    with open(path) as f:
         info = json.load(f)
     rows, phases = info["rows"], ("sample", "target", "critic", "actor", "polyak")
     fig, ax = plt.subplots(figsize=(8, 3.8))
@@ -148,25 +187,14 @@ def plot(stem):
                  fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(stem + ".png", dpi=110)
+    fig.savefig(companion(path, ".png"), dpi=110)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--group-order", type=int, default=8)
-    parser.add_argument("--n-hidden", type=int, default=64)
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--models", default="equi,cnn")
-    parser.add_argument("--variants", default="straightforward,reuse,ours")
-    parser.add_argument("--repeats", type=int, default=3, help="timed gradient steps per variant (after 1 warm-up)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    parser.add_argument("--tag", default="", help="suffix of the result files")
-    parser.add_argument("--plot-only", action="store_true", help="only redraw the .png from the .json")
-    opts = parser.parse_args()
+    opts = cli(Args, __doc__)
+    path = results_path(opts, f"sac_update_time_{opts.device.split(':')[0]}.json", (".csv", ".png"))
     if opts.plot_only:
-        plot(f"{os.path.join(HERE, 'results', 'sac_update_time_')}{opts.device.split(':')[0]}{opts.tag}")
+        plot(path)
         return
     device = torch.device(opts.device)
     if opts.threads:
@@ -178,7 +206,7 @@ def main():
         build_start = time.perf_counter()
         setup = make_setup(args, device)
         build_seconds = time.perf_counter() - build_start
-        params = sac.count_parameters(setup["actor"]) + sac.count_parameters(setup["critic"])
+        params = count_parameters(setup["actor"]) + count_parameters(setup["critic"])
         for variant in opts.variants.split(","):
             now = timer(device)
             gradient_step(setup, args, device, variant, now)  # warm-up (allocator, oneDNN/cuDNN plans)
@@ -193,23 +221,21 @@ def main():
     info = {
         "date": time.strftime("%Y-%m-%d"), "device": str(device),
         "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{cpu_model()}, {os.cpu_count()} cores, "
         f"torch threads {torch.get_num_threads()}",
-        "load_average": os.getloadavg(), "torch": torch.__version__,
+        "load_average": os.getloadavg(), "torch": torch.__version__, "machine": machine_info(str(device)),
         "config": {k: getattr(opts, k) for k in ("group_order", "n_hidden", "image_size", "batch_size", "repeats")},
         "rows": rows,
     }
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    stem = os.path.join(HERE, "results", f"sac_update_time_{device.type}{opts.tag}")
-    with open(stem + ".json", "w") as f:
+    with open(path, "w") as f:
         json.dump(info, f, indent=1)
-    with open(stem + ".csv", "w") as f:
+    with open(companion(path, ".csv"), "w") as f:
         keys = list(rows[0])
         f.write(",".join(keys) + "\n")
         for row in rows:
             f.write(",".join(str(row[k]) for k in keys) + "\n")
-    plot(stem)
-    print(f"wrote {stem}.json/.csv/.png")
+    plot(path)
+    print(f"wrote {path} and its .csv/.png")
 
 
 if __name__ == "__main__":

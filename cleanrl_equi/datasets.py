@@ -1,6 +1,6 @@
 """Offline datasets of the manipulation tasks: one `.npz` file per dataset, its checks, and collection.
 
-A dataset is a list of whole **episodes**, stored back to back (SPEC §8). Episode e with T_e steps contributes
+A dataset is a list of whole **episodes**, stored back to back. Episode e with T_e steps contributes
 T_e + 1 observations (its first observation up to its true final observation; never the reset frame of the next
 episode) and T_e transitions. Arrays in the file (N transitions, E episodes, N + E observations, S = image size):
 
@@ -44,7 +44,6 @@ import re
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Optional, Union
 

@@ -3,7 +3,6 @@ real frames, the two vector-env back-ends, and the two PPO scripts end to end.""
 
 import glob
 import os
-import sys
 
 import gymnasium as gym
 import numpy as np

@@ -1,6 +1,6 @@
-"""Close-loop manipulation scenes in pybullet: the base env that the eight tasks of `manipulation_tasks` share.
+"""Close-loop manipulation scenes in pybullet: the base env that the eight tasks of `tasks` share.
 
-Written from scratch after BulletArm's close-loop tasks (SPEC §6); no BulletArm code or assets are used. Every
+Written from scratch after BulletArm's close-loop tasks; no BulletArm code or assets are used. Every
 object is built here from boxes and convex hulls, so the same shapes drive the physics and the image renderer.
 
 Robot. A floating parallel-jaw gripper (a palm and two prismatic fingers, Panda-sized: fingers 1 cm thick, 2 cm
