@@ -32,7 +32,7 @@ import tyro
 from cleanrl_equi.datasets import default_dataset, load_dataset
 from cleanrl_equi.envs.manipulation import check_env_id, evaluate, evaluate_checkpoint, format_eval, rotate_batch
 from cleanrl_equi.equivariant import EscnnModule, TensorToField, count_parameters, enn, gspaces, planar_action_type
-from cleanrl_equi.run import Run, device_for, fail, load_checkpoint, load_state
+from cleanrl_equi.run import Run, device_for, fail, load_checkpoint, load_state, require
 
 SCRIPT = os.path.basename(__file__)[: -len(".py")]
 
@@ -127,27 +127,20 @@ def check_args(args: Args) -> None:
     check_env_id(args.env_id)
     if args.model not in ("equi", "cnn"):
         fail(f"--model must be 'equi' or 'cnn', not {args.model!r}.")
-    if args.image_size not in (16, 32, 64, 128, 256):
-        fail(f"--image-size must be 16, 32, 64, 128 or 256 (the encoder halves it down to 8 pixels), not "
-             f"{args.image_size}.")
+    if args.image_size not in (16, 32, 64, 128, 256, 512, 1024):
+        fail(f"--image-size must be a power of two from 16 to 1024 (the encoder halves it down to 8 x 8 pixels), "
+             f"not {args.image_size}.")
     if args.group_order < 2 or (args.group_order != 2 and args.group_order % 4 != 0):
         fail(f"--group-order {args.group_order} does not contain the 90-degree turns of the pixel grid; "
              "use 4, 8, 12, 16 (or 2).")
     if args.n_hidden < 8 or args.n_hidden % 8 != 0:
         fail(f"--n-hidden {args.n_hidden} must be a multiple of 8 (the first layer has n/8 fields).")
-    for name in ("batch_size", "eval_frequency", "eval_episodes", "num_eval_envs", "log_frequency", "max_steps",
-                 "default_dataset_episodes"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1.")
-    if args.total_timesteps < 0:
-        fail("--total-timesteps must not be negative.")
+    require(args, positive=("policy_lr", "q_lr", "value_lr", "beta", "max_exp_advantage"), fractions=("gamma", "tau"),
+            non_negative=("total_timesteps",),
+            at_least_one=("batch_size", "eval_frequency", "eval_episodes", "num_eval_envs", "log_frequency",
+                          "max_steps", "default_dataset_episodes"))
     if not 0 < args.expectile < 1:
         fail(f"--expectile must lie strictly between 0 and 1 (0.5 = mean, the paper's 0.8), not {args.expectile}.")
-    if args.beta <= 0 or args.max_exp_advantage <= 0:
-        fail("--beta and --max-exp-advantage must be positive.")
-    if not 0 <= args.tau <= 1:
-        fail(f"--tau must lie in [0, 1], not {args.tau}.")
-
 
 # ---- Networks -----------------------------------------------------------------------------------------------------
 # Symmetry: turning the world by g in C_N about the gripper axis turns the image by g, turns the best (dx, dy) by g and
@@ -370,6 +363,9 @@ if __name__ == "__main__":
     dataset_path = args.dataset or default_dataset(args.env_id, args.image_size, args.max_steps,
                                                    num_episodes=args.default_dataset_episodes)
     data = load_dataset(dataset_path, env_id=args.env_id, image_size=args.image_size)
+    if len(data) < args.batch_size:
+        fail(f"dataset {dataset_path!r} holds {len(data)} transitions, fewer than --batch-size {args.batch_size}; "
+             "lower --batch-size or collect more episodes.")
     print(f"dataset {dataset_path}: {data.num_episodes} episodes, {len(data)} transitions, "
           f"{data.metadata.get('quality', '?')} data", flush=True)
 
@@ -460,7 +456,8 @@ if __name__ == "__main__":
                 best[key] = max(best[key], result[key])
                 writer.add_scalar(f"eval/best_{key}", best[key], global_step)
             last_success = result["success_rate"]
-            print(f"eval @ {global_step} gradient steps: {format_eval(result)}", flush=True)
+            print(f"eval @ {global_step} gradient steps: "
+                  f"{format_eval(result, args.eval_episodes, args.seed + 10_000 + global_step)}", flush=True)
         best_text = f"best {best['success_rate']:.2f}" if best["success_rate"] >= 0 else "best -"
         run.progress(global_step, args.total_timesteps, f"last eval success {last_success:.2f}", best_text,  # PLUMBING
                      force=final)
@@ -470,7 +467,8 @@ if __name__ == "__main__":
         run.save_model(actor=actor.state_dict(), critic=critic.state_dict(),
                        critic_target=critic_target.state_dict(), value=value.state_dict(),
                        global_step=global_step, dataset=dataset_path)
+    if args.save_model or args.capture_video:  # the final policy, greedy, on the evaluation scenes (and on video)
         result = evaluate(actor, args, device, seed=args.seed + 10_000,
                           video_folder=f"videos/{run.name}-eval" if args.capture_video else None)
-        print(f"checkpoint eval: {format_eval(result)} over {args.eval_episodes} episodes", flush=True)
-    run.close()
+        print(f"final eval: {format_eval(result, args.eval_episodes, args.seed + 10_000)}", flush=True)
+    run.finish(global_step=global_step, best=best)  # PLUMBING: the resume file marks the end, for extending

@@ -23,7 +23,7 @@ import tyro
 from torch.distributions.categorical import Categorical
 
 from cleanrl_equi.envs.atari import action_meanings, make_atari_envs, parse_atari_env_id
-from cleanrl_equi.run import Run, device_for, fail, load_checkpoint, load_state
+from cleanrl_equi.run import Run, device_for, fail, load_checkpoint, load_state, require
 
 SCRIPT = os.path.basename(__file__)[: -len(".py")]
 
@@ -100,11 +100,11 @@ class Args:
     """seconds between progress lines on stdout"""
 
     # to be filled in runtime
-    batch_size: int = 0
+    batch_size: tyro.conf.Suppress[int] = 0
     """the batch size (computed in runtime)"""
-    minibatch_size: int = 0
+    minibatch_size: tyro.conf.Suppress[int] = 0
     """the mini-batch size (computed in runtime)"""
-    num_iterations: int = 0
+    num_iterations: tyro.conf.Suppress[int] = 0
     """the number of iterations (computed in runtime)"""
 
 
@@ -116,9 +116,9 @@ def check_args(args: Args) -> None:
         fail(str(exc))
     if args.env_backend not in ("ale", "gym"):
         fail(f"--env-backend must be 'ale' or 'gym', not {args.env_backend!r}.")
-    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1.")
+    require(args, positive=("learning_rate",), fractions=("gamma", "gae_lambda"),
+            non_negative=("clip_coef", "ent_coef", "vf_coef", "max_grad_norm", "target_kl"),
+            at_least_one=("num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes"))
     batch_size = args.num_envs * args.num_steps
     if batch_size % args.num_minibatches != 0:
         fail(
@@ -190,8 +190,7 @@ def evaluate(agent: Agent, args: Args, device: torch.device, run_name: str, capt
 
 def run_evaluation(args: Args) -> None:
     """The `--eval-checkpoint` path: rebuild the saved agent and report its mean score."""
-    if args.eval_episodes < 1:
-        fail("--eval-episodes must be at least 1.")
+    require(args, at_least_one=("eval_episodes",))
     checkpoint = load_checkpoint(args.eval_checkpoint, SCRIPT)
     saved = Args(**{k: v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__})
     saved.eval_episodes, saved.seed, saved.env_backend = args.eval_episodes, args.seed, args.env_backend
@@ -200,7 +199,8 @@ def run_evaluation(args: Args) -> None:
     load_state(agent, checkpoint["model"], args.eval_checkpoint)
     run_name = f"{saved.env_id}__{saved.exp_name}__{saved.seed}__{int(time.time())}"
     scores = evaluate(agent, saved, device, run_name, capture_video=args.capture_video)
-    print(f"{saved.env_id}: mean score {np.mean(scores):.1f} +- {np.std(scores):.1f} over {len(scores)} games")
+    print(f"{saved.env_id}: mean score {np.mean(scores):.1f} +- {np.std(scores):.1f} over {len(scores)} games "
+          f"(actions sampled from the policy, evaluation seed {saved.seed + 10_000})")
 
 
 if __name__ == "__main__":
@@ -386,6 +386,7 @@ if __name__ == "__main__":
         episodic_returns = evaluate(agent, args, device, run.name, capture_video=args.capture_video)
         for idx, episodic_return in enumerate(episodic_returns):
             writer.add_scalar("eval/episodic_return", episodic_return, idx)
-        print(f"eval: mean score {np.mean(episodic_returns):.1f} over {len(episodic_returns)} games")
+        print(f"eval: mean score {np.mean(episodic_returns):.1f} over {len(episodic_returns)} games (actions sampled "
+              f"from the policy, evaluation seed {args.seed + 10_000})")
 
-    run.close()
+    run.finish(global_step=global_step, iteration=max(counters["iteration"], args.num_iterations))  # PLUMBING

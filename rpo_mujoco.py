@@ -27,7 +27,7 @@ from torch.distributions.normal import Normal
 
 from cleanrl_equi.envs.mujoco import (NormalizationState, check_env_id, check_rendering, restore_statistics,
                                       training_statistics)
-from cleanrl_equi.run import Run, device_for, fail, load_checkpoint, load_state
+from cleanrl_equi.run import Run, device_for, fail, load_checkpoint, load_state, require
 
 SCRIPT = os.path.basename(__file__)[: -len(".py")]
 
@@ -105,33 +105,29 @@ class Args:
     """bootstrap from the value of the final observation when the time limit cuts an episode (CleanRL does not)"""
 
     # to be filled in runtime
-    batch_size: int = 0
+    batch_size: tyro.conf.Suppress[int] = 0
     """the batch size (computed in runtime)"""
-    minibatch_size: int = 0
+    minibatch_size: tyro.conf.Suppress[int] = 0
     """the mini-batch size (computed in runtime)"""
-    num_iterations: int = 0
+    num_iterations: tyro.conf.Suppress[int] = 0
     """the number of iterations (computed in runtime)"""
 
 
 def check_args(args: Args) -> None:
     """Stop at start-up, with one sentence naming the fix, on any flag combination that cannot work."""
-    if args.eval_episodes < 1:
-        fail(f"--eval-episodes must be at least 1 (got {args.eval_episodes}).")
+    require(args, at_least_one=("eval_episodes",))
     if args.eval_checkpoint is not None:
         return  # evaluation takes the env and the network from the checkpoint
     check_env_id(args.env_id)
-    if args.num_envs < 1 or args.num_steps < 1:
-        fail(f"--num-envs and --num-steps must be at least 1 (got {args.num_envs} and {args.num_steps}).")
+    require(args, positive=("learning_rate",), fractions=("gamma", "gae_lambda"),
+            non_negative=("clip_coef", "ent_coef", "vf_coef", "max_grad_norm", "target_kl", "rpo_alpha"),
+            at_least_one=("num_envs", "num_steps", "num_minibatches", "update_epochs"))
     batch_size = args.num_envs * args.num_steps
-    if args.num_minibatches < 1 or batch_size % args.num_minibatches != 0:
+    if batch_size % args.num_minibatches != 0:
         fail(f"the batch of --num-envs x --num-steps = {batch_size} steps does not split into --num-minibatches "
              f"{args.num_minibatches} equal parts; choose a number of minibatches that divides {batch_size}.")
     if args.total_timesteps < batch_size:
         fail(f"--total-timesteps {args.total_timesteps} is less than one rollout of {batch_size} steps; raise it.")
-    if not 0.0 <= args.gamma <= 1.0 or not 0.0 <= args.gae_lambda <= 1.0:
-        fail(f"--gamma and --gae-lambda must lie in [0, 1] (got {args.gamma} and {args.gae_lambda}).")
-    if args.rpo_alpha < 0:
-        fail(f"--rpo-alpha is the half-width of a uniform noise and must be >= 0 (got {args.rpo_alpha}).")
     if args.capture_video:
         check_rendering(args.env_id)
 
@@ -447,4 +443,4 @@ if __name__ == "__main__":
             writer.add_scalar("eval/episodic_return", episodic_return, idx)
 
     envs.close()
-    run.close()
+    run.finish(global_step=global_step, iteration=max(counters["iteration"], args.num_iterations))  # PLUMBING

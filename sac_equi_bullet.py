@@ -39,7 +39,7 @@ from cleanrl_equi.datasets import stored_obs_to_tensor
 from cleanrl_equi.envs.manipulation import (check_env_id, evaluate, evaluate_checkpoint, format_eval, make_envs,
                                             obs_to_tensor, rotate_batch)
 from cleanrl_equi.equivariant import EscnnModule, TensorToField, count_parameters, enn, gspaces, planar_action_type
-from cleanrl_equi.run import Run, device_for, fail, load_checkpoint, load_state
+from cleanrl_equi.run import Run, device_for, fail, load_checkpoint, load_state, require
 
 SCRIPT = os.path.basename(__file__)[: -len(".py")]
 
@@ -149,21 +149,19 @@ def check_args(args: Args) -> None:
     check_env_id(args.env_id)
     if args.model not in ("equi", "cnn"):
         fail(f"--model must be 'equi' or 'cnn', not {args.model!r}.")
-    if args.image_size not in (16, 32, 64, 128, 256):
-        fail(f"--image-size must be 16, 32, 64, 128 or 256 (the encoder halves it down to 8 pixels), not "
-             f"{args.image_size}.")
+    if args.image_size not in (16, 32, 64, 128, 256, 512, 1024):
+        fail(f"--image-size must be a power of two from 16 to 1024 (the encoder halves it down to 8 x 8 pixels), "
+             f"not {args.image_size}.")
     if args.group_order < 2 or (args.group_order != 2 and args.group_order % 4 != 0):
         fail(f"--group-order {args.group_order} does not contain the 90-degree turns of the pixel grid; "
              "use 4, 8, 12, 16 (or 2).")
     if args.n_hidden < 8 or args.n_hidden % 8 != 0:
         fail(f"--n-hidden {args.n_hidden} must be a multiple of 8 (the first layer has n/8 fields).")
-    for name in ("num_envs", "num_eval_envs", "batch_size", "eval_frequency", "eval_episodes", "log_frequency",
-                 "updates_per_step", "max_steps"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1.")
-    for name in ("num_demos", "aug_copies", "total_timesteps", "learning_starts"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must not be negative.")
+    require(args, positive=("policy_lr", "q_lr", "alpha", "caps_sigma"), fractions=("gamma", "tau"),
+            non_negative=("num_demos", "aug_copies", "total_timesteps", "learning_starts", "demo_loss_weight",
+                          "caps_temporal_weight", "caps_spatial_weight"),
+            at_least_one=("num_envs", "num_eval_envs", "batch_size", "eval_frequency", "eval_episodes",
+                          "log_frequency", "updates_per_step", "max_steps"))
     if args.buffer_size < max(args.batch_size, args.learning_starts, 2 * args.num_envs):
         fail(f"--buffer-size {args.buffer_size} is smaller than a batch or --learning-starts; raise it.")
     if args.learning_starts < args.batch_size:
@@ -171,8 +169,6 @@ def check_args(args: Args) -> None:
              "would be larger than the data; raise --learning-starts.")
     if args.demo_loss_weight > 0 and args.num_demos == 0:
         fail("--demo-loss-weight needs demonstrations; set --num-demos to at least 1 (or the weight to 0).")
-    if min(args.demo_loss_weight, args.caps_temporal_weight, args.caps_spatial_weight, args.caps_sigma) < 0:
-        fail("loss weights and --caps-sigma must not be negative.")
 
 
 # ---- Networks -----------------------------------------------------------------------------------------------------
@@ -364,7 +360,7 @@ class ReplayBuffer:
     """
 
     def __init__(self, capacity: int, num_envs: int, image_size: int):
-        self.rows, self.num_envs, self.pos = capacity // num_envs, num_envs, 0
+        self.rows, self.num_envs, self.pos, self.filled = capacity // num_envs, num_envs, 0, 1
         self.heights = np.zeros((self.rows, num_envs, image_size, image_size), dtype=np.uint8)
         self.holding = np.zeros((self.rows, num_envs), dtype=bool)
         self.actions = np.zeros((self.rows, num_envs, 5), dtype=np.float32)
@@ -390,21 +386,25 @@ class ReplayBuffer:
         self.actions[p], self.rewards[p], self.terminated[p] = actions, rewards, terminated
         self.valid[p], self.expert[p] = valid, expert
         self.pos = (p + 1) % self.rows
+        self.filled = max(self.filled, self.pos + 1)  # rows 0 .. filled - 1 hold data (all of them once it wraps)
         self._put_observation(next_obs)
 
     def __len__(self) -> int:
         return int(self.valid.sum())
 
     def state_dict(self) -> dict:
-        return {"pos": self.pos, **{k: v for k, v in vars(self).items() if isinstance(v, np.ndarray)}}
+        """The filled rows only: a resume file early in a run is small (100k 128 px slots would be 1.6 GB)."""
+        arrays = {k: v[: self.filled] for k, v in vars(self).items() if isinstance(v, np.ndarray)}
+        return {"pos": self.pos, "filled": self.filled, **arrays}
 
     def load_state_dict(self, state: dict) -> None:
         for key, array in vars(self).items():
             if isinstance(array, np.ndarray):
-                if state[key].shape != array.shape:
+                if state[key].shape[1:] != array.shape[1:] or len(state[key]) > len(array):
                     raise ValueError(f"replay buffer {key} has shape {state[key].shape}, not {array.shape}")
-                array[...] = state[key]
-        self.pos = state["pos"]
+                array[: len(state[key])] = state[key]
+                array[len(state[key]):] = 0
+        self.pos, self.filled = state["pos"], state["filled"]
 
     def sample(self, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
         flat = np.random.choice(np.flatnonzero(self.valid.ravel()), batch_size)
@@ -475,13 +475,17 @@ if __name__ == "__main__":
     obs, _ = envs.reset(seed=args.seed + counters["vector_step"])
     rb.start(obs)
     resetting = np.zeros(args.num_envs, dtype=bool)
-    demo_episodes, demo_transitions = 0, 0
+    recording = np.arange(args.num_envs) < args.num_demos  # envs whose current episode is one of the demos
+    demo_episodes, demo_transitions, started = 0, 0, int(recording.sum())
     while demo_episodes < args.num_demos and run.saved is None:
         actions = np.stack(envs.unwrapped.call("expert_action")).astype(np.float32)
         obs, rewards, terminations, truncations, infos = envs.step(actions)
-        rb.add(actions, rewards, terminations, ~resetting, np.ones(args.num_envs, bool), obs)
-        demo_transitions += int((~resetting).sum())
-        demo_episodes += int(np.logical_or(terminations, truncations).sum())
+        rb.add(actions, rewards, terminations, ~resetting & recording, np.ones(args.num_envs, bool), obs)
+        demo_transitions += int((~resetting & recording).sum())
+        for i in np.flatnonzero(np.logical_or(terminations, truncations) & recording):
+            demo_episodes += 1
+            recording[i] = started < args.num_demos  # env i records another demo only while some are missing
+            started += int(recording[i])
         resetting = np.logical_or(terminations, truncations)
     if demo_episodes:
         obs, _ = envs.reset()
@@ -598,7 +602,8 @@ if __name__ == "__main__":
                 writer.add_scalar(f"eval/{key}", value, global_step)
             writer.add_scalar("eval/gradient_steps", grad_steps, global_step)
             last_success = result["success_rate"]
-            print(f"eval @ {grad_steps} gradient steps: {format_eval(result)}", flush=True)
+            print(f"eval @ {grad_steps} gradient steps: "
+                  f"{format_eval(result, args.eval_episodes, args.seed + 10_000 + grad_steps)}", flush=True)
         run.progress(global_step, num_vector_steps * args.num_envs, f"{grad_steps} gradient steps",  # PLUMBING
                      f"updates/s {updates_per_second:.2f}", f"last eval success {last_success:.2f}", force=final)
 
@@ -606,7 +611,9 @@ if __name__ == "__main__":
     if args.save_model:
         run.save_model(actor=actor.state_dict(), critic=critic.state_dict(), critic_target=critic_target.state_dict(),
                        log_alpha=log_alpha.detach().cpu(), global_step=global_step, gradient_steps=grad_steps)
+    if args.save_model or args.capture_video:  # the final policy, greedy, on the evaluation scenes (and on video)
         result = evaluate(actor, args, device, seed=args.seed + 10_000,
                           video_folder=f"videos/{run.name}-eval" if args.capture_video else None)
-        print(f"checkpoint eval: {format_eval(result)} over {args.eval_episodes} episodes", flush=True)
-    run.close()
+        print(f"final eval: {format_eval(result, args.eval_episodes, args.seed + 10_000)}", flush=True)
+    run.finish(vector_step=max(counters["vector_step"], num_vector_steps), global_step=global_step,  # PLUMBING
+               gradient_steps=grad_steps, last_eval=last_eval)

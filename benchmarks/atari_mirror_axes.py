@@ -44,7 +44,7 @@ sys.path.insert(0, HERE)
 from common import REPO, Output, cli, companion, fail, machine_info, results_path  # noqa: E402
 
 sys.path.insert(0, REPO)
-from cleanrl_equi.envs.atari import FRAME_SKIP, MIRROR_SYMMETRIES, make_atari_envs  # noqa: E402
+from cleanrl_equi.envs.atari import FRAME_SKIP, MIRROR_SYMMETRIES, make_atari_envs, playfield_frame  # noqa: E402
 
 # No-op frames before the player answers the joystick (some games play an intro first).
 WARM_UP_FRAMES = {"BeamRider": 300, "Carnival": 1000}
@@ -116,7 +116,9 @@ def player_band(emu: Emulator, state, dim: int, word_a: str, word_b: str) -> np.
     raise RuntimeError("the move actions do not move anything")
 
 
-def player_edge(emu: Emulator, state, dim: int, band: np.ndarray, toward: str, away: str, lives: int, low: bool) -> dict:
+def player_edge(
+    emu: Emulator, state, dim: int, band: np.ndarray, toward: str, away: str, lives: int, low: bool
+) -> dict:
     """The player's outer edge at the wall it reaches holding `toward` (the low-index wall if `low`): the first (or
     last) changed pixel, in the player's band, between standing still and moving `away` for a few frames.
 
@@ -173,6 +175,32 @@ def measure_player_range(game: str, seed: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Enemies that sweep between walls of their own
+# --------------------------------------------------------------------------------------------------------------
+# game: (what, raw lines it moves in): their sweep is another measure of the playfield's axis
+SWEEPS = {"SpaceInvaders": ("alien formation", (30, 150))}
+
+
+def sweep_range(game: str, lines: tuple[int, int], seed: int, frames: int = 6000) -> dict:
+    """The columns (rows for a top-bottom mirror) that anything drawn in `lines` reaches while the player does
+    nothing, until the game ends."""
+    emu = Emulator(game, seed)
+    dim = 1 if MIRROR_SYMMETRIES[game].axis == "left-right" else 0
+    low, high = None, None
+    for _ in range(frames):
+        emu.act("NOOP", 1)
+        if emu.ale.game_over():
+            break
+        part = np.take(emu.ale.getScreenGrayscale(), np.arange(*lines), axis=1 - dim)
+        drawn = np.flatnonzero((part > 0).any(axis=1 - dim))
+        if len(drawn):
+            low = drawn[0] if low is None else min(low, drawn[0])
+            high = drawn[-1] if high is None else max(high, drawn[-1])
+    emu.env.close()
+    return {"lines": list(lines), "range": [int(low), int(high)], "centre": (int(low) + int(high)) / 2}
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The static background
 # --------------------------------------------------------------------------------------------------------------
 def median_background(game: str, steps: int, seed: int) -> np.ndarray:
@@ -221,7 +249,8 @@ def background_axes(background: np.ndarray, dim: int, around: float, search: flo
     for axis2 in range(int(2 * (around - search)), int(2 * (around + search)) + 1):
         window = largest_window(axis2, size)
         frame = crop_resize(background, dim, window)
-        results.append({"axis": axis2 / 2, "window": list(window), "mean_abs_diff_84": round(mirror_error(frame, dim), 3)})
+        error = round(mirror_error(frame, dim), 3)
+        results.append({"axis": axis2 / 2, "window": list(window), "mean_abs_diff_84": error})
     return sorted(results, key=lambda r: r["mean_abs_diff_84"])
 
 
@@ -247,7 +276,7 @@ def background_features(background: np.ndarray, dim: int) -> list[dict]:
     return features
 
 
-def asymmetric_bands(frame: np.ndarray, flip_axis: int, dim: int, window: tuple[int, int], screen_shape) -> list:
+def asymmetric_bands(frame: np.ndarray, flip_axis: int, dim: int, screen_shape) -> list:
     """Where along the other dimension the mirror error comes from: runs of 84-px lines whose share of the mean
     absolute difference exceeds 0.02, with the raw-screen lines they show."""
     diff = np.abs(frame.astype(np.float64) - np.flip(frame, flip_axis))
@@ -269,7 +298,7 @@ def asymmetric_bands(frame: np.ndarray, flip_axis: int, dim: int, window: tuple[
     return bands
 
 
-def range_error_84(player_range: list[int], dim_size: int, window: tuple[int, int]) -> float:
+def range_error_84(player_range: list[int], window: tuple[int, int]) -> float:
     """How far (84-px) the mirror of the player's reachable range lands from the range itself: the mirror maps the
     84-px edge coordinate u to 84 - u, so the error is |u(low edge) + u(high edge) - 84|."""
     start, stop = window
@@ -310,7 +339,20 @@ def measure_speed(args: Args) -> dict:
             "median_with_crop": round(cropped),
             "cost_percent": round(100 * (1 - cropped / plain), 1),
         }
-    return {"env_id": env_id, "num_envs": args.speed_envs, "steps": args.speed_steps, "backends": results}
+    # the native back-end's crop replaces its own (threaded, C++) resize by this one, serial in Python
+    screen = np.random.default_rng(0).integers(0, 256, (210, 160), dtype=np.uint8)
+    symmetry = MIRROR_SYMMETRIES[args.speed_game]
+    start, repeats = time.perf_counter(), 5000
+    for _ in range(repeats):
+        playfield_frame(screen, symmetry)
+    per_frame = (time.perf_counter() - start) / repeats
+    return {
+        "env_id": env_id,
+        "num_envs": args.speed_envs,
+        "steps": args.speed_steps,
+        "backends": results,
+        "python_crop_and_resize_us_per_frame": round(per_frame * 1e6, 1),
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -323,7 +365,7 @@ def measure_game(game: str, args: Args) -> tuple[dict, dict]:
     size = background.shape[dim]
     axis2 = player["range"][0] + player["range"][1]
     widest = largest_window(axis2, size)
-    table_window = tuple(symmetry.window) if symmetry.window is not None else (0, size)
+    table_window = tuple(symmetry.window)
     frames = {
         "whole screen (today)": crop_resize(background, dim, (0, size)),
         "widest window about the player's axis": crop_resize(background, dim, widest),
@@ -334,8 +376,8 @@ def measure_game(game: str, args: Args) -> tuple[dict, dict]:
         evaluations[name] = {
             "window": list(window),
             "background_mean_abs_diff_84": round(mirror_error(frames[name], flip_axis), 3),
-            "player_range_error_84px": round(range_error_84(player["range"], size, window), 3),
-            "asymmetric_bands": asymmetric_bands(frames[name], flip_axis, dim, window, background.shape),
+            "player_range_error_84px": round(range_error_84(player["range"], window), 3),
+            "asymmetric_bands": asymmetric_bands(frames[name], flip_axis, dim, background.shape),
         }
     result = {
         "mirror": symmetry.axis,
@@ -344,6 +386,7 @@ def measure_game(game: str, args: Args) -> tuple[dict, dict]:
         "axis_offset_from_frame_centre_raw_px": player["axis"] - player["frame_centre"],
         "background_axis_candidates": background_axes(background, dim, player["axis"])[:5],
         "background_features": background_features(background, dim),
+        "sweeps": {SWEEPS[game][0]: sweep_range(game, SWEEPS[game][1], args.seed)} if game in SWEEPS else {},
         "table": {
             "axis": symmetry.centre,
             "window": list(table_window),
@@ -366,7 +409,8 @@ def montage(images: dict[str, dict], path: str):
         flip = item["flip_axis"]
         diff = np.clip(np.abs(cropped.astype(np.int16) - np.flip(cropped, flip)) * 4, 0, 255).astype(np.uint8)
         tiles = [today, np.flip(today, flip), cropped, np.flip(cropped, flip), diff]
-        row = np.concatenate([np.pad(cv2.resize(t, (168, 168), interpolation=cv2.INTER_NEAREST), 4, constant_values=255) for t in tiles], 1)
+        shown = [cv2.resize(t, (168, 168), interpolation=cv2.INTER_NEAREST) for t in tiles]
+        row = np.concatenate([np.pad(t, 4, constant_values=255) for t in shown], 1)
         label = np.full((row.shape[0], 120), 255, np.uint8)
         cv2.putText(label, game, (4, 90), cv2.FONT_HERSHEY_SIMPLEX, 0.45, 0, 1)
         tiles_rows.append(np.concatenate([label, row], 1))

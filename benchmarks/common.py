@@ -29,6 +29,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -225,7 +226,7 @@ def run_jobs(jobs: Sequence[Job], parallel: int = 1, check: bool = True, poll_se
     job runs even when another fails; at the end each failed job is reported with its exit status, command, log path
     and the last `tail_lines` lines of its log, and with `check` the process exits with status 1 (after printing
     `hint`, e.g. how to use the jobs that did finish). Ctrl-C (or TERM)
-    stops the running jobs (TERM, then KILL after 30 s) and re-raises.
+    stops the running jobs (TERM, then KILL after 30 s) and exits with status 130.
     """
     if parallel < 1:
         fail(f"--parallel must be at least 1, not {parallel}.")
@@ -239,8 +240,10 @@ def run_jobs(jobs: Sequence[Job], parallel: int = 1, check: bool = True, poll_se
         return f"{len(results)}/{total} done, {len(running)} running, {len(waiting)} waiting, {failed} failed"
 
     previous_term = signal.getsignal(signal.SIGTERM)
-    if previous_term in (signal.SIG_DFL, None):  # TERM stops the jobs as Ctrl-C does (e.g. scancel, timeout)
-        signal.signal(signal.SIGTERM, _interrupt)
+    if previous_term in (signal.SIG_DFL, None) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # TERM stops the jobs as Ctrl-C does (e.g. scancel, timeout)
+    else:
+        previous_term = None
     last_beat = time.time()
     try:
         while waiting or running:
@@ -280,9 +283,10 @@ def run_jobs(jobs: Sequence[Job], parallel: int = 1, check: bool = True, poll_se
                 proc.wait()
             log.close()
         print(f"interrupted: stopped {len(running)} running job(s), {len(waiting)} not started", flush=True)
-        raise
+        raise SystemExit(130) from None
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
 
     ordered = [results[i] for i in range(total)]
     bad = [r for r in ordered if not r.ok]

@@ -259,6 +259,10 @@ def load_dataset(path: str, env_id: Optional[str] = None, image_size: Optional[i
     """Read a dataset written by `save_dataset`, check it, and return it. Fails with one sentence (exit status 2)
     when the file is missing, unreadable or corrupt, or holds another task than `env_id` or another image size than
     `image_size` (None: accept any)."""
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.endswith(".npz"))
+        hint = f" such as {os.path.join(path, found[0])!r}" if found else ""
+        fail(f"dataset {path!r} is a folder; pass the .npz file{hint}.")
     if not os.path.isfile(path):
         fail(f"dataset {path!r} does not exist; make one with {collect_command(env_id, path, image_size)}.")
     try:

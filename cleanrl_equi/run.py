@@ -16,6 +16,9 @@ logged after its resume file (`purge_step`), so curves continue without gaps or 
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import os
 import random
 import shutil
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 
 RESUME_FILE = "resume.pt"
+OWNER_FILE = "run.json"  # which script made a run directory, so another script never writes into it
 RESUMABLE_CHANGES = ("total_timesteps", "num_iterations", "checkpoint_minutes", "progress_interval", "cuda", "track",
                      "wandb_project_name", "wandb_entity", "save_model", "capture_video", "run_name")
 """Flags that may differ between an interrupted run and its resumption (num_iterations: the PPO scripts derive it
@@ -41,27 +45,70 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def require(args: Any, positive: tuple[str, ...] = (), fractions: tuple[str, ...] = (),
+            non_negative: tuple[str, ...] = (), at_least_one: tuple[str, ...] = ()) -> None:
+    """Stop with one sentence naming the flag when a setting is out of its range: `positive` (> 0: learning rates,
+    temperatures), `fractions` (in [0, 1]: discounts, Polyak coefficients), `non_negative`, `at_least_one` (counts).
+    The seed is always checked: NumPy takes seeds in [0, 2^32)."""
+    if not 0 <= args.seed < 2**32:
+        fail(f"--seed must be a whole number from 0 to 2^32 - 1, not {args.seed}.")
+    for names, ok, rule in ((positive, lambda v: v > 0, "must be positive"),
+                            (fractions, lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+                            (non_negative, lambda v: v >= 0, "must not be negative"),
+                            (at_least_one, lambda v: v >= 1, "must be at least 1")):
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not ok(value):
+                fail(f"--{name.replace('_', '-')} {rule}, not {value}.")
+
+
 def device_for(args: Any) -> torch.device:
     """CUDA when asked for (`--cuda`, the default) and available, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+
+def write_error(path: str, exc: OSError) -> NoReturn:
+    """One sentence for a file that cannot be written: a full disk, a read-only or missing folder, no permission."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    fix = {errno.ENOSPC: "free some space (or point the run elsewhere) and run the same command again",
+           errno.EDQUOT: "free some of your quota and run the same command again",
+           errno.EROFS: "run from a writable folder (runs/ is created in the working directory)",
+           errno.EACCES: "run from a folder you may write to (runs/ is created in the working directory)"}
+    fail(f"cannot write {path!r} ({reason}); {fix.get(exc.errno, 'check the folder and run the same command again')}.")
 
 
 def save_checkpoint(path: str, script: str, args: Any, **state: Any) -> None:
     """Write `state` (state_dicts, tensors, plain data) with the script name and its args to `path`, atomically.
 
     The file is written next to its final place and renamed, so an interrupted save (a SLURM time limit) never
-    leaves a truncated checkpoint behind.
+    leaves a truncated checkpoint behind; a failed write (full disk, read-only folder) removes its partial file and
+    stops with one sentence, leaving any earlier file at `path` as it was.
     """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     payload = {"script": script, "args": dict(vars(args)), **state}
     tmp_path = f"{path}.tmp"
-    torch.save(payload, tmp_path)
-    os.replace(tmp_path, path)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(tmp_path, "wb") as f:  # a Python file, so a full disk surfaces as OSError(ENOSPC), not torch's own
+            torch.save(payload, f)
+        os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as exc:  # torch's zip writer adds its own RuntimeError on top of the OSError
+        with contextlib.suppress(OSError):
+            os.remove(tmp_path)
+        cause = exc
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        write_error(path, cause)
 
 
 def load_checkpoint(path: str, script: str, map_location: str | torch.device = "cpu",
                     fix: str = "evaluate it with that script") -> dict:
     """Read a checkpoint written by `save_checkpoint` for `script`, failing with one sentence if it cannot be used."""
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.endswith(".cleanrl_model"))
+        hint = f" such as {os.path.join(path, found[0])!r}" if found else ""
+        fail(f"checkpoint {path!r} is a folder; pass the .cleanrl_model file{hint}.")
     if not os.path.isfile(path):
         fail(f"checkpoint {path!r} does not exist; pass the path of a file written with --save-model.")
     try:
@@ -98,15 +145,22 @@ def make_run_name(run_name: str | None, env_label: str, exp_name: str, seed: int
 
 
 class StopSignal:
-    """Remembers that SLURM (or anyone) asked the job to stop: USR1 (the wall-time warning) or TERM (preemption,
-    scancel). The training loop checks `requested` at a step boundary, where a checkpoint is consistent."""
+    """Remembers that SLURM (or anyone) asked the job to stop: USR1 (the wall-time warning), TERM (preemption,
+    scancel) or INT (Ctrl-C). The training loop checks `requested` at a step boundary, where a checkpoint is
+    consistent. A second Ctrl-C stops at once, without a resume file (any earlier one stays)."""
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)):
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)):
         self.received: int | None = None
         for signum in signals:
             signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.received == signal.SIGINT:
+                print("\nsecond Ctrl-C: stopping now, without a new resume file", file=sys.stderr, flush=True)
+                raise SystemExit(128 + signum)
+            print("\nCtrl-C: stopping after this step with a resume file (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
         self.received = signum
 
     @property
@@ -161,7 +215,7 @@ def load_resume(run_dir: str, script: str, args: Any) -> dict | None:
     return payload
 
 
-def stop_for_requeue(stop: StopSignal) -> NoReturn:
+def stop_for_requeue(stop: StopSignal, run_name: str = "") -> NoReturn:
     """After the resume file is written: on SLURM's time-limit warning (USR1) requeue this job, which restarts and
     resumes; then exit. TERM is not requeued here: `scancel` sends it too (and SLURM's state cannot tell the two
     apart at that moment), and a site that preempts with requeue requeues the job itself. Otherwise the exit status
@@ -172,7 +226,8 @@ def stop_for_requeue(stop: StopSignal) -> NoReturn:
         print(f"{name} received: checkpoint written; requeueing SLURM job {job_id}", flush=True)
         subprocess.run(["scontrol", "requeue", job_id], check=False)
         raise SystemExit(0)
-    print(f"{name} received: checkpoint written; run the same command again to resume", flush=True)
+    how = f" with --run-name {run_name}" if run_name else ""
+    print(f"{name} received: checkpoint written; run the same command{how} to resume", flush=True)
     raise SystemExit(128 + (stop.received or 0))
 
 
@@ -204,7 +259,9 @@ class Run:
         self.dir = os.path.join("runs", self.name)
         self.resume_path = os.path.join(self.dir, RESUME_FILE)
         self.device = device_for(args)
+        self._check_owner()
         self.saved = load_resume(self.dir, script, args)
+        self._claim_directory()
         self.state: dict[str, Any] = {}
         if args.track:
             try:
@@ -216,7 +273,10 @@ class Run:
                        config=vars(args), name=self.name, save_code=True, resume="allow", id=self.name)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(self.dir, purge_step=self.saved["global_step"] + 1 if self.saved else None)
+        try:
+            self.writer = SummaryWriter(self.dir, purge_step=self.saved["global_step"] + 1 if self.saved else None)
+        except OSError as exc:
+            write_error(self.dir, exc)
         if self.saved is None:
             rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
             self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
@@ -224,6 +284,34 @@ class Run:
         self.start_time, self.start_step, self.last_progress = time.time(), 0, 0.0
         what = f"resuming {self.dir} from global step {self.saved['global_step']}" if self.saved else f"run {self.dir}"
         print(f"{what} on {self.device}", flush=True)
+
+    def _check_owner(self) -> None:
+        """A run directory belongs to the script that made it (run.json): another script never writes into it."""
+        owner_path = os.path.join(self.dir, OWNER_FILE)
+        if os.path.isfile(owner_path):
+            try:
+                with open(owner_path) as f:
+                    owner = json.load(f).get("script")
+            except (OSError, ValueError, AttributeError):
+                fail(f"{owner_path!r} cannot be read; pick another --run-name (nothing in {self.dir!r} was changed).")
+            if owner != self.script:
+                fail(f"{self.dir!r} holds a run of {owner}, not {self.script}; pick another --run-name.")
+
+    def _claim_directory(self) -> None:
+        """A new run never writes into a directory that holds a run without a resume file to continue from."""
+        owner_path = os.path.join(self.dir, OWNER_FILE)
+        if self.saved is None and os.path.isdir(self.dir) and any(
+                name.startswith("events.out.tfevents.") for name in os.listdir(self.dir)):
+            fail(f"{self.dir!r} already holds a run without a resume file to continue from; pick another --run-name "
+                 "(nothing in it was changed).")
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            if not os.path.isfile(owner_path):
+                with open(owner_path, "w") as f:
+                    json.dump({"script": self.script, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                               "args": dict(vars(self.args))}, f, indent=1, default=str)
+        except OSError as exc:
+            write_error(self.dir, exc)
 
     def keep(self, **state: Any) -> None:
         """Name the state a resumed run needs: objects with state_dict/load_state_dict, or tensors."""
@@ -249,14 +337,17 @@ class Run:
         stop (under SLURM's USR1: requeue)."""
         if not (self.stop.requested or self.clock.due()):
             return
+        self._save_resume(counters)
+        if self.stop.requested:
+            self.writer.close()
+            stop_for_requeue(self.stop, self.name)
+
+    def _save_resume(self, counters: dict[str, Any]) -> None:
         self.writer.flush()  # what was logged up to this step is on disk before the resume file says so
         state = {key: value.detach().cpu() if isinstance(value, torch.Tensor) else value.state_dict()
                  for key, value in self.state.items()}
         save_resume(self.dir, self.script, self.args, global_step=counters["global_step"], counters=counters,
                     state=state)
-        if self.stop.requested:
-            self.writer.close()
-            stop_for_requeue(self.stop)
 
     def sps(self, global_step: int) -> float:
         """Steps per second of this process (a resumed run counts from its restart)."""
@@ -279,5 +370,8 @@ class Run:
         print(f"model saved to {path}", flush=True)
         return path
 
-    def close(self) -> None:
+    def finish(self, **counters: Any) -> None:
+        """The end of training: the resume file now says where the run ended (so raising --total-timesteps extends
+        it from there, never from an older file), and the logs are closed."""
+        self._save_resume(counters)
         self.writer.close()

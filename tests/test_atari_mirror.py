@@ -150,25 +150,26 @@ class _Game:
 _ranges = {}
 
 
-def _player_range(game, crop):
-    """The player's reachable range in 84x84 frames (with or without the crop), and that of the raw screen."""
+def _player_range(game, frames):
+    """The player's reachable range (low edge, high edge) in the frames the agent sees with the crop ("cropped"),
+    without it ("uncropped"), or in raw-screen pixels ("raw")."""
     if game not in _ranges:
         g = _Game(game)
         size = g.ale.getScreenGrayscale().shape[g.dim]
-        uncropped = MirrorSymmetry(g.symmetry.axis, g.symmetry.swap, centre=(size - 1) / 2, window=(0, size))
+        whole = MirrorSymmetry(g.symmetry.axis, g.symmetry.swap, centre=(size - 1) / 2, window=(0, size))
         _ranges[game] = {
-            True: g.range_(lambda s: playfield_frame(s, g.symmetry)),
-            False: g.range_(lambda s: playfield_frame(s, uncropped)),
+            "cropped": g.range_(lambda s: playfield_frame(s, g.symmetry)),
+            "uncropped": g.range_(lambda s: playfield_frame(s, whole)),
             "raw": g.range_(lambda s: s),
         }
         g.env.close()
-    return _ranges[game][crop]
+    return _ranges[game][frames]
 
 
 @pytest.mark.parametrize("game", GAMES)
 def test_player_range_mirrors_onto_itself(game):
     """The mirror maps 84-px position i to 83 - i: the range's two edges must map onto each other, within a pixel."""
-    low, high = _player_range(game, crop=True)
+    low, high = _player_range(game, "cropped")
     assert abs(low + high - 83) <= 1, f"{game}: reachable range {low}-{high} mirrors to {83 - high}-{83 - low}"
 
 
@@ -180,10 +181,14 @@ def test_table_axis_is_the_player_range_centre(game):
     assert abs(MIRROR_SYMMETRIES[game].centre - (low + high) / 2) <= 0.5
 
 
-@pytest.mark.parametrize("game", [g for g in GAMES if abs(MIRROR_SYMMETRIES[g].centre - 79.5) >= 2 and g != "Pong"])
+SCREEN_CENTRE = {"left-right": 79.5, "top-bottom": 104.5}  # of the 210x160 raw screen
+FAR_OFF_CENTRE = [g for g, s in MIRROR_SYMMETRIES.items() if abs(s.centre - SCREEN_CENTRE[s.axis]) >= 2.5]
+
+
+@pytest.mark.parametrize("game", sorted(FAR_OFF_CENTRE))
 def test_off_centre_games_need_the_crop(game):
-    """The check has teeth: without the crop the off-centre games miss by more than a pixel."""
-    low, high = _player_range(game, crop=False)
+    """The check has teeth: without the crop, games 2.5 or more raw pixels off centre miss by more than a pixel."""
+    low, high = _player_range(game, "uncropped")
     assert abs(low + high - 83) > 1
 
 
@@ -200,13 +205,14 @@ def _first_frame(game, backend, crop):
 @pytest.mark.parametrize("backend", ["ale", "gym"])
 def test_backend_crops_space_invaders_shields_onto_each_other(backend):
     """SpaceInvaders' three shields (84-px rows 63-69 at the start of a game) are centred on column 77.5 of the
-    raw screen, 2 pixels left of its centre: only the cropped frame's flip lays them onto each other."""
+    raw screen, 2 pixels left of its centre (the axis, 78.0, is half a pixel from them): only the cropped frame's
+    flip lays them (nearly) onto each other."""
     symmetry = MIRROR_SYMMETRIES["SpaceInvaders"]
     shields = slice(62, 71)
     cropped = _first_frame("SpaceInvaders", backend, crop=True)[shields]
     uncropped = _first_frame("SpaceInvaders", backend, crop=False)[shields]
     assert cropped.max() > 50  # the shields are there
-    assert _mirror_error(cropped, symmetry) < 0.25 * _mirror_error(uncropped, symmetry)
+    assert _mirror_error(cropped, symmetry) < 0.4 * _mirror_error(uncropped, symmetry)  # 1 raw px off, not 4
 
 
 def test_backends_crop_pong_alike():

@@ -195,7 +195,7 @@ def write_corrupt_file(path):
         ({"env_id": "Hopper-v3"}, "use Hopper-v5"),
         ({"num_minibatches": 30}, "choose a number of minibatches that divides 2048"),
         ({"num_steps": 64, "total_timesteps": 32}, "less than one rollout of 64 steps"),
-        ({"rpo_alpha": -0.1}, "must be >= 0"),
+        ({"rpo_alpha": -0.1}, "--rpo-alpha must not be negative"),
         ({"eval_episodes": 0}, "--eval-episodes must be at least 1"),
     ],
 )

@@ -164,9 +164,9 @@ def test_short_equi_run_writes_the_scalars_and_its_checkpoint_acts_the_same(work
     check_scalars(workdir)
     # save -> load in a fresh process -> the same evaluation episodes give the same metrics, to every digit
     (path,) = [os.path.join(d, f) for d, _, fs in os.walk(workdir) for f in fs if f.endswith(".cleanrl_model")]
-    in_training = re.search(r"checkpoint eval: (.*) over", proc.stdout).group(1)
+    in_training = re.search(r"final eval: (.*)", proc.stdout).group(1)
     proc = run_script(SCRIPT, "--eval-checkpoint", path, "--eval-episodes", "2", "--num-eval-envs", "2", cwd=workdir)
-    assert re.search(r"\(equi\): (.*) over", proc.stdout).group(1) == in_training
+    assert re.search(r"\(equi\): (.*)", proc.stdout).group(1) == in_training
     checkpoint = torch.load(path, weights_only=False)
     assert not any("filter" in key or "expanded_bias" in key for key in checkpoint["actor"])  # parameters only
     x = obs_to_tensor(real_observations("BlockPulling")[1], "cpu")

@@ -148,9 +148,9 @@ def playfield_frame(screen: np.ndarray, symmetry: MirrorSymmetry) -> np.ndarray:
 # Axes measured on the emulator by benchmarks/atari_mirror_axes.py (results: benchmarks/results/atari_mirror_axes.json
 # and .png), in raw-screen pixels: each game's player is driven into both walls with its move actions, and the axis
 # is the centre of its reachable range; the static features of the median background of random play cross-check
-# it. Where they differ by half a pixel (an odd-width sprite cannot be centred on a line between two pixels), the
-# static playfield wins: the player's range then maps onto itself within 0.6 px of the 84x84 frame. The window is
-# the widest inside the screen symmetric about the axis, except Pong's.
+# it. In BeamRider they differ by half a pixel (its odd-width ship cannot be centred on the line between two pixels
+# that its beams are centred on); the beams win there, and the ship's range maps onto itself within 0.6 px of the
+# 84x84 frame. The window is the widest inside the screen symmetric about the axis, except Pong's.
 # Breakout's median background, uncropped, differs from its mirror by 2.7 grey levels on average (its score and
 # lives); the crop brings every game but Carnival to that or better. Carnival is approximate: its playfield and
 # gun are centred, but its HUD (score and bonus display centred on column 83.5, an ammunition bar from the left,
@@ -164,8 +164,9 @@ MIRROR_SYMMETRIES: dict[str, MirrorSymmetry] = {
     # paddle rows 34-193 between the walls at rows 24-33 and 194-209. The widest window (rows 18-209) would take in
     # part of the score and the bottom wall's 6 extra rows; rows 24-203 keep 10 rows of each wall, not the score.
     "Pong": MirrorSymmetry("top-bottom", ("RIGHT", "LEFT"), centre=113.5, window=(24, 204)),
-    # shields at columns 42-49, 74-81, 106-113; the 7-px cannon's columns 34-122 (centre 78.0)
-    "SpaceInvaders": MirrorSymmetry("left-right", ("RIGHT", "LEFT"), centre=77.5, window=(0, 156)),
+    # cannon columns 34-122. The shields (columns 42-49, 74-81, 106-113) are centred on 77.5, and the full alien
+    # formation sweeps columns 22-136 (centre 79.0): their mirrors land 0.5 and 1.1 px (84-px frame) off them.
+    "SpaceInvaders": MirrorSymmetry("left-right", ("RIGHT", "LEFT"), centre=78.0, window=(0, 157)),
     # beams and horizon line (columns 8-159) centred on 83.5; the 15-px ship's columns 26-142 (centre 84.0)
     "BeamRider": MirrorSymmetry("left-right", ("RIGHT", "LEFT"), centre=83.5, window=(8, 160)),
     # cannon columns 25-141; the background (ground) spans the whole width

@@ -127,10 +127,13 @@ def evaluate(actor: nn.Module, args, device: torch.device, seed: int,
             "action_change": float(np.mean(change))}
 
 
-def format_eval(result: dict[str, float]) -> str:
+def format_eval(result: dict[str, float], episodes: int, seed: int) -> str:
+    """One evaluation line; it names the policy and the seed, so two evaluations of the same weights can be told
+    apart (other seeds are other scenes)."""
     return (f"success {result['success_rate']:.3f} | discounted return {result['discounted_return']:.4f} | "
             f"length {result['episode_length']:.2f} | smoothness {result['action_smoothness']:.6f} | "
-            f"action change {result['action_change']:.6f}")
+            f"action change {result['action_change']:.6f} over {episodes} episodes "
+            f"(deterministic action tanh(mean), evaluation seed {seed})")
 
 
 def evaluate_checkpoint(actor: nn.Module, saved, args, device: torch.device) -> None:
@@ -141,4 +144,4 @@ def evaluate_checkpoint(actor: nn.Module, saved, args, device: torch.device) -> 
     saved.eval_episodes, saved.num_eval_envs = args.eval_episodes, args.num_eval_envs
     video_folder = f"videos/{saved.env_id.replace('/', '_')}__{saved.exp_name}__eval" if args.capture_video else None
     result = evaluate(actor, saved, device, seed=saved.seed + 10_000, video_folder=video_folder)
-    print(f"{saved.env_id} ({saved.model}): {format_eval(result)} over {args.eval_episodes} episodes", flush=True)
+    print(f"{saved.env_id} ({saved.model}): {format_eval(result, args.eval_episodes, saved.seed + 10_000)}", flush=True)

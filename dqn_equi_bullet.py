@@ -1,0 +1,582 @@
+"""Equivariant DQN on the close-loop manipulation tasks, with planner demonstrations in the replay buffer.
+
+DQN (Mnih et al. 2015) with the C4-equivariant Q network of "SO(2)-Equivariant Reinforcement Learning" (Wang,
+Walters, Platt, ICLR 2022), the released code's `dqn_com` agent ("composed": one Q value for every combination of
+the action components, maximised jointly). The action a = (p, dx, dy, dz, dtheta) is discretised to 162 choices:
+p in {closed, open}, (dx, dy) on a 3 x 3 grid, dz and dtheta in {-1, 0, +1} steps of `--dpos` metres and
+pi / `--drot-n` radians. The top-down image is centred on the gripper and aligned with the world, so the network
+computes Q for the nine (dx, dy) moves as a 3 x 3 image whose pixel (row i, column j) is the move
+((i - 1) dpos, (j - 1) dpos): turning the world by a quarter turn turns the input image and this Q map alike,
+while the 18 channels of each pixel (dz x dtheta x p) do not change. The C4 network is built to do exactly that
+(escnn), so what is learned in one orientation holds in all four. `--model cnn` trains the paper's plain-CNN
+baseline from this same file.
+
+Planner demonstrations, discretised to the nearest of the 162 actions, fill the buffer before learning. The loss
+is the Huber TD error against a soft-updated target network (tau 0.01 every step), with the plain max over all
+162 actions in the target (no double DQN), as in the released code. Evaluation acts greedily and logs the same
+`eval/` metrics as the other manipulation scripts.
+
+    uv run python dqn_equi_bullet.py --env-id cleanrl_equi/BlockPulling-v0          # the paper's settings (GPU)
+    uv run python dqn_equi_bullet.py --model cnn                                     # the plain baseline
+    uv run python dqn_equi_bullet.py --eval-checkpoint runs/<run>/dqn_equi_bullet.cleanrl_model
+"""
+
+import copy
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+from cleanrl_equi.datasets import stored_obs_to_tensor
+from cleanrl_equi.envs.manipulation import action_smoothness, check_env_id, obs_to_tensor
+from cleanrl_equi.equivariant import EscnnModule, TensorToField, count_parameters, enn, gspaces
+from cleanrl_equi.run import Run, device_for, fail, load_checkpoint, load_state, require
+
+SCRIPT = os.path.basename(__file__)[: -len(".py")]
+
+
+@dataclass
+class Args:
+    exp_name: str = SCRIPT
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "cleanrl-equi"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """whether to capture videos of the final evaluation episodes (check out `videos` folder)"""
+    save_model: bool = False
+    """whether to save the model to `runs/{run_name}` at the end"""
+    eval_checkpoint: Optional[str] = None
+    """evaluate this saved model (a `.cleanrl_model` file) for `eval_episodes` episodes instead of training"""
+    run_name: Optional[str] = None
+    """name of the run directory under runs/ (default: {env}__{exp}__{seed}__{SLURM job id or unix time}); if it
+    holds a resume file, training continues from it"""
+    checkpoint_minutes: float = 30.0
+    """write the resume file runs/{run_name}/resume.pt (networks, optimiser, RNG and the replay buffer) every this
+    many minutes (0 = only on a USR1/TERM signal)"""
+
+    # Environment
+    env_id: str = "cleanrl_equi/BlockPulling-v0"
+    """the id of a manipulation task, `cleanrl_equi/<Task>-v0`"""
+    image_size: int = 128
+    """observation height and width in pixels: a power of two from 16 to 256 (paper: 128)"""
+    max_steps: int = 50
+    """episode length limit (BulletArm's 50; the ICLR paper used 100)"""
+    num_envs: int = 5
+    """the number of parallel training environments"""
+    async_envs: bool = False
+    """run each environment in its own process (gymnasium's AsyncVectorEnv); worth it with spare CPU cores"""
+    dpos: float = 0.02
+    """metres moved by one step of dx, dy or dz (the paper's DQN: 0.02; the tasks' own default is 0.05)"""
+    drot_n: int = 16
+    """one step of dtheta turns the gripper by pi / drot_n radians (the paper's DQN: 16)"""
+
+    # Network
+    model: str = "equi"
+    """`equi`: C4-equivariant Q network (escnn); `cnn`: the paper's plain-CNN baseline"""
+    n_hidden: int = 128
+    """width n: the equivariant network has n/8, n/4, n/2, n, 2n, 2n regular fields of C4 (paper: 128, 2.6M
+    parameters); the CNN has twice as many channels as that has fields (paper: 3.9M)"""
+
+    # Algorithm
+    total_timesteps: int = 100000
+    """environment steps taken by the agent (demos not included); one gradient step per vector step"""
+    buffer_size: int = 100000
+    """replay buffer capacity in transitions (each observation stored once, as uint8)"""
+    gamma: float = 0.95
+    """the discount factor gamma"""
+    tau: float = 0.01
+    """target network Polyak coefficient, applied after every gradient step"""
+    batch_size: int = 32
+    """the batch size of samples from the replay buffer"""
+    learning_rate: float = 1e-4
+    """the learning rate of the Adam optimiser"""
+    learning_starts: int = 100
+    """gradient steps start once the buffer holds this many transitions (demos included)"""
+    updates_per_step: int = 1
+    """gradient steps per vector step (of `num_envs` transitions)"""
+    num_demos: int = 100
+    """successful planner demonstration episodes put in the buffer before learning"""
+    max_demo_attempts: int = 2000
+    """planner episodes tried at most while collecting `num_demos` successful ones"""
+    start_e: float = 0.0
+    """the starting epsilon of epsilon-greedy exploration (0: greedy, as the released code runs)"""
+    end_e: float = 0.0
+    """the final epsilon, reached after `exploration_fraction` of `total_timesteps`"""
+    exploration_fraction: float = 0.5
+    """the fraction of `total_timesteps` over which epsilon goes linearly from `start_e` to `end_e`"""
+
+    # Evaluation and logging
+    eval_frequency: int = 500
+    """evaluate every this many gradient steps (and at the end)"""
+    eval_episodes: int = 100
+    """episodes per evaluation, with the greedy action"""
+    num_eval_envs: int = 5
+    """parallel environments used by evaluation"""
+    log_frequency: int = 100
+    """write the loss scalars every this many gradient steps"""
+    progress_interval: float = 30.0
+    """seconds between progress lines on stdout"""
+
+
+IMAGE_SIZES = (16, 32, 64, 128, 256)
+
+
+def check_args(args: Args) -> None:
+    """Stop at start-up, with one sentence, on settings that cannot work."""
+    check_env_id(args.env_id)
+    if args.model not in ("equi", "cnn"):
+        fail(f"--model must be 'equi' or 'cnn', not {args.model!r}.")
+    if args.image_size not in IMAGE_SIZES:
+        fail(f"--image-size must be 16, 32, 64, 128 or 256 (the network halves it down to 8 pixels), not "
+             f"{args.image_size}.")
+    if args.n_hidden < 8 or args.n_hidden % 8 != 0:
+        fail(f"--n-hidden {args.n_hidden} must be a multiple of 8 (the first layer has n/8 fields).")
+    if not 0.005 <= args.dpos <= 0.1:
+        fail(f"--dpos must be in [0.005, 0.1] metres per step, not {args.dpos}.")
+    if not 2 <= args.drot_n <= 314:
+        fail(f"--drot-n must be from 2 to 314 (a dtheta step of pi / drot_n radians), not {args.drot_n}.")
+    require(args, positive=("learning_rate",), fractions=("gamma", "tau", "start_e", "end_e", "exploration_fraction"),
+            non_negative=("num_demos", "total_timesteps", "learning_starts"),
+            at_least_one=("num_envs", "num_eval_envs", "batch_size", "eval_frequency", "eval_episodes",
+                          "log_frequency", "updates_per_step", "max_steps"))
+    if args.num_demos > args.max_demo_attempts:
+        fail(f"--max-demo-attempts {args.max_demo_attempts} is less than --num-demos {args.num_demos}; raise it.")
+    if args.buffer_size < max(args.batch_size, args.learning_starts, 2 * args.num_envs):
+        fail(f"--buffer-size {args.buffer_size} is smaller than a batch or --learning-starts; raise it.")
+    if args.buffer_size // args.num_envs <= args.max_steps:
+        fail(f"--buffer-size {args.buffer_size} holds less than one episode per env; raise it.")
+    if args.learning_starts < args.batch_size:
+        fail(f"--learning-starts {args.learning_starts} is less than --batch-size {args.batch_size}: the first batch "
+             "would be larger than the data; raise --learning-starts.")
+
+
+# ---- The discrete actions ---------------------------------------------------------------------------------------
+# 162 actions, indexed as the network's output flattened: index = channel * 9 + 3 * row + column, where (row,
+# column) of the 3 x 3 map is the (dx, dy) move and channel = (dz * 3 + dtheta) * 2 + p indexes the 18 invariant
+# choices (each of dz, dtheta in 0, 1, 2 = -1, 0, +1 steps; p 0 = closed, 1 = open), the released code's order.
+NUM_ACTIONS, NUM_CHANNELS = 162, 18
+
+
+def decode_actions(index: np.ndarray) -> np.ndarray:
+    """Action indices (B,) -> the env's normalised actions (B, 5) = (p, dx, dy, dz, dtheta) in {-1, 0, 1}."""
+    channel, cell = np.divmod(np.asarray(index), 9)
+    row, column = np.divmod(cell, 3)
+    dz, rest = np.divmod(channel, 6)
+    dtheta, p = np.divmod(rest, 2)
+    return np.stack([2 * p - 1, row - 1, column - 1, dz - 1, dtheta - 1], axis=1).astype(np.float32)
+
+
+def encode_actions(actions: np.ndarray) -> np.ndarray:
+    """Normalised continuous actions (B, 5) -> the index of the nearest discrete action (the released code's
+    nearest-neighbour discretisation of planner actions). Rounding half to even is odd-symmetric, so a turned
+    planner action discretises to the turned discrete action and the demonstrations keep the task's symmetry."""
+    steps = np.clip(np.rint(np.asarray(actions, dtype=np.float64)), -1, 1).astype(np.int64) + 1
+    p = (np.asarray(actions)[:, 0] > 0).astype(np.int64)  # a half-open command (0) counts as closed, as there
+    return ((steps[:, 3] * 3 + steps[:, 4]) * 2 + p) * 9 + 3 * steps[:, 1] + steps[:, 2]
+
+
+# ---- Networks -------------------------------------------------------------------------------------------------------
+# Symmetry: a quarter turn g of the world about the gripper axis turns the image by g, turns the best (dx, dy) by g
+# and leaves dz, dtheta and p unchanged. Q is a function of (image, action), so Q(g image, g move, rest) =
+# Q(image, move, rest): the 3 x 3 map of moves must turn with the image and its channels must not change. A
+# network of C4 regular fields (features that turn with the image) whose last layer maps them to 18 invariant
+# (trivial) fields on a 3 x 3 grid is equivariant in exactly this sense. The grid maps onto itself only under
+# quarter turns, so the group is C4 (the released class hard-codes it too). The CNN baseline is the same schedule
+# with plain convolutions; the two sit side by side so a diff of the two shows where the symmetry enters.
+def layer_plan(n_hidden: int, image_size: int) -> list[tuple[int, int, bool]]:
+    """The 3x3 conv layers as (width, padding, max-pool after) for an image_size x image_size input.
+
+    The paper's 128-pixel schedule is 128 -> 64 -> 32 -> 16 -> 8 (padded convs, each followed by a 2x2 max-pool, of
+    widths n/8, n/4, n/2, n), then a padded conv of width 2n at 8x8 and an unpadded conv of width 2n (8 -> 6) and a
+    pool (-> 3): the 3 x 3 grid of (dx, dy) moves. A smaller image drops the first (narrowest) halving layers;
+    every stage keeps the grid symmetric, so quarter turns stay exact.
+    """
+    halvings = int(round(math.log2(image_size // 8)))
+    widths = [max(1, n_hidden >> shift) for shift in range(halvings - 1, -1, -1)]  # ..., n/4, n/2, n
+    return [(w, 1, True) for w in widths] + [(2 * n_hidden, 1, False), (2 * n_hidden, 0, True)]
+
+
+class EquiQNetwork(EscnnModule):
+    """2 x S x S image (height, holding flag: both invariant fields) -> Q map (B, 18, 3, 3): regular fields of C4
+    through the conv schedule, then a 1x1 conv to 18 invariant fields at each of the 3 x 3 moves."""
+
+    def __init__(self, args):
+        super().__init__()
+        gspace = gspaces.rot2dOnR2(4)
+        self.in_type = enn.FieldType(gspace, 2 * [gspace.trivial_repr])
+        layers, field_type = [], self.in_type
+        for width, padding, pool in layer_plan(args.n_hidden, args.image_size):
+            out_type = enn.FieldType(gspace, width * [gspace.regular_repr])
+            layers += [enn.R2Conv(field_type, out_type, 3, padding=padding), enn.ReLU(out_type, inplace=True)]
+            if pool:
+                layers.append(enn.PointwiseMaxPool2D(out_type, 2))
+            field_type = out_type
+        layers.append(enn.R2Conv(field_type, enn.FieldType(gspace, NUM_CHANNELS * [gspace.trivial_repr]), 1))
+        self.input = TensorToField(self.in_type)
+        self.net = enn.SequentialModule(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.input(x)).tensor
+
+
+class CNNQNetwork(nn.Module):
+    """The paper's CNN DQN: the equivariant schedule with plain convolutions, 2 channels per regular field there
+    (32-64-128-256-512-512 at n = 128, 3.9M parameters against the equivariant 2.6M)."""
+
+    def __init__(self, args):
+        super().__init__()
+        layers, channels = [], 2
+        for width, padding, pool in layer_plan(args.n_hidden, args.image_size):
+            layers += [nn.Conv2d(channels, 2 * width, 3, padding=padding), nn.ReLU(inplace=True)]
+            if pool:
+                layers.append(nn.MaxPool2d(2))
+            channels = 2 * width
+        self.net = nn.Sequential(*layers, nn.Conv2d(channels, NUM_CHANNELS, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def make_q_network(args) -> nn.Module:
+    return EquiQNetwork(args) if args.model == "equi" else CNNQNetwork(args)
+
+
+def load_q_network(path: str, device: torch.device) -> tuple[nn.Module, Args]:
+    """The Q network saved with --save-model and the settings it was trained with (one sentence if it does not
+    fit)."""
+    checkpoint = load_checkpoint(path, SCRIPT)
+    saved = Args(**{k: v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__})
+    q_network = make_q_network(saved)
+    load_state(q_network, checkpoint["q_network"], path)
+    return q_network.to(device), saved
+
+
+def greedy_actions(q_network: nn.Module, obs: np.ndarray, device: torch.device) -> np.ndarray:
+    """The index of the largest Q value for each observation (call under no_grad)."""
+    return q_network(obs_to_tensor(obs, device)).flatten(1).argmax(1).cpu().numpy()
+
+
+def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> float:
+    slope = (end_e - start_e) / duration if duration > 0 else 0.0
+    return max(slope * t + start_e, end_e) if end_e <= start_e else min(slope * t + start_e, end_e)
+
+
+# ---- Environments and evaluation ----------------------------------------------------------------------------------
+def make_envs(args, num_envs: int, asynchronous: bool = False, video_folder: Optional[str] = None):
+    """Vector envs of the task with the DQN's step sizes (the env's `dpos`, `drot` kwargs)."""
+
+    def thunk(idx: int):
+        def make():
+            render_mode = "rgb_array" if video_folder and idx == 0 else None
+            env = gym.make(args.env_id, image_size=args.image_size, max_steps=args.max_steps, dpos=args.dpos,
+                           drot=math.pi / args.drot_n, render_mode=render_mode)
+            if render_mode:
+                env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda e: True)
+            return env
+
+        return make
+
+    vector_cls = gym.vector.AsyncVectorEnv if asynchronous and num_envs > 1 else gym.vector.SyncVectorEnv
+    envs = vector_cls([thunk(i) for i in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+    return gym.wrappers.vector.RecordEpisodeStatistics(envs)
+
+
+def evaluate(q_network: nn.Module, args, device: torch.device, seed: int,
+             video_folder: Optional[str] = None) -> dict[str, float]:
+    """Run `args.eval_episodes` episodes with the greedy action; return the mean success rate, discounted return
+    (gamma^(T-1) for success at step T: the paper's metric), length and the smoothness of the executed actions,
+    the same `eval/` metrics as the other manipulation scripts."""
+    num_envs = min(args.num_eval_envs, args.eval_episodes)
+    quota = [args.eval_episodes // num_envs + (i < args.eval_episodes % num_envs) for i in range(num_envs)]
+    envs = make_envs(args, num_envs, video_folder=video_folder)
+    obs, _ = envs.reset(seed=seed)
+    returns, successes, lengths, smooth, change = [], [], [], [], []
+    episode_actions: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
+    discounted, steps = np.zeros(num_envs), np.zeros(num_envs, dtype=int)
+    resetting = np.zeros(num_envs, dtype=bool)
+    with torch.no_grad():
+        q_network.eval()  # nothing is updated during the evaluation: escnn layers expand their filters once
+        while any(q > 0 for q in quota):
+            actions = decode_actions(greedy_actions(q_network, obs, device))
+            obs, rewards, terminations, truncations, infos = envs.step(actions)
+            for i in range(num_envs):
+                if resetting[i] or quota[i] == 0:  # this step reset env i (its action was ignored), or it is done
+                    continue
+                discounted[i] += args.gamma ** steps[i] * rewards[i]
+                steps[i] += 1
+                episode_actions[i].append(actions[i])
+                if terminations[i] or truncations[i]:
+                    acts = np.array(episode_actions[i])
+                    returns.append(discounted[i])
+                    successes.append(float(infos["is_success"][i]))
+                    lengths.append(steps[i])
+                    smooth.append(action_smoothness(acts))
+                    change.append(float(np.linalg.norm(np.diff(acts, axis=0), axis=1).mean()) if len(acts) > 1 else 0.0)
+                    quota[i] -= 1
+                    discounted[i], steps[i], episode_actions[i] = 0.0, 0, []
+            resetting = np.logical_or(terminations, truncations)
+    q_network.train()
+    envs.close()
+    return {"success_rate": float(np.mean(successes)), "discounted_return": float(np.mean(returns)),
+            "episode_length": float(np.mean(lengths)), "action_smoothness": float(np.mean(smooth)),
+            "action_change": float(np.mean(change))}
+
+
+def format_eval(result: dict[str, float], episodes: int, seed: int) -> str:
+    return (f"success {result['success_rate']:.3f} | discounted return {result['discounted_return']:.4f} | "
+            f"length {result['episode_length']:.2f} | smoothness {result['action_smoothness']:.6f} | "
+            f"action change {result['action_change']:.6f} over {episodes} episodes (greedy action, evaluation seed "
+            f"{seed})")
+
+
+def evaluate_checkpoint(path: str, args: Args, device: torch.device) -> None:
+    """`--eval-checkpoint`: `args.eval_episodes` greedy episodes of the saved network, under the env settings it
+    was trained with."""
+    if args.eval_episodes < 1 or args.num_eval_envs < 1:
+        fail("--eval-episodes and --num-eval-envs must be at least 1.")
+    q_network, saved = load_q_network(path, device)
+    saved.eval_episodes, saved.num_eval_envs = args.eval_episodes, args.num_eval_envs
+    video_folder = f"videos/{saved.env_id.replace('/', '_')}__{saved.exp_name}__eval" if args.capture_video else None
+    result = evaluate(q_network, saved, device, seed=saved.seed + 10_000, video_folder=video_folder)
+    print(f"{saved.env_id} ({saved.model}): {format_eval(result, args.eval_episodes, saved.seed + 10_000)}",
+          flush=True)
+
+
+# ---- Replay buffer ----------------------------------------------------------------------------------------------------
+class ReplayBuffer:
+    """Transitions of `num_envs` parallel streams, each observation stored once.
+
+    Row i holds, for every env, the observation s_i (height channel as uint8, holding flag as one bool) and the
+    transition (a_i, r_i, terminated_i) that left it; s_{i+1} is the next row's observation. The step in which a
+    vector env resets an env after an episode end (gymnasium's next-step autoreset) is stored as an invalid row,
+    so no transition ever joins two episodes. 100k transitions of 128x128 images take 1.6 GB (16 KiB each).
+    """
+
+    def __init__(self, capacity: int, num_envs: int, image_size: int):
+        self.rows, self.num_envs, self.pos, self.filled = capacity // num_envs, num_envs, 0, 1
+        self.heights = np.zeros((self.rows, num_envs, image_size, image_size), dtype=np.uint8)
+        self.holding = np.zeros((self.rows, num_envs), dtype=bool)
+        self.actions = np.zeros((self.rows, num_envs), dtype=np.int16)
+        self.rewards = np.zeros((self.rows, num_envs), dtype=np.float32)
+        self.terminated = np.zeros((self.rows, num_envs), dtype=bool)
+        self.valid = np.zeros((self.rows, num_envs), dtype=bool)
+
+    def _put_observation(self, obs: np.ndarray):
+        self.heights[self.pos], self.holding[self.pos] = obs[:, 0], obs[:, 1, 0, 0] > 0
+        self.valid[self.pos] = False  # the old transition of this row just lost its observation
+
+    def start(self, obs: np.ndarray):
+        """The first observations after a reset of all envs (an invalid row closes any unfinished stream)."""
+        if self.valid.any() or self.pos > 0:
+            zeros = np.zeros(self.num_envs, bool)
+            self.add(np.zeros(self.num_envs, np.int64), np.zeros(self.num_envs), zeros, zeros, obs)
+        else:
+            self._put_observation(obs)
+
+    def add(self, actions, rewards, terminated, valid, next_obs) -> int:
+        """Store one vector step; returns its row (so a caller can drop the transitions again)."""
+        p = self.pos
+        self.actions[p], self.rewards[p], self.terminated[p], self.valid[p] = actions, rewards, terminated, valid
+        self.pos = (p + 1) % self.rows
+        self.filled = max(self.filled, self.pos + 1)  # rows 0 .. filled - 1 hold data (all of them once it wraps)
+        self._put_observation(next_obs)
+        return p
+
+    def __len__(self) -> int:
+        return int(self.valid.sum())
+
+    def state_dict(self) -> dict:
+        """The filled rows only: a resume file early in a run is small (100k 128 px slots would be 1.6 GB)."""
+        arrays = {k: v[: self.filled] for k, v in vars(self).items() if isinstance(v, np.ndarray)}
+        return {"pos": self.pos, "filled": self.filled, **arrays}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, array in vars(self).items():
+            if isinstance(array, np.ndarray):
+                if state[key].shape[1:] != array.shape[1:] or len(state[key]) > len(array):
+                    raise ValueError(f"replay buffer {key} has shape {state[key].shape}, not {array.shape}")
+                array[: len(state[key])] = state[key]
+                array[len(state[key]):] = 0
+        self.pos, self.filled = state["pos"], state["filled"]
+
+    def sample(self, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+        flat = np.random.choice(np.flatnonzero(self.valid.ravel()), batch_size)
+        rows, envs = np.divmod(flat, self.num_envs)
+        next_rows = (rows + 1) % self.rows
+        as_tensor = lambda a: torch.as_tensor(a[rows, envs], device=device)  # noqa: E731
+        return {"obs": stored_obs_to_tensor(self.heights[rows, envs], self.holding[rows, envs], device),
+                "next_obs": stored_obs_to_tensor(self.heights[next_rows, envs], self.holding[next_rows, envs], device),
+                "actions": as_tensor(self.actions).long(), "rewards": as_tensor(self.rewards),
+                "terminated": as_tensor(self.terminated).float()}
+
+
+def collect_demos(envs, rb: ReplayBuffer, args: Args) -> tuple[int, int, int]:
+    """Planner episodes, discretised to the nearest discrete action, through the training envs; only the ones that
+    succeed stay in the buffer (as in the later released code). The planners' waypoint tolerances are finer than
+    the DQN's step grid, so a discretised planner often stops a few millimetres short of a waypoint and waits there
+    until the time limit: such an episode holds no reward. Returns (kept episodes, their transitions, attempts)."""
+    obs, _ = envs.reset(seed=args.seed)
+    rb.start(obs)
+    resetting = np.zeros(args.num_envs, dtype=bool)
+    episode_rows: list[list[int]] = [[] for _ in range(args.num_envs)]
+    kept, transitions, attempts = 0, 0, 0
+    while kept < args.num_demos and attempts < args.max_demo_attempts:
+        actions = encode_actions(np.stack(envs.unwrapped.call("expert_action")))
+        obs, rewards, terminations, truncations, infos = envs.step(decode_actions(actions))
+        row = rb.add(actions, rewards, terminations, ~resetting, obs)
+        for i in np.flatnonzero(~resetting):
+            episode_rows[i].append(row)
+        for i in np.flatnonzero(np.logical_or(terminations, truncations)):
+            attempts += 1
+            if infos["is_success"][i] and kept < args.num_demos:
+                kept, transitions = kept + 1, transitions + len(episode_rows[i])
+            else:
+                rb.valid[episode_rows[i], i] = False
+            episode_rows[i] = []
+        resetting = np.logical_or(terminations, truncations)
+    for i, rows in enumerate(episode_rows):  # episodes still running when enough demos were kept
+        rb.valid[rows, i] = False
+    return kept, transitions, attempts
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if args.eval_checkpoint is not None:
+        evaluate_checkpoint(args.eval_checkpoint, args, device_for(args))
+        raise SystemExit(0)
+    check_args(args)
+    run = Run(SCRIPT, args, args.env_id.replace("/", "_"))  # PLUMBING: run dir, TensorBoard, resume file, signals
+    writer, device = run.writer, run.device
+
+    # TRY NOT TO MODIFY: seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    # env setup
+    envs = make_envs(args, args.num_envs, args.async_envs)
+
+    q_network = make_q_network(args).to(device)
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate)
+    target_network = copy.deepcopy(q_network).requires_grad_(False)
+    print(f"{args.model} Q network: {count_parameters(q_network):,} parameters", flush=True)
+
+    rb = ReplayBuffer(args.buffer_size, args.num_envs, args.image_size)
+    # PLUMBING: what a resumed run continues from (the demos are in the saved buffer; envs start fresh episodes)
+    run.keep(q_network=q_network, target_network=target_network, optimizer=optimizer, replay_buffer=rb)
+    counters = run.resume(vector_step=0, global_step=0, gradient_steps=0, last_eval=-1)
+    global_step, grad_steps, last_eval = counters["global_step"], counters["gradient_steps"], counters["last_eval"]
+
+    # Planner demonstrations, through the same envs, before any learning
+    if run.saved is None and args.num_demos > 0:
+        kept, transitions, attempts = collect_demos(envs, rb, args)
+        print(f"{kept} demo episodes ({transitions} transitions) kept of {attempts} discretised planner episodes",
+              flush=True)
+        if kept < args.num_demos:
+            print(f"warning: only {kept} of --num-demos {args.num_demos} planner episodes succeeded within "
+                  f"--max-demo-attempts {args.max_demo_attempts}", flush=True)
+    obs, _ = envs.reset(seed=args.seed + 1 + counters["vector_step"])
+    rb.start(obs)
+    resetting = np.zeros(args.num_envs, dtype=bool)
+
+    # TRY NOT TO MODIFY: start the game
+    update_time, start_grad_steps, last_success = 0.0, grad_steps, float("nan")
+    num_vector_steps = args.total_timesteps // args.num_envs
+    for vector_step in range(counters["vector_step"], num_vector_steps):
+        # PLUMBING: periodic resume file; on USR1/TERM also stop here (and requeue under SLURM)
+        run.checkpoint(vector_step=vector_step, global_step=global_step, gradient_steps=grad_steps, last_eval=last_eval)
+        global_step += args.num_envs
+        # ALGO LOGIC: put action logic here (train mode, no_grad: escnn builds fresh filters from current weights)
+        epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps,
+                                  global_step)
+        with torch.no_grad():
+            actions = greedy_actions(q_network, obs, device)
+        explore = np.random.rand(args.num_envs) < epsilon
+        actions[explore] = np.random.randint(NUM_ACTIONS, size=int(explore.sum()))
+
+        # TRY NOT TO MODIFY: execute the game and log data.
+        next_obs, rewards, terminations, truncations, infos = envs.step(decode_actions(actions))
+        if "_episode" in infos:
+            for i in np.flatnonzero(infos["_episode"]):
+                writer.add_scalar("charts/episodic_return", infos["episode"]["r"][i], global_step)
+                writer.add_scalar("charts/episodic_length", infos["episode"]["l"][i], global_step)
+                writer.add_scalar("charts/episodic_success", float(infos["is_success"][i]), global_step)
+        rb.add(actions, rewards, terminations, ~resetting, next_obs)
+        resetting = np.logical_or(terminations, truncations)
+        obs = next_obs
+
+        # ALGO LOGIC: training.
+        if len(rb) < args.learning_starts:
+            continue
+        update_start = time.time()
+        for _ in range(args.updates_per_step):
+            data = rb.sample(args.batch_size, device)
+            grad_steps += 1
+            with torch.no_grad():  # the released code's target: the plain max over all 162 actions, no double DQN
+                target_max = target_network(data["next_obs"]).flatten(1).max(1).values
+                td_target = data["rewards"] + args.gamma * target_max * (1 - data["terminated"])
+            old_val = q_network(data["obs"]).flatten(1).gather(1, data["actions"][:, None]).squeeze(1)
+            loss = F.smooth_l1_loss(old_val, td_target)  # Huber, as in the released code
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+            # update the target network (soft, every step: the released code's DQN disables the hard update)
+            with torch.no_grad():
+                for param, target_param in zip(q_network.parameters(), target_network.parameters()):
+                    target_param.lerp_(param, args.tau)
+        update_time += time.time() - update_start
+        updates_per_second = (grad_steps - start_grad_steps) / max(update_time, 1e-9)
+
+        if grad_steps % args.log_frequency < args.updates_per_step:
+            writer.add_scalar("losses/td_loss", loss.item(), global_step)
+            writer.add_scalar("losses/q_values", old_val.mean().item(), global_step)
+            writer.add_scalar("charts/epsilon", epsilon, global_step)
+            writer.add_scalar("charts/SPS", int(run.sps(global_step)), global_step)
+            writer.add_scalar("charts/updates_per_second", updates_per_second, global_step)
+            writer.add_scalar("charts/gradient_steps", grad_steps, global_step)
+
+        final = vector_step == num_vector_steps - 1
+        if (grad_steps % args.eval_frequency < args.updates_per_step or final) and last_eval != grad_steps:
+            last_eval = grad_steps
+            result = evaluate(q_network, args, device, seed=args.seed + 10_000 + grad_steps)
+            for key, value in result.items():
+                writer.add_scalar(f"eval/{key}", value, global_step)
+            writer.add_scalar("eval/gradient_steps", grad_steps, global_step)
+            last_success = result["success_rate"]
+            print(f"eval @ {grad_steps} gradient steps: "
+                  f"{format_eval(result, args.eval_episodes, args.seed + 10_000 + grad_steps)}", flush=True)
+        run.progress(global_step, num_vector_steps * args.num_envs, f"{grad_steps} gradient steps",  # PLUMBING
+                     f"updates/s {updates_per_second:.2f}", f"epsilon {epsilon:.3f}",
+                     f"last eval success {last_success:.2f}", force=final)
+
+    envs.close()
+    if args.save_model:
+        run.save_model(q_network=q_network.state_dict(), target_network=target_network.state_dict(),
+                       global_step=global_step, gradient_steps=grad_steps)
+    if args.save_model or args.capture_video:  # the final policy, greedy, on the evaluation scenes (and on video)
+        result = evaluate(q_network, args, device, seed=args.seed + 10_000,
+                          video_folder=f"videos/{run.name}-eval" if args.capture_video else None)
+        print(f"final eval: {format_eval(result, args.eval_episodes, args.seed + 10_000)}", flush=True)
+    run.finish(vector_step=max(counters["vector_step"], num_vector_steps), global_step=global_step,  # PLUMBING
+               gradient_steps=grad_steps, last_eval=last_eval)
