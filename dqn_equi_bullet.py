@@ -16,6 +16,11 @@ is the Huber TD error against a soft-updated target network (tau 0.01 every step
 162 actions in the target (no double DQN), as in the released code. Evaluation acts greedily and logs the same
 `eval/` metrics as the other manipulation scripts.
 
+Exploration: by default the agent acts greedily (epsilon 0), as the released code runs: its epsilon schedule
+defaults to no exploration steps and a final epsilon of 0, and the paper's commands leave it so. What it tries
+then comes from the demonstrations and from its own changing Q values. `--start-e`, `--end-e` and
+`--exploration-fraction` give CleanRL's linear epsilon schedule instead (a random action is uniform over the 162).
+
     uv run python dqn_equi_bullet.py --env-id cleanrl_equi/BlockPulling-v0          # the paper's settings (GPU)
     uv run python dqn_equi_bullet.py --model cnn                                     # the plain baseline
     uv run python dqn_equi_bullet.py --eval-checkpoint runs/<run>/dqn_equi_bullet.cleanrl_model
@@ -169,7 +174,7 @@ def check_args(args: Args) -> None:
              "would be larger than the data; raise --learning-starts.")
 
 
-# ---- The discrete actions ---------------------------------------------------------------------------------------
+# ---- The discrete actions --------------------------------------------------------------------------------------------
 # 162 actions, indexed as the network's output flattened: index = channel * 9 + 3 * row + column, where (row,
 # column) of the 3 x 3 map is the (dx, dy) move and channel = (dz * 3 + dtheta) * 2 + p indexes the 18 invariant
 # choices (each of dz, dtheta in 0, 1, 2 = -1, 0, +1 steps; p 0 = closed, 1 = open), the released code's order.
@@ -190,11 +195,11 @@ def encode_actions(actions: np.ndarray) -> np.ndarray:
     nearest-neighbour discretisation of planner actions). Rounding half to even is odd-symmetric, so a turned
     planner action discretises to the turned discrete action and the demonstrations keep the task's symmetry."""
     steps = np.clip(np.rint(np.asarray(actions, dtype=np.float64)), -1, 1).astype(np.int64) + 1
-    p = (np.asarray(actions)[:, 0] > 0).astype(np.int64)  # a half-open command (0) counts as closed, as there
+    p = (np.asarray(actions)[:, 0] > 0).astype(np.int64)  # half-open (0) is closed: the released tie-break
     return ((steps[:, 3] * 3 + steps[:, 4]) * 2 + p) * 9 + 3 * steps[:, 1] + steps[:, 2]
 
 
-# ---- Networks -------------------------------------------------------------------------------------------------------
+# ---- Networks --------------------------------------------------------------------------------------------------------
 # Symmetry: a quarter turn g of the world about the gripper axis turns the image by g, turns the best (dx, dy) by g
 # and leaves dz, dtheta and p unchanged. Q is a function of (image, action), so Q(g image, g move, rest) =
 # Q(image, move, rest): the 3 x 3 map of moves must turn with the image and its channels must not change. A
@@ -276,11 +281,11 @@ def greedy_actions(q_network: nn.Module, obs: np.ndarray, device: torch.device) 
 
 
 def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> float:
-    slope = (end_e - start_e) / duration if duration > 0 else 0.0
-    return max(slope * t + start_e, end_e) if end_e <= start_e else min(slope * t + start_e, end_e)
+    """Epsilon goes linearly from start_e to end_e over `duration` steps, then stays at end_e (CleanRL's DQN)."""
+    return end_e if duration <= 0 else start_e + (end_e - start_e) * min(t / duration, 1.0)
 
 
-# ---- Environments and evaluation ----------------------------------------------------------------------------------
+# ---- Environments and evaluation -------------------------------------------------------------------------------------
 def make_envs(args, num_envs: int, asynchronous: bool = False, video_folder: Optional[str] = None):
     """Vector envs of the task with the DQN's step sizes (the env's `dpos`, `drot` kwargs)."""
 
@@ -361,7 +366,7 @@ def evaluate_checkpoint(path: str, args: Args, device: torch.device) -> None:
           flush=True)
 
 
-# ---- Replay buffer ----------------------------------------------------------------------------------------------------
+# ---- Replay buffer ---------------------------------------------------------------------------------------------------
 class ReplayBuffer:
     """Transitions of `num_envs` parallel streams, each observation stored once.
 
@@ -482,12 +487,8 @@ if __name__ == "__main__":
     print(f"{args.model} Q network: {count_parameters(q_network):,} parameters", flush=True)
 
     rb = ReplayBuffer(args.buffer_size, args.num_envs, args.image_size)
-    # PLUMBING: what a resumed run continues from (the demos are in the saved buffer; envs start fresh episodes)
-    run.keep(q_network=q_network, target_network=target_network, optimizer=optimizer, replay_buffer=rb)
-    counters = run.resume(vector_step=0, global_step=0, gradient_steps=0, last_eval=-1)
-    global_step, grad_steps, last_eval = counters["global_step"], counters["gradient_steps"], counters["last_eval"]
 
-    # Planner demonstrations, through the same envs, before any learning
+    # Planner demonstrations, through the same envs, before any learning (a resumed run has them in its buffer)
     if run.saved is None and args.num_demos > 0:
         kept, transitions, attempts = collect_demos(envs, rb, args)
         print(f"{kept} demo episodes ({transitions} transitions) kept of {attempts} discretised planner episodes",
@@ -495,6 +496,11 @@ if __name__ == "__main__":
         if kept < args.num_demos:
             print(f"warning: only {kept} of --num-demos {args.num_demos} planner episodes succeeded within "
                   f"--max-demo-attempts {args.max_demo_attempts}", flush=True)
+
+    # PLUMBING: what a resumed run continues from (the demos are in the saved buffer; envs start fresh episodes)
+    run.keep(q_network=q_network, target_network=target_network, optimizer=optimizer, replay_buffer=rb)
+    counters = run.resume(vector_step=0, global_step=0, gradient_steps=0, last_eval=-1)
+    global_step, grad_steps, last_eval = counters["global_step"], counters["gradient_steps"], counters["last_eval"]
     obs, _ = envs.reset(seed=args.seed + 1 + counters["vector_step"])
     rb.start(obs)
     resetting = np.zeros(args.num_envs, dtype=bool)

@@ -26,7 +26,7 @@ import torch.optim as optim
 import tyro
 from torch.distributions.categorical import Categorical
 
-from cleanrl_equi.envs.atari import MirrorSymmetry, action_meanings, make_atari_envs, mirror_symmetry
+from cleanrl_equi.envs.atari import MirrorSymmetry, action_meanings, make_atari_envs, mirror_symmetry, playfield_symmetry
 from cleanrl_equi.equivariant import EscnnModule, TensorToField, discrete_action_type, enn, mirror_gspace
 from cleanrl_equi.run import Run, device_for, fail, load_checkpoint, load_state, require
 
@@ -72,6 +72,9 @@ class Args:
     """`ale`: ale-py's native multi-threaded vector env; `gym`: CleanRL's wrappers in gymnasium's vector env"""
     async_envs: bool = False
     """with the gym back-end, run each env in its own process (gymnasium's AsyncVectorEnv)"""
+    mirror_crop: bool = True
+    """crop each screen symmetrically about the game's measured mirror axis before the resize, so that
+    flipping the 84x84 frame is the game's mirror (`--no-mirror-crop`: the whole screen, mirrored about its centre)"""
     total_timesteps: int = 10000000
     """total timesteps of the experiments"""
     learning_rate: float = 2.5e-4
@@ -126,6 +129,11 @@ def check_args(args: Args) -> None:
         fail(f"--trunk must be 'channels' or 'params', not {args.trunk!r}.")
     if args.env_backend not in ("ale", "gym"):
         fail(f"--env-backend must be 'ale' or 'gym', not {args.env_backend!r}.")
+    if args.mirror_crop:
+        try:
+            playfield_symmetry(args.env_id)
+        except ValueError as exc:
+            fail(f"--mirror-crop: {exc}")
     require(args, positive=("learning_rate",), fractions=("gamma", "gae_lambda"),
             non_negative=("clip_coef", "ent_coef", "vf_coef", "max_grad_norm", "target_kl"),
             at_least_one=("num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes"))
@@ -197,7 +205,8 @@ def evaluate(agent: Agent, args: Args, device: torch.device, run_name: str, capt
     """Play `args.eval_episodes` full games with actions sampled from the policy; return their raw scores."""
     num_envs = min(args.eval_episodes, 8)
     backend = "gym" if capture_video else args.env_backend
-    envs = make_atari_envs(args.env_id, num_envs, backend, capture_video, f"{run_name}-eval")
+    envs = make_atari_envs(args.env_id, num_envs, backend, capture_video, f"{run_name}-eval",
+                           playfield_crop=args.mirror_crop)
     obs, _ = envs.reset(seed=args.seed + 10_000)
     agent.eval()
     scores: list[float] = []
@@ -248,7 +257,8 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
     # env setup
-    envs = make_atari_envs(args.env_id, args.num_envs, args.env_backend, args.capture_video, run.name, args.async_envs)
+    envs = make_atari_envs(args.env_id, args.num_envs, args.env_backend, args.capture_video, run.name, args.async_envs,
+                           playfield_crop=args.mirror_crop)
 
     agent = build_agent(args).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)

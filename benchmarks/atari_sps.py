@@ -112,8 +112,8 @@ if __name__ == "__main__":
         "load_average_at_end": os.getloadavg(),
         "machine": machine_info(),
         "env_id": args.env_id,
-        "settings": "script defaults (8 envs x 128 steps, 4 epochs x 4 minibatches), " + f"{args.iterations} iterations/run"
-        + (f", extra flags {' '.join(extra)}" if extra else ""),
+        "settings": "script defaults (8 envs x 128 steps, 4 epochs x 4 minibatches), "
+        + f"{args.iterations} iterations/run" + (f", extra flags {' '.join(extra)}" if extra else ""),
         "training": training,
         "env_throughput": throughput,
     }

@@ -219,7 +219,8 @@ def _interrupt(signum, frame) -> NoReturn:
 
 
 def run_jobs(jobs: Sequence[Job], parallel: int = 1, check: bool = True, poll_seconds: float = 1.0,
-             heartbeat_minutes: float = 10.0, tail_lines: int = 20, quiet: bool = False, hint: str = "") -> list[JobResult]:
+             heartbeat_minutes: float = 10.0, tail_lines: int = 20, quiet: bool = False,
+             hint: str = "") -> list[JobResult]:
     """Run `jobs`, at most `parallel` at a time, in the order given; return their results in that order.
 
     Prints a progress line when a job starts and when one ends (and every `heartbeat_minutes` while they run). Every

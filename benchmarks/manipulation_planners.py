@@ -8,7 +8,8 @@ manipulation_planners_iclr<tag>.*. With --out, the .csv goes next to that .json;
 
     OMP_NUM_THREADS=1 uv run python benchmarks/manipulation_planners.py --episodes 100 --overwrite
     OMP_NUM_THREADS=1 uv run python benchmarks/manipulation_planners.py --episodes 100 --iclr --overwrite
-    OMP_NUM_THREADS=1 uv run python benchmarks/manipulation_planners.py --episodes 2 --tasks BlockPulling --out /tmp/p.json
+    OMP_NUM_THREADS=1 uv run python benchmarks/manipulation_planners.py --episodes 2 --tasks BlockPulling \\
+        --out /tmp/manipulation_planners.json
 """
 
 from __future__ import annotations

@@ -127,7 +127,8 @@ def main():
     opts.eval_episodes = opts.eval_episodes or (20 if cpu else 100)
     for item in opts.medium_checkpoint:
         if "=" not in item:
-            fail(f"--medium-checkpoint {item!r} is not TASK=PATH, e.g. BlockPulling=runs/<run>/sac_equi_bullet.cleanrl_model.")
+            fail(f"--medium-checkpoint {item!r} is not TASK=PATH, e.g. "
+                 "BlockPulling=runs/<run>/sac_equi_bullet.cleanrl_model.")
     checkpoints = dict(item.split("=", 1) for item in opts.medium_checkpoint)
     missing = [t for t in opts.tasks.split(",") if t not in checkpoints]
     if not opts.collect_only and set(opts.data.split(",")) - {"expert"} and missing:
@@ -137,8 +138,9 @@ def main():
     started = time.time()
     if not opts.collect_only:
         run_all(opts, build_datasets(opts, image_size), extra)
-    subprocess.run([sys.executable, "-m", "cleanrl_equi.tools.plot_runs", os.path.join(opts.runs_dir, "runs"), "--out",
-                    out, "--tags", "eval/success_rate", "eval/discounted_return", "--points", "50"], check=True, cwd=REPO)
+    subprocess.run([sys.executable, "-m", "cleanrl_equi.tools.plot_runs", os.path.join(opts.runs_dir, "runs"),
+                    "--out", out, "--tags", "eval/success_rate", "eval/discounted_return", "--points", "50"],
+                   check=True, cwd=REPO)
     machine = machine_info(opts.device)
     hardware = opts.hardware or f"{machine['cpu']} {opts.device}, {os.cpu_count()} cores" + (
         f", {machine['gpu']}" if "gpu" in machine else "")

@@ -159,8 +159,8 @@ def git_state(path: str) -> dict:
         return subprocess.run(["git", "-C", path, *args], capture_output=True, text=True).stdout.strip()
 
     changed = git("status", "--porcelain", "--untracked-files=no")
-    return {"path": os.path.abspath(path), "commit": git("rev-parse", "HEAD"), "subject": git("log", "-1", "--format=%s"),
-            "modified_files": len(changed.splitlines())}
+    return {"path": os.path.abspath(path), "commit": git("rev-parse", "HEAD"),
+            "subject": git("log", "-1", "--format=%s"), "modified_tracked_files": len(changed.splitlines())}
 
 
 def read_terminal(master: int, state: dict, start: float) -> None:
@@ -369,10 +369,12 @@ def main() -> None:
         "what": "seconds from launching a training script to its first training step (first Optimizer.zero_grad, "
                 "i.e. the first loss computed) and to its first line of stdout; median, min and max over repeats",
         "method": "python <checkout>/<script>.py <flags> in an empty folder, stdout on a pseudo-terminal, "
-                  f"OMP_NUM_THREADS={args.threads}, checkout root first on PYTHONPATH, a sitecustomize.py that ends the "
-                  "process at the first zero_grad; nocache = PYTHONPYCACHEPREFIX empty + PYTHONDONTWRITEBYTECODE=1, "
-                  "compiled = PYTHONPYCACHEPREFIX filled by one warm-up run; checkouts alternate ABBA over repeats; "
-                  "cql/iql default datasets pre-built by the warm-up under a shared $CLEANRL_EQUI_DATA",
+                  f"OMP_NUM_THREADS={args.threads}, checkout root first on PYTHONPATH, a sitecustomize.py that ends "
+                  "the process at the first zero_grad; nocache = PYTHONPYCACHEPREFIX empty + "
+                  "PYTHONDONTWRITEBYTECODE=1, compiled = PYTHONPYCACHEPREFIX filled by one warm-up run; checkouts "
+                  "alternate ABBA over repeats; the warm-up runs (not measured) also pre-build the cql/iql default "
+                  "datasets under a shared $CLEANRL_EQUI_DATA and fill the caches both checkouts share (escnn's "
+                  "joblib cache in site-packages)",
         "machine": machine_info(),
         "load_average_start": load_start,
         "load_average_end": load_average(),

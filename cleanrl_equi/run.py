@@ -248,9 +248,12 @@ class Run:
                                                    # stop (and requeue under SLURM)
             run.progress(global_step, total, ...)  # a progress line every --progress-interval seconds
         run.save_model(actor=actor.state_dict())   # --save-model's file
+        run.finish(global_step=..., ...)           # the final resume file (a longer run extends from it); logs closed
 
-    It prints the run directory and device as soon as it is made. On resume, TensorBoard purges what the interrupted
-    run logged after its resume file, and wandb continues the run of the same name.
+    It prints the run directory and device as soon as it is made, refuses a directory that holds another script's
+    run or a run it cannot continue, and stops cleanly on USR1, TERM and Ctrl-C (with a resume file) and on a full
+    disk or read-only folder (one sentence). On resume, TensorBoard purges what the interrupted run logged after its
+    resume file, and wandb continues the run of the same name.
     """
 
     def __init__(self, script: str, args: Any, env_label: str):
@@ -261,6 +264,8 @@ class Run:
         self.device = device_for(args)
         self._check_owner()
         self.saved = load_resume(self.dir, script, args)
+        if self.saved is not None and not {"counters", "state"} <= set(self.saved):
+            fail(f"{self.resume_path!r} was written by an older version of {script}; pick another --run-name.")
         self._claim_directory()
         self.state: dict[str, Any] = {}
         if args.track:

@@ -224,10 +224,15 @@ def test_backends_crop_pong_alike():
         assert np.abs(rows - rows[::-1]).max() < 5, f"{backend}: {rows[:6]} vs {rows[::-1][:6]}"
 
 
-def test_crop_of_a_centred_game_changes_nothing():
-    """Breakout's window is the whole screen: the native back-end's Python crop-resize-stack path then gives the
-    native observations bit for bit, across game ends (stacks restart with zeros, as the native stack does)."""
+def test_crop_of_a_centred_game_changes_nothing(monkeypatch):
+    """Breakout's window is the whole screen, so make_atari_envs keeps the native resize; forced through the Python
+    crop-resize-stack path, it must give the native observations bit for bit, across game ends (stacks restart with
+    zeros, as the native stack does)."""
+    from cleanrl_equi.envs import atari
+
+    monkeypatch.setattr(atari, "crops_nothing", lambda *args: False)
     envs = [make_atari_envs("BreakoutNoFrameskip-v4", 2, backend="ale", playfield_crop=c) for c in (False, True)]
+    assert isinstance(envs[1], atari.PlayfieldFrameStack) and not isinstance(envs[0], atari.PlayfieldFrameStack)
     observations = [e.reset(seed=0)[0] for e in envs]
     assert np.array_equal(*observations)
     rng = np.random.default_rng(0)

@@ -35,7 +35,7 @@ def test_check_env(task):
     check_env(env.unwrapped)
     observation, info = env.reset(seed=0)
     assert observation.shape == (2, 32, 32) and observation.dtype == np.uint8
-    assert info["is_success"] is False
+    assert info["is_success"].dtype == bool and info["is_success"].shape == () and not info["is_success"]
     frame = env.render()
     assert frame.shape == (256, 256, 3) and frame.dtype == np.uint8 and frame.std() > 0
     env.close()

@@ -130,7 +130,7 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(script, tiny_datase
             break
     output = proc.stdout.read()
     assert proc.wait(timeout=300) == 128 + signal.SIGUSR1, output
-    assert "run the same command again to resume" in output
+    assert "run the same command with --run-name stopped to resume" in output
     stopped_dir = os.path.join(workdir, "runs", "stopped")
     assert os.path.exists(os.path.join(stopped_dir, "resume.pt"))
     assert not os.path.exists(os.path.join(stopped_dir, f"{script}.cleanrl_model"))
@@ -153,7 +153,7 @@ def test_resume_refuses_other_settings_and_other_scripts(tiny_dataset, workdir):
              "--run-name", "r"]
     run_script("cql_equi_offline.py", *flags, cwd=workdir)
     resume_file = os.path.join(workdir, "runs", "r", "resume.pt")
-    # a run writes its resume file on a signal or on the clock; make one by hand from a finished run's settings
+    # replace the finished run's resume file by one saved under other settings (--n-hidden, --group-order)
     from cleanrl_equi.run import save_resume
 
     save_resume(os.path.join(workdir, "runs", "r"), "cql_equi_offline",
@@ -162,7 +162,7 @@ def test_resume_refuses_other_settings_and_other_scripts(tiny_dataset, workdir):
     script_fails_with(proc, "other settings")
     assert os.path.exists(resume_file)
     proc = run_script("iql_equi_offline.py", *flags, cwd=workdir, check=False)
-    script_fails_with(proc, "written by cql_equi_offline, not iql_equi_offline")
+    script_fails_with(proc, "holds a run of cql_equi_offline, not iql_equi_offline")
 
 
 @pytest.mark.parametrize("problem", ["missing", "corrupt", "other task", "other size"])

@@ -106,8 +106,10 @@ def test_plots_and_summary(runs_root, tmp_path):
 
     md, table = read_summary(out)
     ret = "charts/episodic_return"
+    # sac's runs differ in --model: two experiments without being told (ppo's and ppo_equi's runs each agree)
     assert set(md) == {("ALE/Pong-v5", "ppo", ret), ("ALE/Pong-v5", "ppo_equi", ret),
-                       ("cleanrl_equi_BlockPulling-v0", "sac", "eval/success_rate")}  # absent tags left out
+                       ("cleanrl_equi_BlockPulling-v0", "sac[model=cnn]", "eval/success_rate"),
+                       ("cleanrl_equi_BlockPulling-v0", "sac[model=equi]", "eval/success_rate")}  # absent tags left out
 
     ppo_last = [10.0 * s + 10 for s in (1, 2, 3)]  # 20, 30, 40
     ppo_best = [max(ppo_value(s, k) for k in range(11)) for s in (1, 2, 3)]  # 51, 52, 53
@@ -129,10 +131,10 @@ def test_plots_and_summary(runs_root, tmp_path):
     assert float(row["best_mean"]) == pytest.approx(sum(equi) / 3)
     assert md[("ALE/Pong-v5", "ppo_equi", ret)] == ["3", "22.3 ± 3.79", "22.3", "1000"]
 
-    row = table[("cleanrl_equi_BlockPulling-v0", "sac", "eval/success_rate")]
-    assert int(row["seeds"]) == 4
-    assert float(row["last_mean"]) == pytest.approx(0.25)
-    assert float(row["best_mean"]) == pytest.approx(0.25)
+    row = table[("cleanrl_equi_BlockPulling-v0", "sac[model=equi]", "eval/success_rate")]
+    assert int(row["seeds"]) == 2 and float(row["last_mean"]) == pytest.approx(0.15)  # seeds 1, 2
+    row = table[("cleanrl_equi_BlockPulling-v0", "sac[model=cnn]", "eval/success_rate")]
+    assert int(row["seeds"]) == 2 and float(row["best_mean"]) == pytest.approx(0.35)  # seeds 3, 4
 
 
 def test_group_by_hyperparameter(runs_root, tmp_path):
@@ -150,6 +152,27 @@ def test_group_by_hyperparameter(runs_root, tmp_path):
     assert float(cnn["last_ci95"]) == pytest.approx(half_width([0.3, 0.4]), rel=1e-6)
     assert md[("cleanrl_equi_BlockPulling-v0", "sac[model=cnn]", sr)] == ["2", "0.35 ± 0.635", "0.35", "1000"]
     assert os.path.isfile(os.path.join(out, "cleanrl_equi_BlockPulling-v0__eval_success_rate.png"))
+
+
+def test_group_by_none_and_repeated_seeds(runs_root, tmp_path):
+    """`--group-by none` keeps sac's models together; runs that share a seed are one seed (averaged), not two."""
+    out = str(tmp_path / "plots")
+    plot_runs(runs_root, "--out", out, "--group-by", "none")
+    row = read_summary(out)[1][("cleanrl_equi_BlockPulling-v0", "sac", "eval/success_rate")]
+    assert (int(row["seeds"]), float(row["last_mean"])) == (4, pytest.approx(0.25))
+
+    root = tmp_path / "repeated"
+    for run, (seed, final) in enumerate([(1, 0.2), (1, 0.4), (2, 0.6)]):  # seed 1 run twice
+        write_run(str(root / f"cleanrl_equi_BlockPulling-v0__sac__{seed}__{run}"),
+                  {"exp_name": "sac", "seed": seed, "env_id": "cleanrl_equi/BlockPulling-v0", "model": "equi"},
+                  [("eval/success_rate", 100 * k, final * k / 10) for k in range(11)])
+    plot_runs(str(root), "--out", out)
+    md, table = read_summary(out)
+    row = table[("cleanrl_equi_BlockPulling-v0", "sac", "eval/success_rate")]
+    assert (int(row["seeds"]), int(row["runs"])) == (2, 3)
+    assert float(row["last_mean"]) == pytest.approx((0.3 + 0.6) / 2)  # seed 1's two runs averaged first
+    assert float(row["last_ci95"]) == pytest.approx(half_width([0.3, 0.6]), rel=1e-6)
+    assert md[("cleanrl_equi_BlockPulling-v0", "sac", "eval/success_rate")][0] == "2 (3 runs)"
 
 
 @pytest.mark.parametrize("case", ["missing folder", "no runs", "no tags", "unknown group-by"])

@@ -50,7 +50,7 @@ def interrupt(script: str, *flags: str, cwd: str, at_line: int = 1, on_line=None
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 128 + signal.SIGUSR1, f"{script} exited with {proc.returncode}:\n{output}"
-    assert "SIGUSR1 received: checkpoint written; run the same command again to resume" in output, output
+    assert "SIGUSR1 received: checkpoint written; run the same command with --run-name r to resume" in output, output
     return read_resume_file(os.path.join(cwd, "runs", "r", "resume.pt"))
 
 

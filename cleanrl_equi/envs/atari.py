@@ -1,6 +1,6 @@
 """Atari environments for the PPO scripts: CleanRL's preprocessing on two back-ends, and the mirror-symmetry table.
 
-Both back-ends give the agent the same thing (SPEC §4, CleanRL's `ppo_atari.py`):
+Both back-ends give the agent the same thing (CleanRL's `ppo_atari.py`):
 
 * observations: 4 stacked 84x84 grayscale frames, uint8, newest frame last;
 * 4 emulator frames per action, the last two max-pooled; up to 30 no-op actions after a reset;
@@ -35,6 +35,8 @@ import numpy as np
 from gymnasium.vector import AutoresetMode
 
 gym.register_envs(ale_py)
+# ALE greets every new emulator with a banner on stderr, which would bury a script's one-sentence errors
+ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)
 
 FRAME_SKIP = 4
 
@@ -411,6 +413,11 @@ class PlayfieldFrameStack(gym.vector.VectorWrapper):
         return self._push(screens, new_game), rewards, terminations, truncations, infos
 
 
+def crops_nothing(symmetry: MirrorSymmetry, screen_height: int, screen_width: int) -> bool:
+    """Whether the symmetry's window is the whole screen along its axis (the game is centred on the screen)."""
+    return symmetry.window == (0, screen_width if symmetry.axis == "left-right" else screen_height)
+
+
 def playfield_symmetry(env_id: str) -> MirrorSymmetry:
     """The symmetry whose window `playfield_crop` uses; ValueError (one sentence) for a game without one."""
     game = parse_atari_env_id(env_id)
@@ -447,6 +454,8 @@ def make_atari_envs(
         meanings = list(env.unwrapped.get_action_meanings())
         screen_height, screen_width = env.observation_space.shape[:2]
         env.close()
+        if symmetry is not None and crops_nothing(symmetry, screen_height, screen_width):
+            symmetry = None  # Breakout, Carnival: the native threaded resize gives the same frames, faster
         native = ale_py.vector_env.AtariVectorEnv(
             game.rom,
             num_envs,

@@ -7,9 +7,12 @@ whose step is smaller than the step before it supersedes the earlier events at t
 
 Runs are grouped into experiments by (env, exp_name), read from the run directory's path relative to the folder,
 `{env}__{exp_name}__{seed}__{suffix}` ("ALE/Breakout-v5__ppo_atari__1__123" is env "ALE/Breakout-v5"); the
-`env_id` in a run's logged hyperparameters settles which parent folders belong to the env id. `--group-by NAME`
-splits experiments further by the value of hyperparameter NAME (`ppo_atari[model=cnn]`). The runs of one
-experiment are its seeds.
+`env_id` in a run's logged hyperparameters settles which parent folders belong to the env id. Runs of one
+(env, exp_name) that differ in a logged hyperparameter are different experiments: by default every hyperparameter
+whose value differs among them splits them (`sac_equi_bullet[model=cnn]`), except the seed, the run's name and
+length, and the flags that do not change what is learned (logging, checkpoints, devices); `--group-by NAME ...`
+splits by exactly the names given, `--group-by none` not at all. The runs of one experiment are its seeds; runs
+that share a seed are averaged into that seed first, never counted as independent seeds.
 
 For each env and tag, one PNG with one curve per experiment: each seed is interpolated linearly onto `--points`
 steps spread evenly over the range all its seeds have logged, optionally smoothed (`--smooth`), and the mean over
@@ -40,6 +43,10 @@ from cleanrl_equi.run import fail
 DEFAULT_TAGS = ["charts/episodic_return", "eval/success_rate", "eval/discounted_return"]
 EVENT_FILE_PREFIX = "events.out.tfevents."
 HPARAMS_TAG = "hyperparameters/text_summary"
+NOT_EXPERIMENT_SETTINGS = {  # differ between runs of one experiment without changing what is learned
+    "seed", "run_name", "exp_name", "env_id", "total_timesteps", "num_iterations", "checkpoint_minutes",
+    "progress_interval", "cuda", "track", "wandb_project_name", "wandb_entity", "save_model", "capture_video",
+    "eval_checkpoint", "num_eval_envs", "log_frequency", "async_envs", "torch_deterministic"}
 
 
 @dataclass
@@ -51,7 +58,8 @@ class Args:
     tags: list[str] = field(default_factory=lambda: list(DEFAULT_TAGS))
     """scalar tags to plot and tabulate; tags that no run logged are skipped"""
     group_by: list[str] = field(default_factory=list)
-    """hyperparameter names whose values split experiments further (e.g. `--group-by model`)"""
+    """hyperparameter names whose values split experiments (e.g. `--group-by model`); default: every hyperparameter
+    that differs between runs of one env and exp_name; `none`: do not split"""
     points: int = 100
     """number of steps of the common grid that each seed is interpolated onto"""
     smooth: int = 1
@@ -192,15 +200,26 @@ def interpolate(steps: np.ndarray, values: np.ndarray, grid: np.ndarray) -> np.n
     return np.interp(grid, unique, means)
 
 
-def curve(series: list[tuple[np.ndarray, np.ndarray]], points: int, smooth: int):
-    """(grid, mean, 95% half-width) over the steps that every seed covers, or None if they share none."""
-    lo = max(int(steps[0]) for steps, _ in series)  # steps are non-decreasing after drop_superseded
-    hi = min(int(steps[-1]) for steps, _ in series)
+def curve(seeds: list[list[tuple[np.ndarray, np.ndarray]]], points: int, smooth: int):
+    """(grid, mean, 95% half-width) over the steps that every run covers, or None if they share none. `seeds` holds
+    the runs of each seed; runs of one seed are averaged into one curve before the statistics over seeds."""
+    runs = [run for seed in seeds for run in seed]
+    lo = max(int(steps[0]) for steps, _ in runs)  # steps are non-decreasing after drop_superseded
+    hi = min(int(steps[-1]) for steps, _ in runs)
     if lo > hi:
         return None
     grid = np.linspace(lo, hi, points) if hi > lo else np.array([float(lo)])
-    seeds = np.stack([moving_average(interpolate(s, v, grid), smooth) for s, v in series])
-    return grid, seeds.mean(axis=0), t_halfwidth(seeds, axis=0)
+    per_seed = np.stack([np.mean([moving_average(interpolate(s, v, grid), smooth) for s, v in seed], axis=0)
+                         for seed in seeds])
+    return grid, per_seed.mean(axis=0), t_halfwidth(per_seed, axis=0)
+
+
+def differing_settings(runs: list[Run], run: Run) -> list[str]:
+    """The logged hyperparameters whose values differ among the runs of `run`'s env and exp_name (not the seed,
+    names, lengths or infrastructure flags): what makes them different experiments."""
+    peers = [other for other in runs if other.env == run.env and other.exp == run.exp]
+    names = sorted({name for other in peers for name in other.hparams} - NOT_EXPERIMENT_SETTINGS)
+    return [name for name in names if len({other.hparams.get(name) for other in peers}) > 1]
 
 
 # ---- Output ----------------------------------------------------------------------------------------------------------
@@ -264,12 +283,14 @@ def main(args: Args) -> None:
     if missing and args.tags != DEFAULT_TAGS:
         print(f"note: no run logged {', '.join(missing)}; skipped")
 
-    for name in args.group_by:
+    group_by = [] if args.group_by == ["none"] else args.group_by
+    for name in group_by:
         if not any(name in run.hparams for run in runs):
             fail(f"--group-by {name}: no run logged a hyperparameter named {name!r}; "
                  "pick a name from the runs' hyperparameters table.")
     for run in runs:
-        labels = [f"{name}={run.hparams.get(name, '?')}" for name in args.group_by]
+        names = group_by if args.group_by else differing_settings(runs, run)
+        labels = [f"{name}={run.hparams.get(name, '?')}" for name in names]
         run.experiment = f"{run.exp}[{','.join(labels)}]" if labels else run.exp
 
     import matplotlib
@@ -291,17 +312,19 @@ def main(args: Args) -> None:
             fig, ax = plt.subplots(figsize=(7, 4.5))
             drawn = 0
             for experiment in sorted(experiments):
-                members = sorted(experiments[experiment], key=lambda r: r.seed)
-                series = [run.scalars[tag] for run in members]
-                n = len(series)
-                last = np.array([values[-1] for _, values in series])
-                best = np.array([values.max() for _, values in series])
-                reached = [int(steps[-1]) for steps, _ in series]
-                rows.append({"env": env, "experiment": experiment, "tag": tag, "seeds": n,
+                by_seed: dict[str, list] = {}
+                for run in sorted(experiments[experiment], key=lambda r: r.seed):
+                    by_seed.setdefault(run.seed, []).append(run.scalars[tag])
+                seeds = list(by_seed.values())
+                n, n_runs = len(seeds), sum(len(seed) for seed in seeds)
+                last = np.array([np.mean([values[-1] for _, values in seed]) for seed in seeds])
+                best = np.array([np.mean([values.max() for _, values in seed]) for seed in seeds])
+                reached = [int(steps[-1]) for seed in seeds for steps, _ in seed]
+                rows.append({"env": env, "experiment": experiment, "tag": tag, "seeds": n, "runs": n_runs,
                              "last_mean": float(last.mean()), "last_ci95": float(t_halfwidth(last)),
                              "best_mean": float(best.mean()), "best_ci95": float(t_halfwidth(best)),
                              "steps_min": min(reached), "steps_max": max(reached)})
-                result = curve(series, args.points, args.smooth)
+                result = curve(seeds, args.points, args.smooth)
                 if result is None:
                     print(f"note: {env} {experiment} {tag}: its seeds share no logged step range; curve left out")
                     continue
@@ -329,7 +352,8 @@ def main(args: Args) -> None:
         last = fmt(row["last_mean"]) + (f" ± {fmt(row['last_ci95'])}" if row["seeds"] > 1 else "")
         lo, hi = row["steps_min"], row["steps_max"]
         steps = str(lo) if lo == hi else f"{lo}–{hi}"
-        lines.append(f"| {md_cell(row['env'])} | {md_cell(row['experiment'])} | {md_cell(row['tag'])} | {row['seeds']} "
+        seeds = str(row["seeds"]) if row["runs"] == row["seeds"] else f"{row['seeds']} ({row['runs']} runs)"
+        lines.append(f"| {md_cell(row['env'])} | {md_cell(row['experiment'])} | {md_cell(row['tag'])} | {seeds} "
                      f"| {last} | {fmt(row['best_mean'])} | {steps} |")
     table = "\n".join(lines) + "\n"
     print(table, end="")

@@ -58,8 +58,14 @@ target follows a smoothstep over 0.15 s, then holds for 8 steps); a change of p 
 simulation is built at every reset, so an episode depends only on its seed (or its scene state).
 
 Episodes. Reward 1 and `terminated=True` on the step the task succeeds; `terminated=True` with reward 0 when a
-free object's centre leaves the workspace square; `truncated=True` after `max_steps` steps. `info["is_success"]`
-says whether the episode ended in success, `info["holding"]` mirrors channel 1.
+free object's centre leaves the workspace square; `truncated=True` after `max_steps` steps (50; gym.make's
+`max_episode_steps` sets it too, see `adopt_time_limit`, and `env.spec.max_episode_steps` reports it).
+`info["is_success"]` says whether the episode ended in success, `info["holding"]` mirrors channel 1; both are 0-d
+numpy bool arrays at reset and at every step.
+
+Copies. `copy.deepcopy(env)` and `pickle` give an independent env with its own pybullet connection, rebuilt by
+replaying the episode (its reset, then the same actions): it continues exactly like the original, in another
+process too. A scene changed between steps by hand cannot be replayed, and such a copy is refused.
 
 Expert. `env.unwrapped.expert_action()` returns the task planner's action for the current state, in the
 normalised action space (each component clamped to dpos / drot). A vector env reaches it with
@@ -75,7 +81,11 @@ symmetry test (and any scene edit a test wants) a few lines.
 from __future__ import annotations
 
 import copy
+import ctypes
+import dataclasses
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -83,6 +93,7 @@ import gymnasium as gym
 import numpy as np
 import pybullet as pb
 import pybullet_data
+from gymnasium.envs.registration import EnvSpec, WrapperSpec
 from pybullet_utils.bullet_client import BulletClient
 from scipy.spatial import ConvexHull
 
@@ -115,6 +126,46 @@ COLORS = {
     "white": (0.9, 0.9, 0.9, 1),
     "gripper": (0.2, 0.2, 0.22, 1),
 }
+
+
+# ---- Connecting to pybullet without its stdout chatter -----------------------------------------------------------
+try:
+    _LIBC = ctypes.CDLL(None)  # the C library pybullet prints with (POSIX); without it, nothing to flush
+except (OSError, TypeError):
+    _LIBC = None
+
+
+def _flush_c_stdout():
+    if _LIBC is not None:
+        _LIBC.fflush(None)
+
+
+def connect_quietly() -> BulletClient:
+    """A DIRECT pybullet client. pybullet's C code prints `argv[0]=` to the process's stdout on every connect, which
+    buried a training script's own output, so file descriptor 1 points at /dev/null for the connect only."""
+    try:
+        saved = os.dup(1)
+    except OSError:  # no fd 1 at all: nothing to protect
+        return BulletClient(connection_mode=pb.DIRECT)
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()  # what Python already buffered belongs to the real stdout, in order
+        _flush_c_stdout()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 1)
+        finally:
+            os.close(devnull)
+        try:
+            return BulletClient(connection_mode=pb.DIRECT)
+        finally:
+            # When stdout is a pipe or a file, C stdio holds the line in its buffer: drop it into /dev/null before
+            # fd 1 is back, or it would surface at the next flush. Another thread's print during these
+            # microseconds is lost with it.
+            _flush_c_stdout()
+            os.dup2(saved, 1)
+    finally:
+        os.close(saved)
 
 
 # ---- Small geometry helpers ---------------------------------------------------------------------------------------
@@ -252,13 +303,33 @@ class ManipulationEnv(gym.Env):
         self.planner_memory: dict = {}
         self.goal: dict | None = None
         self.steps = 0
+        self._record: dict | None = None  # the episode so far, as reset() and step() received it
+
+    # ---- the spec gym.make records, with the episode limit in effect ----
+    @property
+    def spec(self) -> EnvSpec | None:
+        """`max_episode_steps` and the `max_steps` kwarg both report `self.max_steps`, and once `adopt_time_limit`
+        has seen the env the spec names it, so `gym.make(env.spec)` (Minari's `recover_environment`, for one)
+        rebuilds an env with the same limit and no TimeLimit on top."""
+        spec = self.__dict__.get("_spec")
+        if spec is None:
+            return None
+        wrappers = spec.additional_wrappers
+        if self.__dict__.get("_time_limit_adopted") and ADOPT_TIME_LIMIT not in wrappers:
+            wrappers = (ADOPT_TIME_LIMIT, *wrappers)
+        return dataclasses.replace(spec, max_episode_steps=self.max_steps, additional_wrappers=wrappers,
+                                   kwargs={**spec.kwargs, "max_steps": self.max_steps})
+
+    @spec.setter
+    def spec(self, spec: EnvSpec | None):
+        self._spec = spec
 
     # ---- scene construction ----
     def _build_world(self):
         """Fresh simulation with table, gripper and the task's bodies (resetSimulation keeps episodes identical
         under a seed: no contact caches or body ids survive from the previous episode)."""
         if self.sim is None:
-            self.sim = BulletClient(connection_mode=pb.DIRECT)
+            self.sim = connect_quietly()
             self.sim.setAdditionalSearchPath(pybullet_data.getDataPath())
         sim = self.sim
         sim.resetSimulation()
@@ -406,21 +477,29 @@ class ManipulationEnv(gym.Env):
     # ---- gymnasium API ----
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
+        scene_state = options.get("scene_state") if options else None
+        # All a copy needs to rebuild this episode exactly (see __getstate__): how it began, then every action.
+        self._record = {"scene_state": copy.deepcopy(scene_state), "actions": [],
+                        "rng": None if scene_state is not None else self.np_random.bit_generator.state}
+        self._start_episode(scene_state)
+        return self._observation(), self._info(False)
+
+    def _start_episode(self, scene_state: dict | None):
         self._build_world()
         self.steps = 0
         self.planner_memory = {}
-        if options and options.get("scene_state") is not None:
-            self.set_scene_state(options["scene_state"])
+        if scene_state is not None:
+            self.set_scene_state(scene_state)
         else:
             self._sample_scene()
             self.sim.performCollisionDetection()
         self.holding = self._held_object() is not None
-        return self._observation(), {"is_success": False, "holding": self.holding}
 
     def step(self, action):
         if self.sim is None:
             raise RuntimeError("call reset() before step().")
         action = np.clip(np.asarray(action, dtype=np.float64).reshape(5), -1.0, 1.0)
+        self._record["actions"].append(action)
         position, yaw = self.gripper_pose()
         target = position + action[1:4] * self.dpos
         target = np.clip(target, self.workspace[:, 0], self.workspace[:, 1])
@@ -433,12 +512,17 @@ class ManipulationEnv(gym.Env):
                 self.sim.stepSimulation()
         self.steps += 1
         self.holding = self._held_object() is not None
-        success = self._is_success()
+        success = bool(self._is_success())
         left_workspace = not success and self._object_left_workspace()
         terminated = success or left_workspace
         truncated = not terminated and self.steps >= self.max_steps
-        info = {"is_success": success, "holding": self.holding}
-        return self._observation(), float(success), terminated, truncated, info
+        return self._observation(), float(success), terminated, truncated, self._info(success)
+
+    def _info(self, success: bool) -> dict:
+        # 0-d bool arrays, at reset and at every step: TorchRL's default info reader needs a `.dtype` (a Python bool
+        # has none), gymnasium's vector envs stack them into a bool array (an np.bool_ would make an object array),
+        # and Minari's DataCollector wants the reset's types on every step.
+        return {"is_success": np.array(success), "holding": np.array(self.holding)}
 
     def _move_gripper(self, start, start_yaw, target, target_yaw):
         """Slide the constraint target from the current pose to the target, then hold it while the gripper settles."""
@@ -551,6 +635,63 @@ class ManipulationEnv(gym.Env):
         self.planner_memory = copy.deepcopy(state.get("planner_memory", {}))
         self.steps = int(state.get("steps", 0))
         self.sim.performCollisionDetection()  # contacts (the holding flag) without moving anything
+
+    # ---- copies: deepcopy and pickle ----
+    def __getstate__(self):
+        """Everything but the pybullet connection. A copy rebuilds its own simulation by replaying the episode
+        (`reset` from the recorded seed state or scene state, then the same actions): a scene state alone restores
+        poses at rest, and pybullet cannot move velocities and contact caches (warm starts, including the
+        per-piece ones of compound bodies such as the bowl) into another connection exactly."""
+        state = self.__dict__.copy()
+        state["sim"] = None
+        if self.sim is not None:
+            if self._record is None:
+                raise RuntimeError(f"{type(self).__name__}: this simulation was not started by reset(), so a copy "
+                                   f"cannot rebuild it; call reset() first.")
+            state["_replay_check"] = self._physics_record()
+        return state
+
+    def __setstate__(self, state: dict):
+        check = state.pop("_replay_check", None)
+        self.__dict__.update(state)
+        if check is not None:
+            self._replay(check)
+
+    def _replay(self, check: tuple):
+        record, rng, planner_memory = self._record, self._np_random, self.planner_memory
+        if record["rng"] is not None:
+            self._np_random = np.random.Generator(getattr(np.random, record["rng"]["bit_generator"])())
+            self._np_random.bit_generator.state = record["rng"]
+        self._record = {**record, "actions": []}
+        try:
+            self._start_episode(record["scene_state"])
+        finally:
+            self._np_random = rng  # the original's generator as it is now, not as it was at reset
+        # The same calls as the original, observations included: the tiny and raycast renderers move the gripper
+        # out of view and back, which a replay must repeat to stay exact.
+        self._observation()
+        for action in record["actions"]:
+            self.step(action)
+        self.planner_memory = planner_memory
+        if self._physics_record() != check:
+            steps = len(record["actions"])
+            self.close()
+            raise RuntimeError(
+                f"{type(self).__name__}: this env cannot be copied or unpickled exactly: replaying its episode "
+                f"(reset and {steps} steps) does not reproduce its scene, so the scene was changed outside reset() "
+                f"and step() (or pybullet differs between the two processes), and pybullet cannot carry velocities "
+                f"and contact caches to a new connection; copy it before such a change, or start a new env with "
+                f"reset(options={{'scene_state': env.unwrapped.get_scene_state()}}) (poses at rest).")
+
+    def _physics_record(self) -> tuple:
+        """Every simulated number a copy must reproduce: poses, velocities and joint states of the gripper and of
+        every task body, the gripper's constraint target, and the episode's counters."""
+        sim, numbers = self.sim, [self.steps, self.gripper_command, self.holding, self.goal]
+        for body in (self.gripper, *self.bodies):
+            numbers += [*sim.getBasePositionAndOrientation(body), *sim.getBaseVelocity(body)]
+            numbers += [sim.getJointState(body, joint)[:2] for joint in range(sim.getNumJoints(body))]
+        constraint = sim.getConstraintInfo(self.gripper_constraint)
+        return (*numbers, constraint[7], constraint[9])
 
     # ---- observation ----
     def _observation(self) -> np.ndarray:
@@ -692,6 +833,32 @@ class ManipulationEnv(gym.Env):
         target[2] = np.clip(target[2], *Z_RANGE)
         return bool(np.all(np.abs(target - position) <= self.dpos + 1e-9)
                     and abs(wrap_angle(target_yaw - yaw, yaw_period)) <= self.drot + 1e-9)
+
+
+# ---- gym.make's max_episode_steps -------------------------------------------------------------------------------
+ADOPT_TIME_LIMIT = WrapperSpec(name="AdoptTimeLimit", entry_point=f"{__name__}:adopt_time_limit", kwargs={})
+
+
+def adopt_time_limit(env: gym.Env) -> gym.Env:
+    """The tasks' registered additional wrapper, which adds no wrapper. `gym.make(id, max_episode_steps=N)` puts a
+    TimeLimit(N) around the env, which would truncate at N while the env truncates at its own `max_steps` (50): the
+    env takes N as its `max_steps` and the TimeLimit is dropped, so an episode is truncated in one place, by one
+    count (the env's, which a scene state also carries), and `env.spec.max_episode_steps` reports N."""
+    base = env.unwrapped
+    if isinstance(base, ManipulationEnv):
+        base._time_limit_adopted = True  # from now on its spec lists this hook, for gym.make(env.spec)
+    if not (isinstance(env, gym.wrappers.TimeLimit) and isinstance(base, ManipulationEnv)):
+        return env
+    # Make's argument, read off the TimeLimit itself: asking for its spec would make the wrappers inside it cache a
+    # spec that still has the old limit.
+    limit = env._max_episode_steps
+    spec = base.__dict__.get("_spec")
+    given = spec.kwargs.get("max_steps") if spec is not None else None
+    if given is not None and given != limit:
+        raise ValueError(f"{spec.id}: gym.make got max_episode_steps={limit} and max_steps={given}, two episode "
+                         f"limits that disagree; give one of them, or the same number to both.")
+    base.max_steps = limit
+    return env.env
 
 
 def _outward_triangles(vertices: np.ndarray) -> list[int]:
