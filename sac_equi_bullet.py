@@ -393,8 +393,9 @@ class ReplayBuffer:
         return int(self.valid.sum())
 
     def state_dict(self) -> dict:
-        """The filled rows only: a resume file early in a run is small (100k 128 px slots would be 1.6 GB)."""
-        arrays = {k: v[: self.filled] for k, v in vars(self).items() if isinstance(v, np.ndarray)}
+        """The filled rows only, as tensors sharing the buffer's memory (torch writes them as raw bytes, without a
+        copy): a resume file early in a run is small, and a full 100k-transition 128 px buffer is 1.6 GB."""
+        arrays = {k: torch.from_numpy(v[: self.filled]) for k, v in vars(self).items() if isinstance(v, np.ndarray)}
         return {"pos": self.pos, "filled": self.filled, **arrays}
 
     def load_state_dict(self, state: dict) -> None:
@@ -402,7 +403,7 @@ class ReplayBuffer:
             if isinstance(array, np.ndarray):
                 if state[key].shape[1:] != array.shape[1:] or len(state[key]) > len(array):
                     raise ValueError(f"replay buffer {key} has shape {state[key].shape}, not {array.shape}")
-                array[: len(state[key])] = state[key]
+                array[: len(state[key])] = np.asarray(state[key])
                 array[len(state[key]):] = 0
         self.pos, self.filled = state["pos"], state["filled"]
 

@@ -42,13 +42,21 @@ class Args(Output):
     """what the runs ran on, for the record"""
 
 
-def read_run(run_dir: str) -> dict:
+def read_run(run_dir: str) -> dict | None:
+    """A run's returns, last step and final SPS; None for a run stopped before its first update (no scalars yet)."""
     accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0})
     accumulator.Reload()
-    returns = [(e.step, e.value) for e in accumulator.Scalars("charts/episodic_return")]
-    sps = [e.value for e in accumulator.Scalars("charts/SPS")] if "charts/SPS" in accumulator.Tags()["scalars"] else []
-    last_step = max([s for s, _ in returns] + [e.step for e in accumulator.Scalars("charts/SPS")])
-    return {"returns": returns, "last_step": last_step, "sps": sps[-1] if sps else float("nan")}
+    logged = accumulator.Tags()["scalars"]
+
+    def scalars(tag: str) -> list:
+        return accumulator.Scalars(tag) if tag in logged else []
+
+    returns = [(e.step, e.value) for e in scalars("charts/episodic_return")]
+    sps = [e.value for e in scalars("charts/SPS")]
+    steps = [s for s, _ in returns] + [e.step for e in scalars("charts/SPS")]
+    if not steps:
+        return None
+    return {"returns": returns, "last_step": max(steps), "sps": sps[-1] if sps else float("nan")}
 
 
 def game_name(env_id: str) -> str:
@@ -61,8 +69,11 @@ if __name__ == "__main__":
     runs: dict[str, list[dict]] = {}
     for run_dir in sorted(glob.glob(os.path.join(args.runs, f"{args.env_id}__*"))):
         match = re.fullmatch(rf"{re.escape(args.env_id)}__(.+)__(\d+)__\d+", os.path.basename(run_dir))
-        if match:
-            runs.setdefault(match.group(1), []).append({"seed": int(match.group(2)), **read_run(run_dir)})
+        run = read_run(run_dir) if match else None
+        if match and run is None:
+            print(f"note: {run_dir} logged nothing yet (stopped before its first update); left out")
+        elif match:
+            runs.setdefault(match.group(1), []).append({"seed": int(match.group(2)), **run})
     if not runs:
         raise SystemExit(f"error: no runs of {args.env_id} under {args.runs!r}.")
     common_step = min(run["last_step"] for group in runs.values() for run in group)

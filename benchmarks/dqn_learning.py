@@ -18,8 +18,10 @@ The default configuration is the CPU preset: the paper's DQN settings (dpos 0.02
         --tag _gpu
     # only summarise runs that already exist
     uv run python benchmarks/dqn_learning.py --collect-only --runs-dir benchmarks/dqn_runs --tag _cpu --overwrite
-Extra flags after `--` go to every training run. Existing results are replaced only when --out names them or with
---overwrite.
+Extra flags after `--` go to every training run. Each run is named <env>__dqn_<model>__<seed>__benchmark, so the same
+command with a larger --total-timesteps continues the finished runs from their resume files (any other change of
+settings is refused by the script: use another --runs-dir). Existing results are replaced only when --out names them
+or with --overwrite.
 """
 
 import glob
@@ -79,9 +81,11 @@ def run_all(opts: Args, extra: list[str]) -> dict[str, float]:
     jobs = []
     for seed in opts.seeds.split(","):
         for model in opts.models.split(","):
+            run_name = f"{opts.env_id.replace('/', '_')}__dqn_{model}__{seed}__benchmark"
             cmd = [sys.executable, os.path.join(REPO, "dqn_equi_bullet.py"), "--model", model, "--seed", seed,
-                   "--exp-name", f"dqn_{model}", *training_flags(opts), *device_flags(opts.device), *extra]
-            log = os.path.join(opts.runs_dir, "runs", f"dqn_{model}_{seed}.log")
+                   "--exp-name", f"dqn_{model}", "--run-name", run_name, *training_flags(opts),
+                   *device_flags(opts.device), *extra]
+            log = os.path.join(opts.runs_dir, "runs", f"dqn_{model}_{seed}_to_{opts.total_timesteps}.log")
             jobs.append(Job(f"dqn_{model} seed {seed}", cmd, log, opts.runs_dir, thread_env(opts.threads)))
     results = run_jobs(jobs, opts.parallel, hint="--collect-only summarises the runs that finished")
     return {r.job.name: r.seconds for r in results}
@@ -89,7 +93,8 @@ def run_all(opts: Args, extra: list[str]) -> dict[str, float]:
 
 def read_evaluations(runs_dir: str) -> dict[str, dict[int, dict]]:
     """{experiment: {seed: {"model", "steps", "success", "return", "wall_seconds"}}} from every run's eval scalars
-    (the experiment is the run's --exp-name, dqn_<model> here)."""
+    (the experiment is the run's --exp-name, dqn_<model> here; wall_seconds runs from the first scalar to the last
+    evaluation, so it includes any pause between a run and its continuation)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     runs: dict[str, dict[int, dict]] = {}

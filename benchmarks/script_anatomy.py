@@ -7,18 +7,20 @@ the `--eval-checkpoint` loaders, and every line of the main block that talks to 
 loop and its logging) counts as the algorithm file a reader reads. Also: diff sizes of the equivariant vs plain
 network code where one file holds both.
 
-    uv run python benchmarks/script_anatomy.py --out benchmarks/results/script_anatomy.json
+    uv run python benchmarks/script_anatomy.py --overwrite                     # benchmarks/results/script_anatomy.json
+    uv run python benchmarks/script_anatomy.py --commit b5f5ce1 --tag _before  # the scripts at an older commit
 """
 
-import argparse
 import ast
 import difflib
 import json
 import os
 import subprocess
+from dataclasses import dataclass
 from datetime import date
+from typing import Optional
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import REPO, Output, cli, results_path
 SCRIPTS = ["ppo_atari.py", "ppo_atari_equi.py", "rpo_mujoco.py", "sac_equi_bullet.py", "cql_equi_offline.py",
            "iql_equi_offline.py"]
 PLUMBING_FIELDS = {"track", "wandb_project_name", "wandb_entity", "capture_video", "save_model", "eval_checkpoint",
@@ -87,12 +89,16 @@ def network_diff(source: str) -> dict | None:
     return out
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repo", default=REPO, help="checkout to measure (default: this one)")
-    parser.add_argument("--commit", default=None, help="measure the scripts as they are at this git commit")
-    parser.add_argument("--out", default=None, help="write the JSON here (default: print only)")
-    opts = parser.parse_args()
+@dataclass
+class Args(Output):
+    repo: str = REPO
+    """checkout to measure"""
+    commit: Optional[str] = None
+    """measure the scripts as they are at this git commit of --repo (default: the working tree)"""
+
+
+def main(opts: Args) -> None:
+    out = results_path(opts, "script_anatomy.json")
     results = {"date": str(date.today()), "commit": opts.commit or "working tree", "scripts": {}}
     for script in SCRIPTS:
         if opts.commit:
@@ -108,10 +114,9 @@ def main():
     results["ppo_atari_vs_equi_diff_lines"] = sum(1 for line in diff.stdout.splitlines() if line[:1] in "<>")
     text = json.dumps(results, indent=1)
     print(text)
-    if opts.out:
-        with open(opts.out, "w") as f:
-            f.write(text + "\n")
+    with open(out, "w") as f:
+        f.write(text + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    main(cli(Args, description=__doc__.split("\n\n")[0]))

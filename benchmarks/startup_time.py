@@ -313,6 +313,7 @@ def main() -> None:
     base_env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                     CLEANRL_EQUI_DATA=os.path.join(workdir, "data"), **{MARKER_ENV: marker})
     started, load_start = time.time(), load_average()
+    states_start = {label: git_state(path) for label, path in checkouts.items()}  # a checkout may change meanwhile
     print(f"work folder {workdir}; load average {load_start}", flush=True)
 
     def run(label: str, script: str, config: str, flags: list[str], condition: str, tag: str) -> Measurement:
@@ -379,6 +380,7 @@ def main() -> None:
         "load_average_start": load_start,
         "load_average_end": load_average(),
         "wall_seconds": round(time.time() - started),
+        "checkouts_at_start": states_start,
         "checkouts": {label: git_state(path) for label, path in checkouts.items()},
         "settings": {"scripts": scripts, "configs": configs, "conditions": conditions, "repeats": args.repeats,
                      "flags": {f"{s} {c}": flags for s, c, flags in cases}, "sac_num_demos": args.sac_num_demos,
@@ -394,6 +396,10 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     print(markdown(rows, labels))
+    for label in labels:
+        if result["checkouts"][label] != states_start[label]:
+            print(f"note: the {label} checkout changed during the run (commit or modified files); see "
+                  "checkouts_at_start in the results")
     print(f"load average {load_start} at the start, {result['load_average_end']} at the end; "
           f"{result['wall_seconds'] / 60:.1f} min")
     print(f"wrote {out} and its .csv")

@@ -248,7 +248,8 @@ SCALARS = [
 @pytest.mark.parametrize("script", ["ppo_atari.py", "ppo_atari_equi.py"])
 def test_script_trains_saves_and_evaluates(script, workdir):
     stem = script[:-3]
-    run_script(script, *TINY, "--save-model", "--eval-episodes", "2", cwd=workdir)
+    trained = run_script(script, *TINY, "--save-model", "--eval-episodes", "2", cwd=workdir)
+    assert "over 2 games (actions sampled from the policy, evaluation seed 10001)" in trained.stdout
     run_dir = only_run_dir(workdir)
     scalars = read_scalars(run_dir)
     for tag in SCALARS:
@@ -257,7 +258,7 @@ def test_script_trains_saves_and_evaluates(script, workdir):
     assert all(0 <= value < 100 for _, value in scalars["eval/episodic_return"])
     model = os.path.join(run_dir, f"{stem}.cleanrl_model")
     evaluation = run_script(script, "--eval-checkpoint", model, "--eval-episodes", "1", cwd=workdir)
-    assert "BreakoutNoFrameskip-v4: mean score" in evaluation.stdout
+    assert "BreakoutNoFrameskip-v4: mean score" in evaluation.stdout and "evaluation seed 10001" in evaluation.stdout
 
 
 def test_capture_video(workdir):

@@ -223,3 +223,22 @@ def test_capture_video_records_the_final_evaluation_without_save_model(workdir):
     assert any(name.endswith(".mp4") for name in videos), videos
     scalars = read_scalars(os.path.join(workdir, "runs", os.listdir(os.path.join(workdir, "runs"))[0]))
     assert np.isfinite([v for _, v in scalars["losses/qf1_loss"]]).all()
+
+
+def test_learning_benchmark_skips_a_run_stopped_before_its_first_update(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    runs = tmp_path / "runs"
+    stopped = SummaryWriter(str(runs / "BreakoutNoFrameskip-v4__ppo_atari__1__1"))  # only the hyperparameter table
+    stopped.add_text("hyperparameters", "|param|value|\n|-|-|\n|seed|1|")
+    stopped.close()
+    done = SummaryWriter(str(runs / "BreakoutNoFrameskip-v4__ppo_atari_equi__1__2"))
+    for step in range(1, 5):
+        done.add_scalar("charts/episodic_return", float(step), 25_000 * step)
+    done.close()
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "atari_learning.py"), "--runs", str(runs),
+                           "--bin-steps", "25000", "--out", str(tmp_path / "curves.json")], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "stopped before its first update" in proc.stdout
+    assert (tmp_path / "curves.json").is_file()
