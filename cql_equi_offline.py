@@ -76,7 +76,8 @@ class Args:
     image_size: int = 128
     """observation height and width in pixels (must match the dataset)"""
     max_steps: int = 50
-    """episode length limit of the evaluation env (BulletArm's 50)"""
+    """episode length limit of the evaluation env (the offline paper's 50, BulletArm's default; its envs also keep
+    BulletArm's 0.3 m workspace and pi/4 rotation step, the envs' defaults)"""
 
     # Networks
     model: str = "equi"

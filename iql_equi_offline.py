@@ -75,7 +75,8 @@ class Args:
     image_size: int = 128
     """observation height and width in pixels (must match the dataset)"""
     max_steps: int = 50
-    """episode length limit of the evaluation env (BulletArm's 50)"""
+    """episode length limit of the evaluation env (the offline paper's 50, BulletArm's default; its envs also keep
+    BulletArm's 0.3 m workspace and pi/4 rotation step, the envs' defaults)"""
 
     # Networks
     model: str = "equi"
@@ -105,7 +106,8 @@ class Args:
     beta: float = 0.5
     """AWR temperature: weights exp(A / beta) (the paper's 0.5; CORL's inverse temperature 3 is beta = 1/3)"""
     max_exp_advantage: float = 100.0
-    """clip of the exponentiated advantages, so a few large advantages cannot dominate a batch (CORL's 100)"""
+    """clip of the exponentiated advantages, so a few large advantages cannot dominate a batch (CORL's 100; the
+    paper's code has none; with values in [0, 1], exp(A / 0.5) stays near or below e^2 = 7.4, far from the clip)"""
     augment: bool = True
     """rotate every batch by random angles (image and (dx, dy) together), for equi and cnn alike (the paper's)"""
 

@@ -11,6 +11,7 @@ from gymnasium.utils.env_checker import check_env
 
 import cleanrl_equi
 from cleanrl_equi.envs.manipulation.scene import HEIGHT_UNIT, rotate_scene_state
+from cleanrl_equi.envs.manipulation.tasks import PAPER_TASK_KWARGS
 from conftest import QUARTER_TURN
 
 TASKS = cleanrl_equi.MANIPULATION_TASKS
@@ -199,6 +200,51 @@ def test_bad_kwargs_fail_with_one_sentence(kwargs, words):
         make("BlockPicking", **kwargs)
     message = str(error.value)
     assert message.endswith(".") and "\n" not in message
+
+
+@pytest.mark.parametrize("task, kwargs, words", [
+    ("BlockPulling", {"block_size": (0.1, 0.08, 0.05)}, "block_size"),
+    ("BlockPulling", {"block_size": 0.1}, "block_size"),
+    ("BlockPulling", {"block_mass": 0.0}, "block_mass"),
+    ("BlockPicking", {"lift_height": 0.3}, "lift_height"),
+    ("CornerPicking", {"cube_size": 0.1}, "cube_size"),
+    ("CornerPicking", {"lift_height": "high"}, "lift_height"),
+])
+def test_bad_task_kwargs_fail_with_one_sentence(task, kwargs, words):
+    with pytest.raises(ValueError, match=words) as error:
+        make(task, **kwargs)
+    assert str(error.value).endswith(".") and "\n" not in str(error.value)
+
+
+PAPER = {"workspace_size": 0.4, "drot": math.pi / 8, "max_steps": 100}  # the ICLR-2022 paper's env settings
+
+
+@pytest.mark.parametrize("task", sorted(PAPER_TASK_KWARGS))
+def test_paper_task_settings(task):
+    """The paper's sizes and thresholds: what the image shows, when success comes, and the symmetry of the expert."""
+    env = make(task, image_size=64, **PAPER, **PAPER_TASK_KWARGS[task]).unwrapped
+    observation, _ = env.reset(seed=2)
+    block_pixels = (0.1 / env.pixel_size) ** 2  # a 10 x 10 cm top, seen at 0.6 m / 64 px
+    if task == "BlockPulling":  # two 5 cm high blocks (the fingers read 200 mm, the table 0)
+        assert set(np.unique(observation[0])) == {0, 50, 200}
+        assert abs((observation[0] == 50).sum() - 2 * block_pixels) < 0.15 * 2 * block_pixels
+    if task == "CornerPicking":  # a 5 cm cube on the 1 cm plate: its top at 60 mm, below the 70 mm walls
+        assert abs((observation[0] == 60).sum() - block_pixels / 4) < 0.3 * block_pixels / 4
+    state = env.get_scene_state()
+    action = env.expert_action()
+    env.reset(options={"scene_state": rotate_scene_state(state, 1)})
+    np.testing.assert_allclose(env.expert_action()[1:3], QUARTER_TURN @ action[1:3], atol=1e-4)
+    env.reset(seed=2)
+    for _ in range(30):
+        _, reward, terminated, truncated, info = env.step(env.expert_action())
+        if terminated or truncated:
+            break
+        if task != "BlockPulling" and env.is_held(env.cube) and env.gripper_pose()[0][2] > 0.08:
+            pytest.fail("held above 0.08 m without success")
+    assert info["is_success"] and reward == 1.0
+    if task != "BlockPulling":  # success as soon as the fingertips pass 0.08 m, not BulletArm's 0.15 / 0.1
+        assert 0.08 < env.gripper_pose()[0][2] <= 0.08 + env.dpos + 1e-6
+    env.close()
 
 
 def test_scene_state_from_another_task_is_refused():

@@ -182,12 +182,23 @@ def test_default_dataset_is_built_once(tmp_path, monkeypatch, capsys):
 def checkpoint(tmp_path_factory):
     """An untrained sac_equi_bullet actor saved as --save-model does: greedy roll-outs that (almost surely) fail."""
     sac = load_script("sac_equi_bullet")
-    args = sac.Args(env_id=ENV_ID, image_size=SIZE, max_steps=50, model="equi", group_order=4, n_hidden=8)
+    args = sac.Args(env_id=ENV_ID, image_size=SIZE, max_steps=50, model="equi", group_order=4, n_hidden=8,
+                    workspace_size=0.3, drot_n=4, paper_tasks=False)  # the datasets' (BulletArm's) env setting
     torch.manual_seed(0)
     actor = sac.EquiActor(args)
     path = str(tmp_path_factory.mktemp("ckpt") / "sac_equi_bullet.cleanrl_model")
     save_checkpoint(path, "sac_equi_bullet", args, actor=actor.state_dict())
     return path
+
+
+def test_checkpoint_of_another_env_setting_is_refused(tmp_path, capsys):
+    """sac_equi_bullet.py trains in the ICLR paper's setting by default; the datasets use BulletArm's."""
+    sac = load_script("sac_equi_bullet")
+    args = sac.Args(env_id=ENV_ID, image_size=SIZE, model="equi", group_order=4, n_hidden=8)
+    path = str(tmp_path / "paper.cleanrl_model")
+    save_checkpoint(path, "sac_equi_bullet", args, actor=sac.EquiActor(args).state_dict())
+    fails_with(capsys, ["another env setting", "--workspace-size 0.4", "--no-paper-tasks"], tool.collect_medium, path,
+               env_id=ENV_ID, num_episodes=1, seed=0, image_size=SIZE, max_steps=4, eval_episodes=1)
 
 
 def test_medium_and_mixed_from_a_checkpoint(checkpoint, tmp_path, capsys):

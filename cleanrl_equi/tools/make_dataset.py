@@ -73,6 +73,13 @@ def load_medium_policy(checkpoint_path: str, env_id: str, image_size: int, max_s
     if saved.image_size != image_size:
         fail(f"checkpoint {checkpoint_path!r} was trained on {saved.image_size}-px images, not {image_size}; pass "
              f"--image-size {saved.image_size}.")
+    # the datasets (and the offline scripts that evaluate on them) use the envs' own defaults, BulletArm's setting
+    bulletarm = {"workspace_size": 0.3, "dpos": 0.05, "drot_n": 4, "paper_tasks": False}
+    other = {k: getattr(saved, k) for k, v in bulletarm.items() if getattr(saved, k, v) != v}
+    if other:
+        trained = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in other.items())
+        fail(f"checkpoint {checkpoint_path!r} was trained in another env setting ({trained}) than the datasets' "
+             "(BulletArm's); train it with --workspace-size 0.3 --drot-n 4 --max-steps 50 --no-paper-tasks.")
     if eval_episodes < 1:
         fail("--eval-episodes must be at least 1: a checkpoint is evaluated before it collects data.")
     saved.max_steps, saved.gamma = max_steps, GAMMA  # judged under the dataset's time limit and the papers' gamma

@@ -9,7 +9,8 @@ deterministic action is tanh(mean).
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Callable, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -56,10 +57,25 @@ def rotate_batch(batch: dict[str, torch.Tensor], angles: torch.Tensor) -> dict[s
 
 # ---- Environments and evaluation ------------------------------------------------------------------------------------
 def make_envs(args, num_envs: int, asynchronous: bool = False, video_folder: Optional[str] = None):
+    """Vector envs of `args.env_id` with `args.image_size` and `args.max_steps`, and with whichever of these env
+    settings `args` has (a script without them gets the envs' BulletArm-style defaults): `workspace_size`, `dpos`,
+    `drot_n` (the env's drot = pi / drot_n) and `paper_tasks` (the ICLR-2022 paper's task sizes and thresholds,
+    `tasks.PAPER_TASK_KWARGS`)."""
+    settings = {"image_size": args.image_size, "max_steps": args.max_steps}
+    for name in ("workspace_size", "dpos"):
+        if hasattr(args, name):
+            settings[name] = getattr(args, name)
+    if hasattr(args, "drot_n"):
+        settings["drot"] = math.pi / args.drot_n
+    if getattr(args, "paper_tasks", False):
+        from cleanrl_equi.envs.manipulation.tasks import PAPER_TASK_KWARGS  # imports pybullet, as gym.make does
+
+        settings.update(PAPER_TASK_KWARGS.get(args.env_id.removeprefix("cleanrl_equi/").removesuffix("-v0"), {}))
+
     def thunk(idx: int):
         def make():
             render_mode = "rgb_array" if video_folder and idx == 0 else None
-            env = gym.make(args.env_id, image_size=args.image_size, max_steps=args.max_steps, render_mode=render_mode)
+            env = gym.make(args.env_id, **settings, render_mode=render_mode)
             if render_mode:
                 env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda e: True)
             return env
@@ -87,10 +103,16 @@ def action_smoothness(actions: np.ndarray) -> float:
     return float((2.0 / len(freqs) * (spectrum * freqs).sum(0)).mean())
 
 
-def evaluate(actor: nn.Module, args, device: torch.device, seed: int,
-             video_folder: Optional[str] = None) -> dict[str, float]:
-    """Run `args.eval_episodes` episodes with the deterministic action tanh(mean); return the mean success rate,
-    discounted return (gamma^(T-1) for success at step T: the papers' metric), length and action smoothness."""
+def tanh_of_mean(actor: nn.Module, obs: torch.Tensor) -> torch.Tensor:
+    """The deterministic action of a tanh-squashed Gaussian actor whose forward returns (mean, log_std)."""
+    return torch.tanh(actor(obs)[0])
+
+
+def evaluate(actor: nn.Module, args, device: torch.device, seed: int, video_folder: Optional[str] = None,
+             act: Callable[[nn.Module, torch.Tensor], torch.Tensor] = tanh_of_mean) -> dict[str, float]:
+    """Run `args.eval_episodes` episodes with the deterministic action `act(actor, obs)` (default: tanh(mean)); return
+    the mean success rate, discounted return (gamma^(T-1) for success at step T: the papers' metric), length and
+    action smoothness."""
     num_envs = min(args.num_eval_envs, args.eval_episodes)
     quota = [args.eval_episodes // num_envs + (i < args.eval_episodes % num_envs) for i in range(num_envs)]
     envs = make_envs(args, num_envs, video_folder=video_folder)
@@ -102,7 +124,7 @@ def evaluate(actor: nn.Module, args, device: torch.device, seed: int,
     with torch.no_grad():
         actor.eval()  # nothing is updated during the evaluation: escnn layers expand their filters once
         while any(q > 0 for q in quota):
-            actions = torch.tanh(actor(obs_to_tensor(obs, device))[0]).cpu().numpy()
+            actions = act(actor, obs_to_tensor(obs, device)).cpu().numpy()
             obs, rewards, terminations, truncations, infos = envs.step(actions)
             for i in range(num_envs):
                 if resetting[i] or quota[i] == 0:  # this step reset env i (its action was ignored), or it is done
@@ -127,13 +149,14 @@ def evaluate(actor: nn.Module, args, device: torch.device, seed: int,
             "action_change": float(np.mean(change))}
 
 
-def format_eval(result: dict[str, float], episodes: int, seed: int) -> str:
+def format_eval(result: dict[str, float], episodes: int, seed: int,
+                policy: str = "deterministic action tanh(mean)") -> str:
     """One evaluation line; it names the policy and the seed, so two evaluations of the same weights can be told
     apart (other seeds are other scenes)."""
     return (f"success {result['success_rate']:.3f} | discounted return {result['discounted_return']:.4f} | "
             f"length {result['episode_length']:.2f} | smoothness {result['action_smoothness']:.6f} | "
             f"action change {result['action_change']:.6f} over {episodes} episodes "
-            f"(deterministic action tanh(mean), evaluation seed {seed})")
+            f"({policy}, evaluation seed {seed})")
 
 
 def evaluate_checkpoint(actor: nn.Module, saved, args, device: torch.device) -> None:
