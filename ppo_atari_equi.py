@@ -26,7 +26,8 @@ import torch.optim as optim
 import tyro
 from torch.distributions.categorical import Categorical
 
-from cleanrl_equi.envs.atari import MirrorSymmetry, action_meanings, make_atari_envs, mirror_symmetry, playfield_symmetry
+from cleanrl_equi.envs.atari import (MirrorSymmetry, action_meanings, make_atari_envs, mirror_symmetry,
+                                     playfield_symmetry)
 from cleanrl_equi.equivariant import EscnnModule, TensorToField, discrete_action_type, enn, mirror_gspace
 from cleanrl_equi.run import Run, device_for, fail, load_checkpoint, load_state, require
 

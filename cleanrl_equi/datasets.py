@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from cleanrl_equi.envs.manipulation import check_env_id
-from cleanrl_equi.run import fail
+from cleanrl_equi.run import fail, refuse_folder
 
 FORMAT_VERSION = 1
 GAMMA = 0.99  # the discount of the papers' metric (discounted return = gamma^(T-1) for success at step T)
@@ -259,10 +259,7 @@ def load_dataset(path: str, env_id: Optional[str] = None, image_size: Optional[i
     """Read a dataset written by `save_dataset`, check it, and return it. Fails with one sentence (exit status 2)
     when the file is missing, unreadable or corrupt, or holds another task than `env_id` or another image size than
     `image_size` (None: accept any)."""
-    if os.path.isdir(path):
-        found = sorted(f for f in os.listdir(path) if f.endswith(".npz"))
-        hint = f" such as {os.path.join(path, found[0])!r}" if found else ""
-        fail(f"dataset {path!r} is a folder; pass the .npz file{hint}.")
+    refuse_folder(path, "dataset", ".npz")
     if not os.path.isfile(path):
         fail(f"dataset {path!r} does not exist; make one with {collect_command(env_id, path, image_size)}.")
     try:

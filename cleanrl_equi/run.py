@@ -102,13 +102,18 @@ def save_checkpoint(path: str, script: str, args: Any, **state: Any) -> None:
         write_error(path, cause)
 
 
+def refuse_folder(path: str, what: str, suffix: str) -> None:
+    """One sentence when a folder is given where a file is expected, naming a file inside it if there is one."""
+    if os.path.isdir(path):
+        found = sorted(name for name in os.listdir(path) if name.endswith(suffix))
+        hint = f" such as {os.path.join(path, found[0])!r}" if found else ""
+        fail(f"{what} {path!r} is a folder; pass the {suffix} file{hint}.")
+
+
 def load_checkpoint(path: str, script: str, map_location: str | torch.device = "cpu",
                     fix: str = "evaluate it with that script") -> dict:
     """Read a checkpoint written by `save_checkpoint` for `script`, failing with one sentence if it cannot be used."""
-    if os.path.isdir(path):
-        found = sorted(f for f in os.listdir(path) if f.endswith(".cleanrl_model"))
-        hint = f" such as {os.path.join(path, found[0])!r}" if found else ""
-        fail(f"checkpoint {path!r} is a folder; pass the .cleanrl_model file{hint}.")
+    refuse_folder(path, "checkpoint", ".cleanrl_model")
     if not os.path.isfile(path):
         fail(f"checkpoint {path!r} does not exist; pass the path of a file written with --save-model.")
     try:

@@ -4,6 +4,7 @@ TensorBoard scalars a run wrote, assert exact equivariance, and assert that a mi
 import glob
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from typing import Callable, Sequence
@@ -27,6 +28,31 @@ def run_script(script: str, *args: str, cwd: str, timeout: float = 600, check: b
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited with {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def stop_with_signal(script: str, *args: str, cwd: str, at: str = "step ", signum: int = signal.SIGUSR1,
+                     timeout: float = 300) -> str:
+    """Start `python <repo>/<script> <args>` in `cwd`, send it `signum` (SLURM's time-limit warning by default) when
+    a line of its output starts with `at` (the progress lines start with "step N/": the loop is running and has
+    installed its handlers), and check it stops with exit status 128 + signum. Returns its whole output."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):  # never requeue a real SLURM job
+        env.pop(name, None)
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, script), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = ""
+    try:
+        for line in proc.stdout:
+            output += line
+            if line.startswith(at):
+                proc.send_signal(signum)
+                break
+        output += proc.communicate(timeout=timeout)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signum, f"{script} exited with {proc.returncode}:\n{output}"
+    return output
 
 
 _loaded: dict[str, object] = {}

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cleanrl_equi.datasets import collect_expert, save_dataset
-from conftest import REPO, fails_with, load_script, read_scalars, run_script, script_fails_with
+from conftest import REPO, fails_with, load_script, read_scalars, run_script, script_fails_with, stop_with_signal
 
 PPO = ["--num-envs", "2", "--num-steps", "8", "--num-minibatches", "2", "--update-epochs", "1"]
 PPO_BATCH = 16
@@ -40,16 +40,7 @@ def test_stopped_resumed_finished_run_extends_from_its_end(workdir):
     finish must continue from the finish, not from the resume file the stop wrote (whose purge would delete the
     finished steps)."""
     flags = [*PPO, "--run-name", "r", "--checkpoint-minutes", "0", "--progress-interval", "0"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "ppo_atari.py"), *flags, "--total-timesteps",
-                             str(4 * PPO_BATCH)], cwd=workdir, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if line.startswith("step "):
-            proc.send_signal(signal.SIGUSR1)
-            break
-    output = proc.stdout.read()
-    assert proc.wait(timeout=300) == 128 + signal.SIGUSR1, output
+    output = stop_with_signal("ppo_atari.py", *flags, "--total-timesteps", str(4 * PPO_BATCH), cwd=workdir)
     assert "run the same command with --run-name r to resume" in output
     run_script("ppo_atari.py", *flags, "--total-timesteps", str(4 * PPO_BATCH), cwd=workdir)  # resumes, finishes
     extended = run_script("ppo_atari.py", *flags, "--total-timesteps", str(6 * PPO_BATCH), cwd=workdir)
@@ -152,7 +143,7 @@ def test_sac_resume_file_holds_only_the_filled_buffer_and_exact_demo_count(workd
     assert len(rb) == int(saved["valid"].sum()) > 0
 
 
-# ---- Bad input: one sentence at start-up ------------------------------------------------------------------------------
+# ---- Bad input: one sentence at start-up -----------------------------------------------------------------------------
 @pytest.mark.parametrize("script, flags, words", [
     ("ppo_atari", {"learning_rate": -1e-4}, "--learning-rate must be positive"),
     ("ppo_atari", {"gamma": 1.5}, "--gamma must lie in [0, 1]"),

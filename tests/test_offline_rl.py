@@ -4,16 +4,13 @@ test_networks.py)."""
 
 import math
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import cleanrl_equi  # noqa: F401  (registers the tasks)
 from cleanrl_equi.datasets import collect_expert, save_dataset
-from conftest import REPO, load_script, only_run_dir, read_scalars, run_script, script_fails_with
+from conftest import load_script, only_run_dir, read_scalars, run_script, script_fails_with, stop_with_signal
 
 TINY = ["--group-order", "4", "--n-hidden", "8", "--image-size", "32", "--max-steps", "6", "--batch-size", "4",
         "--eval-episodes", "2", "--num-eval-envs", "2", "--log-frequency", "1"]
@@ -121,15 +118,7 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(script, tiny_datase
              "--checkpoint-minutes", "0", "--save-model", "--progress-interval", "0"]
     run_script(f"{script}.py", *flags, "--run-name", "straight", cwd=workdir)
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, f"{script}.py"), *flags, "--run-name", "stopped"],
-                            cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:  # the progress line of every step: stop it a few steps in
-        if line.startswith("step 8/"):
-            proc.send_signal(signal.SIGUSR1)
-            break
-    output = proc.stdout.read()
-    assert proc.wait(timeout=300) == 128 + signal.SIGUSR1, output
+    output = stop_with_signal(f"{script}.py", *flags, "--run-name", "stopped", cwd=workdir, at="step 8/")
     assert "run the same command with --run-name stopped to resume" in output
     stopped_dir = os.path.join(workdir, "runs", "stopped")
     assert os.path.exists(os.path.join(stopped_dir, "resume.pt"))

@@ -6,9 +6,6 @@ Everything runs on CPU with tiny networks (C4 / C8, n_hidden 8, 32x32 images) so
 import math
 import os
 import re
-import signal
-import subprocess
-import sys
 
 import gymnasium as gym
 import numpy as np
@@ -19,8 +16,8 @@ import cleanrl_equi  # noqa: F401  (registers the tasks)
 from cleanrl_equi.envs.manipulation import action_smoothness, obs_to_tensor, rotate_batch
 from cleanrl_equi.envs.manipulation.scene import rotate_scene_state
 from cleanrl_equi.run import save_checkpoint
-from conftest import (QUARTER_TURN, REPO, fails_with, load_script, only_run_dir, read_scalars, run_script,
-                      script_fails_with)
+from conftest import (QUARTER_TURN, fails_with, load_script, only_run_dir, read_scalars, run_script, script_fails_with,
+                      stop_with_signal)
 
 SCRIPT = "sac_equi_bullet.py"
 QUARTER_TURN = torch.as_tensor(QUARTER_TURN, dtype=torch.float32)
@@ -218,15 +215,7 @@ def test_stopped_run_resumes_with_its_replay_buffer(workdir):
     uninterrupted run's; the offline scripts, which have no envs in the loop, are checked for that.)"""
     flags = [*TINY, "--total-timesteps", "60", "--run-name", "r", "--checkpoint-minutes", "0",
              "--progress-interval", "0", "--log-frequency", "1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, SCRIPT), *flags], cwd=workdir, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if line.startswith("step 30/"):
-            proc.send_signal(signal.SIGUSR1)
-            break
-    output = proc.stdout.read()
-    assert proc.wait(timeout=300) == 128 + signal.SIGUSR1, output
+    stop_with_signal(SCRIPT, *flags, cwd=workdir, at="step 30/")
     resume_file = os.path.join(workdir, "runs", "r", "resume.pt")
     saved = torch.load(resume_file, weights_only=False)
     assert saved["global_step"] >= 30 and saved["state"]["replay_buffer"]["valid"].sum() > 30  # demos + agent steps

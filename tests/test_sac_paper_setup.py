@@ -8,9 +8,6 @@ CPU only, tiny networks and 16-32 px images.
 import io
 import math
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -21,7 +18,7 @@ from scipy.stats import chisquare
 import cleanrl_equi  # noqa: F401  (registers the tasks)
 from cleanrl_equi.envs.manipulation import make_envs
 from cleanrl_equi.run import save_checkpoint
-from conftest import REPO, fails_with, load_script, read_scalars, run_script
+from conftest import fails_with, load_script, read_scalars, run_script, stop_with_signal
 
 SCRIPT = "sac_equi_bullet.py"
 CPU = torch.device("cpu")
@@ -277,15 +274,7 @@ def test_sacfd_with_prioritized_replay_logs_and_resumes(workdir):
     same command continues, and beta reaches 1 at the last gradient step."""
     flags = [*TINY, "--total-timesteps", "60", "--run-name", "r", "--checkpoint-minutes", "0",
              "--progress-interval", "0", "--log-frequency", "1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, SCRIPT), *flags], cwd=workdir, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if line.startswith("step 30/"):
-            proc.send_signal(signal.SIGUSR1)
-            break
-    output = proc.stdout.read()
-    assert proc.wait(timeout=300) == 128 + signal.SIGUSR1, output
+    stop_with_signal(SCRIPT, *flags, cwd=workdir, at="step 30/")
     saved = torch.load(os.path.join(workdir, "runs", "r", "resume.pt"), weights_only=False)
     buffer = saved["state"]["replay_buffer"]
     keep = buffer["keep"]
