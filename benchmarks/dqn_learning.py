@@ -7,15 +7,17 @@ Runs the training script once per (model, seed) as a user would (its own process
 best evaluation success rate, each run's wall time and the hardware.
 
 The default configuration is the CPU preset: the paper's DQN settings (dpos 0.02, dtheta pi/16, batch 32, gamma 0.95,
-100 demos, Huber loss, soft target tau 0.01, greedy acting) on 32 px images with n_hidden 16 instead of 128 px and
-128, and a learning rate of 1e-3 instead of 1e-4, so that a run fits in under an hour on a CPU core.
+100 demos, Huber loss, soft target tau 0.01, greedy acting, 5 envs, 20k gradient steps) on 32 px images with
+n_hidden 16 instead of 128 px and 128, a learning rate of 1e-3 instead of 1e-4, and BulletArm's smaller scene (0.3 m
+workspace, 8 cm blocks, 50-step episodes) instead of the paper's (0.4 m, 10 cm blocks, 100 steps), so that a run
+takes well under an hour on a CPU core.
 
-    # the CPU preset: 2 models x 2 seeds, 2 runs at a time (about 100 min on a loaded 2-core CPU)
-    uv run python benchmarks/dqn_learning.py --device cpu --parallel 2 --tag _cpu
+    # the CPU preset: 2 models x 3 seeds, 2 runs at a time (about 80 min on a shared 2-core CPU)
+    uv run python benchmarks/dqn_learning.py --device cpu --parallel 2 --seeds 1,2,3 --tag _cpu
     # the paper's settings on a GPU node (3 seeds each; the script's defaults: 128 px, n_hidden 128, lr 1e-4)
     uv run python benchmarks/dqn_learning.py --device cuda --parallel 6 --seeds 1,2,3 --image-size 128 \\
-        --n-hidden 128 --learning-rate 1e-4 --total-timesteps 100000 --eval-frequency 500 --eval-episodes 100 \\
-        --tag _gpu
+        --n-hidden 128 --learning-rate 1e-4 --workspace-size 0.4 --max-steps 100 --paper-tasks \\
+        --eval-frequency 500 --eval-episodes 100 --tag _gpu
     # only summarise runs that already exist
     uv run python benchmarks/dqn_learning.py --collect-only --runs-dir benchmarks/dqn_runs --tag _cpu --overwrite
 Extra flags after `--` go to every training run. Each run is named <env>__dqn_<model>__<seed>__benchmark, so the same
@@ -50,16 +52,22 @@ class Args(Output, Launch):
     """the manipulation task"""
     models: str = "equi,cnn"
     """comma-separated models: equi, cnn"""
-    seeds: str = "1,2"
+    seeds: str = "1,2,3"
     """comma-separated seeds"""
-    total_timesteps: int = 30000
-    """env steps per run (5 envs: one gradient step per 5 env steps)"""
+    total_timesteps: int = 100000
+    """env steps per run (5 envs: one gradient step per 5 env steps; the paper's 20k gradient steps)"""
     image_size: int = 32
     """observation size in pixels (the paper: 128)"""
     n_hidden: int = 16
     """network width n (the paper: 128)"""
     learning_rate: float = 1e-3
     """Adam learning rate (the paper: 1e-4)"""
+    workspace_size: float = 0.3
+    """workspace side in metres (the paper and the script's default: 0.4)"""
+    max_steps: int = 50
+    """episode length limit (the paper and the script's default: 100)"""
+    paper_tasks: bool = False
+    """the paper's task sizes (Block Pulling: 10 cm blocks; the script's default) instead of BulletArm's (8 cm)"""
     eval_frequency: int = 250
     """gradient steps between evaluations"""
     eval_episodes: int = 50
@@ -73,6 +81,8 @@ class Args(Output, Launch):
 def training_flags(opts: Args) -> list[str]:
     return ["--env-id", opts.env_id, "--total-timesteps", str(opts.total_timesteps), "--image-size",
             str(opts.image_size), "--n-hidden", str(opts.n_hidden), "--learning-rate", str(opts.learning_rate),
+            "--workspace-size", str(opts.workspace_size), "--max-steps", str(opts.max_steps),
+            "--paper-tasks" if opts.paper_tasks else "--no-paper-tasks",
             "--eval-frequency", str(opts.eval_frequency), "--eval-episodes", str(opts.eval_episodes)]
 
 

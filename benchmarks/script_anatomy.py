@@ -22,7 +22,7 @@ from typing import Optional
 
 from common import REPO, Output, cli, results_path
 SCRIPTS = ["ppo_atari.py", "ppo_atari_equi.py", "rpo_mujoco.py", "sac_equi_bullet.py", "cql_equi_offline.py",
-           "iql_equi_offline.py"]
+           "iql_equi_offline.py", "dqn_equi_bullet.py"]
 PLUMBING_FIELDS = {"track", "wandb_project_name", "wandb_entity", "capture_video", "save_model", "eval_checkpoint",
                    "run_name", "checkpoint_minutes", "progress_interval"}
 PLUMBING_FUNCTIONS = {"check_args", "load_actor", "load_policy", "run_evaluation"}
@@ -99,19 +99,25 @@ class Args(Output):
 
 def main(opts: Args) -> None:
     out = results_path(opts, "script_anatomy.json")
+    sources: dict[str, str] = {}
     results = {"date": str(date.today()), "commit": opts.commit or "working tree", "scripts": {}}
     for script in SCRIPTS:
         if opts.commit:
-            source = subprocess.run(["git", "-C", opts.repo, "show", f"{opts.commit}:{script}"], capture_output=True,
-                                    text=True, check=True).stdout
+            shown = subprocess.run(["git", "-C", opts.repo, "show", f"{opts.commit}:{script}"], capture_output=True,
+                                   text=True)
+            if shown.returncode != 0:  # the script did not exist yet at that commit
+                continue
+            source = shown.stdout
         else:
             with open(os.path.join(opts.repo, script)) as f:
                 source = f.read()
+        sources[script] = source
         results["scripts"][script] = {**anatomy(source), "networks": network_diff(source),
                                       "R2Conv_lines": source.count("R2Conv(")}
-    diff = subprocess.run(["diff", os.path.join(opts.repo, "ppo_atari.py"), os.path.join(opts.repo, "ppo_atari_equi.py")],
-                          capture_output=True, text=True)
-    results["ppo_atari_vs_equi_diff_lines"] = sum(1 for line in diff.stdout.splitlines() if line[:1] in "<>")
+    plain, equi = sources["ppo_atari.py"].splitlines(), sources["ppo_atari_equi.py"].splitlines()
+    results["ppo_atari_vs_equi_diff_lines"] = sum(  # as `diff ppo_atari.py ppo_atari_equi.py | grep -c '^[<>]'`
+        1 for line in difflib.unified_diff(plain, equi, lineterm="", n=0)
+        if line[:1] in "+-" and not line.startswith(("+++", "---")))
     text = json.dumps(results, indent=1)
     print(text)
     with open(out, "w") as f:

@@ -7,9 +7,6 @@ Everything runs on CPU with tiny networks (n_hidden 8, 16 or 32 px images) so th
 import math
 import os
 import re
-import signal
-import subprocess
-import sys
 
 import gymnasium as gym
 import numpy as np
@@ -17,17 +14,19 @@ import pytest
 import torch
 
 import cleanrl_equi  # noqa: F401  (registers the tasks)
-from cleanrl_equi.envs.manipulation import obs_to_tensor
+from cleanrl_equi.envs.manipulation import make_envs, obs_to_tensor
 from cleanrl_equi.envs.manipulation.scene import rotate_scene_state
 from cleanrl_equi.run import save_checkpoint
-from conftest import (QUARTER_TURN, REPO, assert_equivariant, fails_with, load_script, manipulation_observations,
-                      max_equivariance_error, only_run_dir, read_scalars, run_script, script_fails_with)
+from conftest import (QUARTER_TURN, assert_equivariant, fails_with, load_script, manipulation_observations,
+                      max_equivariance_error, only_run_dir, read_scalars, run_script, script_fails_with,
+                      stop_with_signal)
 
 SCRIPT = "dqn_equi_bullet.py"
+# BulletArm's smaller scene: its discretised planner episodes take about 14 steps (the paper's about 24)
 TINY = ["--n-hidden", "8", "--image-size", "16", "--batch-size", "8", "--learning-starts", "8", "--num-envs", "2",
-        "--num-demos", "1", "--max-demo-attempts", "60", "--max-steps", "18", "--buffer-size", "2000",
-        "--total-timesteps", "40", "--eval-frequency", "10", "--eval-episodes", "2", "--num-eval-envs", "2",
-        "--log-frequency", "4"]
+        "--num-demos", "1", "--max-demo-attempts", "60", "--workspace-size", "0.3", "--no-paper-tasks", "--max-steps",
+        "18", "--buffer-size", "2000", "--total-timesteps", "40", "--eval-frequency", "10", "--eval-episodes", "2",
+        "--num-eval-envs", "2", "--log-frequency", "4"]
 TURNS = (1, 2, 3)
 
 dqn = load_script("dqn_equi_bullet")
@@ -126,13 +125,14 @@ def test_the_162_actions_decode_encode_and_turn():
         np.testing.assert_array_equal(dqn.encode_actions(turned), turn_index(dqn.encode_actions(continuous), k))
 
 
-@pytest.mark.parametrize("task", ["BlockPulling", "BlockPicking"])
-def test_discretised_planner_actions_move_the_gripper_and_keep_the_symmetry(task):
+@pytest.mark.parametrize("task, paper", [("BlockPulling", True), ("BlockPicking", False)])
+def test_discretised_planner_actions_move_the_gripper_and_keep_the_symmetry(task, paper):
     """Real planner actions with the paper's DQN steps (dpos 0.02, dtheta pi/16): the discrete action moves the
     gripper by its (dx, dy, dz) steps of dpos and turns it by dtheta steps of pi/16; in the scene turned by a
     quarter turn, the planner's discretised action is the turned discrete action."""
-    args = tiny_args(env_id=f"cleanrl_equi/{task}-v0")
-    env = gym.make(args.env_id, image_size=16, dpos=args.dpos, drot=math.pi / args.drot_n).unwrapped
+    args = tiny_args(env_id=f"cleanrl_equi/{task}-v0", image_size=16, paper_tasks=paper,
+                     workspace_size=0.4 if paper else 0.3)
+    env = make_envs(args, 1).unwrapped.envs[0].unwrapped
     env.reset(seed=3)
     for _ in range(8):
         state = env.get_scene_state()
@@ -208,7 +208,7 @@ def test_short_run_writes_the_scalars_and_its_checkpoint_acts_the_same(workdir):
     obs = np.stack([env.reset(seed=s)[0] for s in range(6)])
     env.close()
     (net_a, saved), (net_b, _) = dqn.load_q_network(path, "cpu"), dqn.load_q_network(path, "cpu")
-    assert saved.image_size == 16 and saved.dpos == 0.02
+    assert saved.image_size == 16 and saved.dpos == 0.02 and saved.workspace_size == 0.3 and not saved.paper_tasks
     with torch.no_grad():
         first = net_a(obs_to_tensor(obs, "cpu"))
         net_b.eval()  # the cached eval-mode filters give the same Q values as train mode
@@ -223,6 +223,7 @@ def test_short_run_writes_the_scalars_and_its_checkpoint_acts_the_same(workdir):
     (dict(image_size=100), "--image-size"),
     (dict(n_hidden=12), "--n-hidden"),
     (dict(dpos=0.5), "--dpos"),
+    (dict(workspace_size=1.0), "--workspace-size"),
     (dict(drot_n=1), "--drot-n"),
     (dict(gamma=1.5), "--gamma"),
     (dict(start_e=-0.1), "--start-e"),
@@ -260,15 +261,7 @@ def test_stopped_run_resumes_with_its_replay_buffer(workdir):
     and every step is logged once."""
     flags = [*TINY, "--total-timesteps", "60", "--run-name", "r", "--checkpoint-minutes", "0",
              "--progress-interval", "0", "--log-frequency", "1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, SCRIPT), *flags, "--model", "cnn"], cwd=workdir,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if line.startswith("step 30/"):
-            proc.send_signal(signal.SIGUSR1)
-            break
-    output = proc.stdout.read()
-    assert proc.wait(timeout=300) == 128 + signal.SIGUSR1, output
+    stop_with_signal(SCRIPT, *flags, "--model", "cnn", cwd=workdir, at="step 30/")
     saved = torch.load(os.path.join(workdir, "runs", "r", "resume.pt"), weights_only=False)
     assert saved["counters"]["global_step"] >= 30
     assert set(saved["state"]) == {"q_network", "target_network", "optimizer", "replay_buffer"}
