@@ -14,8 +14,8 @@ Writes benchmarks/results/manipulation_speed<tag>.{json,csv} (or --out and its .
     OMP_NUM_THREADS=1 uv run python benchmarks/manipulation_speed.py --steps 50 --frames 10 --max-processes 1 \
         --tasks BlockPulling --out /tmp/manipulation_speed.json
 
-BulletArm's close-loop envs take 0.03-0.08 s per step in one process on this kind of machine (SPEC §6:
-12-33 steps/s); the ratio column compares against its fastest end, 33 steps/s.
+BulletArm's close-loop envs take 0.03-0.08 s per step in one process on this kind of machine
+(12-33 steps/s); the ratio column compares against its fastest end, 33 steps/s.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from common import REPO, Output, cli, companion, cpu_model, results_path  # noqa
 sys.path.insert(0, REPO)
 import cleanrl_equi  # noqa: E402
 
-BULLETARM_STEPS_PER_SECOND = 33.0  # the fast end of 0.03-0.08 s per step (SPEC §6, measured on this machine type)
+BULLETARM_STEPS_PER_SECOND = 33.0  # the fast end of 0.03-0.08 s per step (measured on this machine type)
 
 
 @dataclass
@@ -160,7 +160,7 @@ def main():
         "seconds": round(time.time() - started, 1),
         "settings": "default kwargs: 128x128 analytic observations, workspace 0.3 m, dpos 0.05, drot pi/4",
         "note": ("The machine is shared with other jobs: absolute numbers move with its load; compare the numbers "
-                 "taken side by side in one run. BulletArm reference: 12-33 steps/s per core (SPEC §6)."),
+                 "taken side by side in one run. BulletArm reference: 12-33 steps/s per core (measured on this machine type)."),
     }
     if max(load_before[0], meta["load_average_after"][0]) > 0.75 * (os.cpu_count() or 1):
         meta["scaling_note"] = (f"load average {load_before[0]:.1f} -> {meta['load_average_after'][0]:.1f} on "
