@@ -45,7 +45,8 @@ import torch.nn.functional as F
 import tyro
 
 from cleanrl_equi.datasets import stored_obs_to_tensor
-from cleanrl_equi.envs.manipulation import check_env_id, evaluate, format_eval, make_envs, obs_to_tensor
+from cleanrl_equi.envs.manipulation import (check_env_id, evaluate, evaluate_checkpoint, format_eval, make_envs,
+                                            obs_to_tensor)
 from cleanrl_equi.equivariant import EscnnModule, TensorToField, count_parameters, enn, gspaces
 from cleanrl_equi.run import Run, device_for, fail, load_checkpoint, load_state, require
 
@@ -304,21 +305,6 @@ def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> fl
     return end_e if duration <= 0 else start_e + (end_e - start_e) * min(t / duration, 1.0)
 
 
-# ---- Evaluation ------------------------------------------------------------------------------------------------------
-def evaluate_checkpoint(path: str, args: Args, device: torch.device) -> None:
-    """`--eval-checkpoint`: `args.eval_episodes` greedy episodes of the saved network, under the env settings it
-    was trained with."""
-    if args.eval_episodes < 1 or args.num_eval_envs < 1:
-        fail("--eval-episodes and --num-eval-envs must be at least 1.")
-    q_network, saved = load_q_network(path, device)
-    saved.eval_episodes, saved.num_eval_envs = args.eval_episodes, args.num_eval_envs
-    video_folder = f"videos/{saved.env_id.replace('/', '_')}__{saved.exp_name}__eval" if args.capture_video else None
-    result = evaluate(q_network, saved, device, seed=saved.seed + 10_000, video_folder=video_folder,
-                      act=greedy_env_action)
-    print(f"{saved.env_id} ({saved.model}): {format_eval(result, args.eval_episodes, saved.seed + 10_000, GREEDY)}",
-          flush=True)
-
-
 # ---- Replay buffer ---------------------------------------------------------------------------------------------------
 class ReplayBuffer:
     """Transitions of `num_envs` parallel streams, each observation stored once.
@@ -363,8 +349,9 @@ class ReplayBuffer:
         return int(self.valid.sum())
 
     def state_dict(self) -> dict:
-        """The filled rows only: a resume file early in a run is small (100k 128 px slots would be 1.6 GB)."""
-        arrays = {k: v[: self.filled] for k, v in vars(self).items() if isinstance(v, np.ndarray)}
+        """The filled rows only, as tensors sharing the buffer's memory (torch writes them as raw bytes, without a
+        copy): a resume file early in a run is small, and a full 100k-transition 128 px buffer is 1.6 GB."""
+        arrays = {k: torch.from_numpy(v[: self.filled]) for k, v in vars(self).items() if isinstance(v, np.ndarray)}
         return {"pos": self.pos, "filled": self.filled, **arrays}
 
     def load_state_dict(self, state: dict) -> None:
@@ -372,7 +359,7 @@ class ReplayBuffer:
             if isinstance(array, np.ndarray):
                 if state[key].shape[1:] != array.shape[1:] or len(state[key]) > len(array):
                     raise ValueError(f"replay buffer {key} has shape {state[key].shape}, not {array.shape}")
-                array[: len(state[key])] = state[key]
+                array[: len(state[key])] = np.asarray(state[key])
                 array[len(state[key]):] = 0
         self.pos, self.filled = state["pos"], state["filled"]
 
@@ -420,7 +407,8 @@ def collect_demos(envs, rb: ReplayBuffer, args: Args) -> tuple[int, int, int]:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.eval_checkpoint is not None:
-        evaluate_checkpoint(args.eval_checkpoint, args, device_for(args))
+        evaluate_checkpoint(*load_q_network(args.eval_checkpoint, device_for(args)), args, device_for(args),
+                            act=greedy_env_action, policy=GREEDY)
         raise SystemExit(0)
     check_args(args)
     run = Run(SCRIPT, args, args.env_id.replace("/", "_"))  # PLUMBING: run dir, TensorBoard, resume file, signals

@@ -44,6 +44,7 @@ class EscnnModule(nn.Module):
 
     def __init__(self):
         super().__init__()
+        self._born_buffers = True  # escnn layers are built holding zero filter buffers, even in train mode
         self.register_forward_pre_hook(EscnnModule._check_mode)
 
     @staticmethod
@@ -51,8 +52,9 @@ class EscnnModule(nn.Module):
         if not module.training and torch.is_grad_enabled():
             raise RuntimeError(f"{type(module).__name__} is in eval mode, where escnn reuses filters expanded "
                                "before the last weight update; call .train() before computing gradients.")
-        if module.training and any(hasattr(layer, "filter") for layer in module.modules()):
-            nn.Module.train(module, True)  # drop the zero filter buffers escnn layers are built with (train mode)
+        if module.training and module._born_buffers:  # once dropped, only eval mode brings them back (and train
+            nn.Module.train(module, True)              # mode drops them again), so the first forward is enough
+            module._born_buffers = False
 
     def train(self, mode: bool = True):
         with torch.no_grad():

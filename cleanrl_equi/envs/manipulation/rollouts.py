@@ -159,12 +159,15 @@ def format_eval(result: dict[str, float], episodes: int, seed: int,
             f"({policy}, evaluation seed {seed})")
 
 
-def evaluate_checkpoint(actor: nn.Module, saved, args, device: torch.device) -> None:
-    """A script's `--eval-checkpoint`: report `args.eval_episodes` episodes of the saved `actor`, trained with the
-    settings `saved`, under the env settings it was trained with."""
-    if args.eval_episodes < 1:
-        fail("--eval-episodes must be at least 1.")
+def evaluate_checkpoint(actor: nn.Module, saved, args, device: torch.device,
+                        act: Callable[[nn.Module, torch.Tensor], torch.Tensor] = tanh_of_mean,
+                        policy: str = "deterministic action tanh(mean)") -> None:
+    """A script's `--eval-checkpoint`: report `args.eval_episodes` episodes of the saved `actor` (acting with
+    `act`), trained with the settings `saved`, under the env settings it was trained with."""
+    if args.eval_episodes < 1 or args.num_eval_envs < 1:
+        fail("--eval-episodes and --num-eval-envs must be at least 1.")
     saved.eval_episodes, saved.num_eval_envs = args.eval_episodes, args.num_eval_envs
     video_folder = f"videos/{saved.env_id.replace('/', '_')}__{saved.exp_name}__eval" if args.capture_video else None
-    result = evaluate(actor, saved, device, seed=saved.seed + 10_000, video_folder=video_folder)
-    print(f"{saved.env_id} ({saved.model}): {format_eval(result, args.eval_episodes, saved.seed + 10_000)}", flush=True)
+    result = evaluate(actor, saved, device, seed=saved.seed + 10_000, video_folder=video_folder, act=act)
+    print(f"{saved.env_id} ({saved.model}): {format_eval(result, args.eval_episodes, saved.seed + 10_000, policy)}",
+          flush=True)
