@@ -8,6 +8,11 @@ advantage-weighted regression, log pi(a|s) of the data's action weighted by exp(
 tanh-squashed Gaussian the agent deploys (deterministic action tanh(mean)), and the log-probability of a data
 action is taken through the squashing, so what is trained is what runs. `--model cnn` trains the plain baseline.
 
+Smooth, gentle motion: CAPS (Mysore et al. 2021, "Regularizing Action Policies for Smooth Control with
+Reinforcement Learning") adds a temporal term (the policy's action at s_t vs at s_{t+1}) and a spatial term (at s
+vs at a perturbed s) to the advantage-weighted actor loss (`--caps-temporal-weight`, `--caps-spatial-weight`; off
+by default).
+
 With no `--dataset`, a small planner dataset of `--env-id` is built once (cached) and used, so this just works:
 
     uv run python iql_equi_offline.py
@@ -111,6 +116,14 @@ class Args:
     augment: bool = True
     """rotate every batch by random angles (image and (dx, dy) together), for equi and cnn alike (the paper's)"""
 
+    # Smooth-motion prior (CAPS)
+    caps_temporal_weight: float = 0.0
+    """CAPS temporal term: weight of |mu(s_t) - mu(s_t+1)|^2 in the actor loss (0 = off)"""
+    caps_spatial_weight: float = 0.0
+    """CAPS spatial term: weight of |mu(s) - mu(s + noise)|^2 in the actor loss (0 = off)"""
+    caps_sigma: float = 0.01
+    """std of the Gaussian noise on the height channel (in [0, 1] image units; 0.01 = 2.55 mm) for the spatial term"""
+
     # Evaluation and logging
     eval_frequency: int = 1000
     """evaluate every this many gradient steps (and at the end)"""
@@ -137,8 +150,8 @@ def check_args(args: Args) -> None:
              "use 4, 8, 12, 16 (or 2).")
     if args.n_hidden < 8 or args.n_hidden % 8 != 0:
         fail(f"--n-hidden {args.n_hidden} must be a multiple of 8 (the first layer has n/8 fields).")
-    require(args, positive=("policy_lr", "q_lr", "value_lr", "beta", "max_exp_advantage"), fractions=("gamma", "tau"),
-            non_negative=("total_timesteps",),
+    require(args, positive=("policy_lr", "q_lr", "value_lr", "beta", "max_exp_advantage", "caps_sigma"),
+            fractions=("gamma", "tau"), non_negative=("total_timesteps", "caps_temporal_weight", "caps_spatial_weight"),
             at_least_one=("batch_size", "eval_frequency", "eval_episodes", "num_eval_envs", "log_frequency",
                           "max_steps", "default_dataset_episodes"))
     if not 0 < args.expectile < 1:
@@ -356,6 +369,19 @@ def squashed_log_prob(mean: torch.Tensor, log_std: torch.Tensor, action: torch.T
     return (log_prob - torch.log(1 - clipped.pow(2) + 1e-6)).sum(1)
 
 
+def caps_terms(actor: nn.Module, obs: torch.Tensor, next_obs: torch.Tensor, sigma: float,
+               mean: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """CAPS smoothness terms on the deterministic action tanh(mean): temporal |a(s_t) - a(s_t+1)|^2 and spatial
+    |a(s) - a(s~)|^2 with s~ = s plus Gaussian noise of std `sigma` on the height channel (the holding flag is a
+    fact, not a measurement, so it is not perturbed). Squared distances: zero for a constant policy, and smooth."""
+    action = torch.tanh(actor(obs)[0] if mean is None else mean)
+    temporal = (action - torch.tanh(actor(next_obs)[0])).pow(2).sum(1).mean()
+    noisy = obs.clone()
+    noisy[:, 0] += sigma * torch.randn_like(noisy[:, 0])
+    spatial = (action - torch.tanh(actor(noisy)[0])).pow(2).sum(1).mean()
+    return temporal, spatial
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.eval_checkpoint is not None:
@@ -428,6 +454,11 @@ if __name__ == "__main__":
         mean, log_std = actor(obs)
         log_prob = squashed_log_prob(mean, log_std, actions)
         actor_loss = awr_loss(log_prob, advantage, args.beta, args.max_exp_advantage)
+        caps_temporal = caps_spatial = torch.zeros((), device=device)
+        if args.caps_temporal_weight > 0 or args.caps_spatial_weight > 0:  # smooth-motion prior on tanh(mean)
+            caps_temporal, caps_spatial = caps_terms(actor, obs, next_obs, args.caps_sigma, mean)
+            caps_loss = args.caps_temporal_weight * caps_temporal + args.caps_spatial_weight * caps_spatial
+            actor_loss = actor_loss + caps_loss
         actor_optimizer.zero_grad()
         actor_loss.backward()
         actor_optimizer.step()
@@ -447,6 +478,8 @@ if __name__ == "__main__":
             writer.add_scalar("losses/advantage", advantage.mean().item(), global_step)
             writer.add_scalar("losses/actor_loss", actor_loss.item(), global_step)
             writer.add_scalar("losses/log_prob", log_prob.mean().item(), global_step)
+            writer.add_scalar("losses/caps_temporal", caps_temporal.item(), global_step)
+            writer.add_scalar("losses/caps_spatial", caps_spatial.item(), global_step)
             writer.add_scalar("charts/SPS", int(run.sps(global_step)), global_step)
 
         final = global_step == args.total_timesteps

@@ -26,8 +26,11 @@ with its own.
 
 Smooth, gentle motion: CAPS (Mysore et al. 2021, "Regularizing Action Policies for Smooth Control with
 Reinforcement Learning") adds a temporal term (the policy's action at s_t vs at s_{t+1}) and a spatial term (at s
-vs at a perturbed s) to the actor loss (`--caps-temporal-weight`, `--caps-spatial-weight`; off by default).
-Evaluation logs how smooth the executed actions are (`eval/action_smoothness`, `eval/action_change`).
+vs at a perturbed s) to the actor loss (`--caps-temporal-weight`, `--caps-spatial-weight`; off by default). The env
+adds optional reward shaping (`--action-rate-penalty`, `--force-penalty` above `--force-threshold`) and compliance
+(`--gripper-force`, `--finger-force`). Evaluation logs how smooth and gentle the executed motion was, measured in the
+physics at 240 Hz (`eval/action_smoothness`, `eval/mean_squared_jerk`, `eval/peak_grip_force`, `eval/drops`, ...;
+cleanrl_equi/envs/manipulation/metrics.py defines each).
 
     uv run python sac_equi_bullet.py --env-id cleanrl_equi/BlockPulling-v0 --total-timesteps 100000
     uv run python sac_equi_bullet.py --model cnn                         # the plain baseline
@@ -158,13 +161,23 @@ class Args:
     aug_copies: int = 4
     """buffer augmentation: each sampled transition is one of itself + this many copies rotated by random angles"""
 
-    # Smooth-motion prior (CAPS) and its metric
+    # Smooth, gentle motion: CAPS in the actor loss; compliance and reward shaping in the env (all off by default)
     caps_temporal_weight: float = 0.0
     """CAPS temporal term: weight of |mu(s_t) - mu(s_t+1)|^2 in the actor loss (0 = off)"""
     caps_spatial_weight: float = 0.0
     """CAPS spatial term: weight of |mu(s) - mu(s + noise)|^2 in the actor loss (0 = off)"""
     caps_sigma: float = 0.01
     """std of the Gaussian noise on the height channel (in [0, 1] image units; 0.01 = 2.55 mm) for the spatial term"""
+    action_rate_penalty: float = 0.0
+    """env reward shaping: minus this times |a_t - a_t-1|^2 (normalised actions) at every step (0 = off)"""
+    force_penalty: float = 0.0
+    """env reward shaping: minus this times (peak gripper contact force in the step - threshold) / threshold (0 = off)"""
+    force_threshold: float = 20.0
+    """newtons of gripper contact force the force penalty tolerates"""
+    gripper_force: float = 150.0
+    """compliance: the most force (N) the gripper's positioning constraint applies; lower yields on contact"""
+    finger_force: float = 25.0
+    """compliance: the most force (N) each finger squeezes with"""
 
     # Evaluation and logging
     eval_frequency: int = 500
@@ -202,7 +215,8 @@ def check_args(args: Args) -> None:
     require(args, positive=("policy_lr", "q_lr", "alpha", "caps_sigma", "per_eps"),
             fractions=("gamma", "tau", "per_alpha", "per_beta"),
             non_negative=("num_demos", "aug_copies", "total_timesteps", "learning_starts", "demo_loss_weight",
-                          "caps_temporal_weight", "caps_spatial_weight", "per_expert_bonus"),
+                          "caps_temporal_weight", "caps_spatial_weight", "per_expert_bonus", "action_rate_penalty",
+                          "force_penalty"),
             at_least_one=("num_envs", "num_eval_envs", "batch_size", "eval_frequency", "eval_episodes",
                           "log_frequency", "updates_per_step", "max_steps"))
     if args.buffer_size < max(args.batch_size, args.learning_starts, 2 * args.num_envs):
@@ -210,6 +224,9 @@ def check_args(args: Args) -> None:
     if args.learning_starts < args.batch_size:
         fail(f"--learning-starts {args.learning_starts} is less than --batch-size {args.batch_size}: the first batch "
              "would be larger than the data; raise --learning-starts.")
+    if not (0.1 <= args.force_threshold <= 1000 and 1 <= args.gripper_force <= 1000 and 1 <= args.finger_force <= 200):
+        fail(f"--force-threshold must be in [0.1, 1000] N, --gripper-force in [1, 1000] N and --finger-force in "
+             f"[1, 200] N, not {args.force_threshold}, {args.gripper_force} and {args.finger_force}.")
     if args.demo_loss_weight > 0 and args.num_demos == 0:
         fail("--demo-loss-weight needs demonstrations; set --num-demos to at least 1 (or the weight to 0).")
 
@@ -576,7 +593,7 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
     # env setup
-    envs = make_envs(args, args.num_envs, args.async_envs)
+    envs = make_envs(args, args.num_envs, args.async_envs, physics_metrics=False)  # evaluation measures them
 
     actor = (EquiActor(args) if args.model == "equi" else CNNActor(args)).to(device)
     critic = (EquiCritic(args) if args.model == "equi" else CNNCritic(args)).to(device)

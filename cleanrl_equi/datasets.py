@@ -14,8 +14,9 @@ episode) and T_e transitions. Arrays in the file (N transitions, E episodes, N +
     episode_lengths  int64 (E,)
     episode_seeds    int64 (E,)         the seed the episode's env was reset with (its scene)
     metadata         JSON string        format version, env id and settings, quality, collecting policy, seed,
-                                        counts, success rate, mean discounted return (gamma 0.99), creation date,
-                                        and a sha256 checksum of the arrays
+                                        counts, success rate, mean discounted return (gamma 0.99), each episode's
+                                        smoothness and gentleness metrics with their means (`episode_metrics`,
+                                        `metric_means`), creation date, and a sha256 checksum of the arrays
 
 Transition t of the flat arrays leaves observation row `obs_index[t]`; its next observation is row
 `obs_index[t] + 1`. Images stay uint8 (16 KiB per 128x128 observation before compression; the height maps are
@@ -52,6 +53,7 @@ import numpy as np
 import torch
 
 from cleanrl_equi.envs.manipulation import check_env_id
+from cleanrl_equi.envs.manipulation.metrics import EPISODE_METRICS
 from cleanrl_equi.run import fail, refuse_folder
 
 FORMAT_VERSION = 1
@@ -339,7 +341,7 @@ def collect_episodes(env_id: str, num_episodes: int, seed: int, image_size: int,
                 raise ValueError(f"the policy returned actions of shape {actions.shape}, not ({len(active)}, 5)")
         actions = np.clip(actions, -1.0, 1.0).astype(np.float32)
         for j, action in zip(active, actions):
-            obs, reward, terminated, truncated, _ = envs[j].step(action)
+            obs, reward, terminated, truncated, info = envs[j].step(action)
             slot = slots[j]
             slot["last_obs"] = obs
             slot["heights"].append(obs[0].copy())  # the height channel and one flag; the tiled one is dropped
@@ -349,6 +351,7 @@ def collect_episodes(env_id: str, num_episodes: int, seed: int, image_size: int,
             slot["terminations"].append(terminated)
             slot["truncations"].append(truncated)
             if terminated or truncated:
+                slot["metrics"] = {key: float(info[key]) for key in EPISODE_METRICS if key in info}
                 episodes[slot["index"]] = slot
                 slots[j] = None
                 done += 1
@@ -373,14 +376,22 @@ def collect_episodes(env_id: str, num_episodes: int, seed: int, image_size: int,
         episode_lengths=[len(e["actions"]) for e in episodes], episode_seeds=seed + np.arange(num_episodes))
     dataset.metadata = _metadata(env_id, image_size, max_steps, env_kwargs, quality or ("expert" if planner else
                                  "medium"), policy_info or ({"type": "planner"} if planner else {"type": "callable"}),
-                                 seed, dataset)
+                                 seed, dataset, {key: [e["metrics"][key] for e in episodes]
+                                                 for key in episodes[0]["metrics"]})
     return dataset
 
 
-def _metadata(env_id, image_size, max_steps, env_kwargs, quality, policy_info, seed, dataset) -> dict:
+def _metadata(env_id, image_size, max_steps, env_kwargs, quality, policy_info, seed, dataset,
+              episode_metrics: Optional[dict] = None) -> dict:
+    """`episode_metrics`: {metric: one value per episode, in episode order} (the smoothness and gentleness metrics
+    of cleanrl_equi/envs/manipulation/metrics.py, from each episode's last info); their means go beside them."""
+    metrics = {}
+    if episode_metrics:
+        metrics = {"episode_metrics": episode_metrics,
+                   "metric_means": {key: float(np.mean(values)) for key, values in episode_metrics.items()}}
     return {"format_version": FORMAT_VERSION, "env_id": env_id, "image_size": image_size, "max_steps": max_steps,
             "env_kwargs": {"image_size": image_size, "max_steps": max_steps, **(env_kwargs or {})},
-            "quality": quality, "policy": policy_info, "seed": seed, **summarise(dataset),
+            "quality": quality, "policy": policy_info, "seed": seed, **summarise(dataset), **metrics,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "created_by": "cleanrl_equi.datasets"}
 
@@ -394,8 +405,12 @@ def concatenate(datasets: list[OfflineDataset], quality: str, policy_info: dict,
            for name in ("actions", "rewards", "terminations", "truncations", "expert", "episode_lengths",
                         "episode_seeds")})
     env_kwargs = {k: v for k, v in first["env_kwargs"].items() if k not in ("image_size", "max_steps")}
+    metrics = None
+    if all("episode_metrics" in d.metadata for d in datasets):  # kept only if every part has them
+        keys = set.intersection(*(set(d.metadata["episode_metrics"]) for d in datasets))
+        metrics = {key: [v for d in datasets for v in d.metadata["episode_metrics"][key]] for key in sorted(keys)}
     dataset.metadata = _metadata(first["env_id"], first["image_size"], first["max_steps"], env_kwargs, quality,
-                                 policy_info, seed, dataset)
+                                 policy_info, seed, dataset, metrics)
     return dataset
 
 

@@ -19,7 +19,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cleanrl_equi
+from cleanrl_equi.envs.manipulation.metrics import EPISODE_METRICS, action_smoothness
 from cleanrl_equi.run import fail
+
+__all__ = ["action_smoothness", "check_env_id", "evaluate", "evaluate_checkpoint", "format_eval", "make_envs",
+           "obs_to_tensor", "rotate_batch"]
 
 
 def check_env_id(env_id: str) -> None:
@@ -56,13 +60,19 @@ def rotate_batch(batch: dict[str, torch.Tensor], angles: torch.Tensor) -> dict[s
 
 
 # ---- Environments and evaluation ------------------------------------------------------------------------------------
-def make_envs(args, num_envs: int, asynchronous: bool = False, video_folder: Optional[str] = None):
+# Env kwargs a script may carry as flags of the same name: the smooth/gentle-motion settings of the envs.
+GENTLE_MOTION_SETTINGS = ("gripper_force", "finger_force", "action_rate_penalty", "force_penalty", "force_threshold")
+
+
+def make_envs(args, num_envs: int, asynchronous: bool = False, video_folder: Optional[str] = None,
+              physics_metrics: bool = True):
     """Vector envs of `args.env_id` with `args.image_size` and `args.max_steps`, and with whichever of these env
     settings `args` has (a script without them gets the envs' BulletArm-style defaults): `workspace_size`, `dpos`,
-    `drot_n` (the env's drot = pi / drot_n) and `paper_tasks` (the ICLR-2022 paper's task sizes and thresholds,
-    `tasks.PAPER_TASK_KWARGS`)."""
-    settings = {"image_size": args.image_size, "max_steps": args.max_steps}
-    for name in ("workspace_size", "dpos"):
+    `drot_n` (the env's drot = pi / drot_n), `paper_tasks` (the ICLR-2022 paper's task sizes and thresholds,
+    `tasks.PAPER_TASK_KWARGS`) and GENTLE_MOTION_SETTINGS. `physics_metrics=False` skips sampling the smoothness and
+    gentleness metrics (envs whose info nobody reads, such as training envs; a force penalty samples them anyway)."""
+    settings = {"image_size": args.image_size, "max_steps": args.max_steps, "physics_metrics": physics_metrics}
+    for name in ("workspace_size", "dpos", *GENTLE_MOTION_SETTINGS):
         if hasattr(args, name):
             settings[name] = getattr(args, name)
     if hasattr(args, "drot_n"):
@@ -92,17 +102,6 @@ def obs_to_tensor(obs: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(obs, device=device).float().div_(255.0)
 
 
-def action_smoothness(actions: np.ndarray) -> float:
-    """CAPS's smoothness measure of one episode's executed actions (T x 5): the amplitude-weighted mean frequency
-    of their spectrum, Sm = 2 / (n f_s) sum_i M_i f_i with f_s = 1 per step, averaged over action dimensions.
-    0 for a constant action sequence; larger means more high-frequency jitter."""
-    if len(actions) < 2:
-        return 0.0
-    spectrum = np.abs(np.fft.rfft(actions, axis=0))  # (n_freq, 5)
-    freqs = np.fft.rfftfreq(len(actions))[:, None]
-    return float((2.0 / len(freqs) * (spectrum * freqs).sum(0)).mean())
-
-
 def tanh_of_mean(actor: nn.Module, obs: torch.Tensor) -> torch.Tensor:
     """The deterministic action of a tanh-squashed Gaussian actor whose forward returns (mean, log_std)."""
     return torch.tanh(actor(obs)[0])
@@ -111,15 +110,15 @@ def tanh_of_mean(actor: nn.Module, obs: torch.Tensor) -> torch.Tensor:
 def evaluate(actor: nn.Module, args, device: torch.device, seed: int, video_folder: Optional[str] = None,
              act: Callable[[nn.Module, torch.Tensor], torch.Tensor] = tanh_of_mean) -> dict[str, float]:
     """Run `args.eval_episodes` episodes with the deterministic action `act(actor, obs)` (default: tanh(mean)); return
-    the mean success rate, discounted return (gamma^(T-1) for success at step T: the papers' metric), length and
-    action smoothness."""
+    the mean success rate, discounted return (gamma^(T-1) for success at step T: the papers' metric, whatever
+    reward shaping the envs add), length, and every smoothness and gentleness metric of the envs (metrics.py)."""
     num_envs = min(args.num_eval_envs, args.eval_episodes)
     quota = [args.eval_episodes // num_envs + (i < args.eval_episodes % num_envs) for i in range(num_envs)]
     envs = make_envs(args, num_envs, video_folder=video_folder)
     obs, _ = envs.reset(seed=seed)
-    returns, successes, lengths, smooth, change = [], [], [], [], []
-    episode_actions: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
-    discounted, steps = np.zeros(num_envs), np.zeros(num_envs, dtype=int)
+    returns, successes, lengths = [], [], []
+    episode_metrics: dict[str, list[float]] = {key: [] for key in EPISODE_METRICS}
+    steps = np.zeros(num_envs, dtype=int)
     resetting = np.zeros(num_envs, dtype=bool)
     with torch.no_grad():
         actor.eval()  # nothing is updated during the evaluation: escnn layers expand their filters once
@@ -129,24 +128,22 @@ def evaluate(actor: nn.Module, args, device: torch.device, seed: int, video_fold
             for i in range(num_envs):
                 if resetting[i] or quota[i] == 0:  # this step reset env i (its action was ignored), or it is done
                     continue
-                discounted[i] += args.gamma ** steps[i] * rewards[i]
                 steps[i] += 1
-                episode_actions[i].append(actions[i])
                 if terminations[i] or truncations[i]:
-                    acts = np.array(episode_actions[i])
-                    returns.append(discounted[i])
-                    successes.append(float(infos["is_success"][i]))
+                    success = bool(infos["is_success"][i])
+                    returns.append(args.gamma ** (steps[i] - 1) if success else 0.0)
+                    successes.append(float(success))
                     lengths.append(steps[i])
-                    smooth.append(action_smoothness(acts))
-                    change.append(float(np.linalg.norm(np.diff(acts, axis=0), axis=1).mean()) if len(acts) > 1 else 0.0)
+                    for key, values in episode_metrics.items():
+                        values.append(float(infos[key][i]))  # the last step's info holds the episode's values
                     quota[i] -= 1
-                    discounted[i], steps[i], episode_actions[i] = 0.0, 0, []
+                    steps[i] = 0
             resetting = np.logical_or(terminations, truncations)
     actor.train()
     envs.close()
     return {"success_rate": float(np.mean(successes)), "discounted_return": float(np.mean(returns)),
-            "episode_length": float(np.mean(lengths)), "action_smoothness": float(np.mean(smooth)),
-            "action_change": float(np.mean(change))}
+            "episode_length": float(np.mean(lengths)),
+            **{key: float(np.mean(values)) for key, values in episode_metrics.items()}}
 
 
 def format_eval(result: dict[str, float], episodes: int, seed: int,
@@ -155,7 +152,8 @@ def format_eval(result: dict[str, float], episodes: int, seed: int,
     apart (other seeds are other scenes)."""
     return (f"success {result['success_rate']:.3f} | discounted return {result['discounted_return']:.4f} | "
             f"length {result['episode_length']:.2f} | smoothness {result['action_smoothness']:.6f} | "
-            f"action change {result['action_change']:.6f} over {episodes} episodes "
+            f"action change {result['action_change']:.6f} | jerk {result['mean_squared_jerk']:.4g} m2/s6 | "
+            f"peak grip force {result['peak_grip_force']:.1f} N | drops {result['drops']:.2f} over {episodes} episodes "
             f"({policy}, evaluation seed {seed})")
 
 

@@ -80,12 +80,14 @@ symmetry test (and any scene edit a test wants) a few lines.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import ctypes
 import dataclasses
 import math
 import os
 import sys
+import weakref
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -96,6 +98,8 @@ import pybullet_data
 from gymnasium.envs.registration import EnvSpec, WrapperSpec
 from pybullet_utils.bullet_client import BulletClient
 from scipy.spatial import ConvexHull
+
+from cleanrl_equi.envs.manipulation.metrics import PhysicsMetrics, action_change, action_smoothness
 
 # ---- Fixed geometry and physics constants -----------------------------------------------------------------------
 TIME_STEP = 1.0 / 240.0
@@ -141,6 +145,30 @@ def _flush_c_stdout():
 
 
 def connect_quietly() -> BulletClient:
+    """A DIRECT pybullet client, disconnected at interpreter exit if nothing closed it before."""
+    client = _connect_direct_quietly()
+    _OPEN_CLIENTS.add(client)
+    return client
+
+
+@atexit.register
+def _disconnect_open_clients():
+    # A run stopped by a signal exits without closing its envs. BulletClient's __del__ would then disconnect during
+    # interpreter teardown, when (Python 3.12) pybullet's module may be half gone, and print one "Exception ignored"
+    # traceback per env. atexit runs while every module is still intact.
+    for client in list(_OPEN_CLIENTS):
+        if client._client >= 0:
+            try:
+                pb.disconnect(physicsClientId=client._client)
+            except pb.error:
+                pass
+            client._client = -1
+
+
+_OPEN_CLIENTS: "weakref.WeakSet[BulletClient]" = weakref.WeakSet()
+
+
+def _connect_direct_quietly() -> BulletClient:
     """A DIRECT pybullet client. pybullet's C code prints `argv[0]=` to the process's stdout on every connect, which
     buried a training script's own output, so file descriptor 1 points at /dev/null for the connect only."""
     try:
@@ -263,7 +291,9 @@ class ManipulationEnv(gym.Env):
 
     def __init__(self, render_mode: str | None = None, workspace_size: float = 0.3, image_size: int = 128,
                  view_scale: float = 1.5, dpos: float = 0.05, drot: float = math.pi / 4, max_steps: int = 50,
-                 renderer: str = "analytic", render_size: int = 256):
+                 renderer: str = "analytic", render_size: int = 256, physics_metrics: bool = True,
+                 gripper_force: float = GRIPPER_FORCE, finger_force: float = FINGER_FORCE,
+                 action_rate_penalty: float = 0.0, force_penalty: float = 0.0, force_threshold: float = 20.0):
         name = type(self).__name__
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"{name}: render_mode must be None or 'rgb_array', got {render_mode!r}.")
@@ -285,6 +315,13 @@ class ManipulationEnv(gym.Env):
                              f"got {render_size!r}.")
         if renderer not in RENDERERS:
             raise ValueError(f"{name}: renderer must be one of {RENDERERS}, got {renderer!r}.")
+        for key, value, low, high in (("gripper_force", gripper_force, 1.0, 1000.0),
+                                      ("finger_force", finger_force, 1.0, 200.0),
+                                      ("action_rate_penalty", action_rate_penalty, 0.0, 100.0),
+                                      ("force_penalty", force_penalty, 0.0, 100.0),
+                                      ("force_threshold", force_threshold, 0.1, 1000.0)):
+            if not (isinstance(value, (int, float)) and low <= value <= high):
+                raise ValueError(f"{name}: {key} must be a number in [{low:g}, {high:g}], got {value!r}.")
         self.render_mode = render_mode
         self.workspace_size = float(workspace_size)
         self.image_size = image_size
@@ -294,6 +331,15 @@ class ManipulationEnv(gym.Env):
         self.max_steps = max_steps
         self.renderer = renderer
         self.render_size = render_size
+        # Smooth, gentle motion: the metrics (metrics.py), the gripper's compliance and the optional reward shaping.
+        # The penalty reads the contact forces, so it samples them even with physics_metrics off.
+        self.physics_metrics = bool(physics_metrics) or force_penalty > 0
+        self.gripper_force = float(gripper_force)
+        self.finger_force = float(finger_force)
+        self.action_rate_penalty = float(action_rate_penalty)
+        self.force_penalty = float(force_penalty)
+        self.force_threshold = float(force_threshold)
+        self.metrics: PhysicsMetrics | None = None
         self.pixel_size = self.view_scale * self.workspace_size / image_size
         half = self.workspace_size / 2
         self.workspace = np.array([[-half, half], [-half, half], list(Z_RANGE)])
@@ -378,7 +424,7 @@ class ManipulationEnv(gym.Env):
         sim.resetBasePositionAndOrientation(self.gripper, position, yaw_quaternion(yaw))
         sim.resetBaseVelocity(self.gripper, (0, 0, 0), (0, 0, 0))
         sim.changeConstraint(self.gripper_constraint, jointChildPivot=position,
-                             jointChildFrameOrientation=yaw_quaternion(yaw), maxForce=GRIPPER_FORCE)
+                             jointChildFrameOrientation=yaw_quaternion(yaw), maxForce=self.gripper_force)
         for link, q in zip((0, 1), finger_positions):
             sim.resetJointState(self.gripper, link, q, 0.0)
         self.gripper_command = float(command)
@@ -388,7 +434,7 @@ class ManipulationEnv(gym.Env):
         target = self.gripper_command * FINGER_MAX
         for link in (0, 1):
             self.sim.setJointMotorControl2(self.gripper, link, pb.POSITION_CONTROL, targetPosition=target,
-                                           force=FINGER_FORCE, maxVelocity=FINGER_SPEED)
+                                           force=self.finger_force, maxVelocity=FINGER_SPEED)
 
     def add_body(self, pieces: list[Piece], mass: float, color: str, friction: float = 1.0, free: bool = True) -> int:
         """Create a rigid body from convex pieces (mass 0 = static) and register it for rendering."""
@@ -494,12 +540,20 @@ class ManipulationEnv(gym.Env):
             self._sample_scene()
             self.sim.performCollisionDetection()
         self.holding = self._held_object() is not None
+        self.metrics = None
+        if self.physics_metrics:
+            self.metrics = PhysicsMetrics(self.sim._client, self.gripper, self.bodies, self.free_objects, self.articulated,
+                                          TIME_STEP)
 
     def step(self, action):
         if self.sim is None:
             raise RuntimeError("call reset() before step().")
         action = np.clip(np.asarray(action, dtype=np.float64).reshape(5), -1.0, 1.0)
-        self._record["actions"].append(action)
+        actions = self._record["actions"]
+        previous_action = actions[-1] if actions else None
+        actions.append(action)
+        if self.metrics is not None:
+            self.metrics.start_step()
         position, yaw = self.gripper_pose()
         target = position + action[1:4] * self.dpos
         target = np.clip(target, self.workspace[:, 0], self.workspace[:, 1])
@@ -509,31 +563,56 @@ class ManipulationEnv(gym.Env):
             self.gripper_command = float(command)
             self._drive_fingers()
             for _ in range(FINGER_SUBSTEPS):
-                self.sim.stepSimulation()
+                self._physics_step()
         self.steps += 1
         self.holding = self._held_object() is not None
         success = bool(self._is_success())
         left_workspace = not success and self._object_left_workspace()
         terminated = success or left_workspace
         truncated = not terminated and self.steps >= self.max_steps
-        return self._observation(), float(success), terminated, truncated, self._info(success)
+        reward = float(success)
+        # Optional shaping toward smooth, gentle motion (off by default): a penalty on the change of the normalised
+        # action (an action-rate cost, as in legged-robot RL), and one on the gripper's contact force above a
+        # threshold, in units of the threshold (a force-limit cost, as in safe and contact-rich RL).
+        if self.action_rate_penalty > 0 and previous_action is not None:
+            change = action - previous_action
+            reward -= self.action_rate_penalty * float(change @ change)
+        if self.force_penalty > 0:
+            excess = max(0.0, self.metrics.step_peak_grip_force - self.force_threshold)
+            reward -= self.force_penalty * excess / self.force_threshold
+        return self._observation(), reward, terminated, truncated, self._info(success)
 
     def _info(self, success: bool) -> dict:
-        # 0-d bool arrays, at reset and at every step: TorchRL's default info reader needs a `.dtype` (a Python bool
+        # 0-d arrays, at reset and at every step: TorchRL's default info reader needs a `.dtype` (a Python bool
         # has none), gymnasium's vector envs stack them into a bool array (an np.bool_ would make an object array),
-        # and Minari's DataCollector wants the reset's types on every step.
-        return {"is_success": np.array(success), "holding": np.array(self.holding)}
+        # and Minari's DataCollector wants the reset's types on every step. The metrics are the episode's so far.
+        info = {"is_success": np.array(success), "holding": np.array(self.holding)}
+        actions = self._record["actions"] if self._record else []
+        info["action_smoothness"] = np.array(action_smoothness(actions) if actions else 0.0)
+        info["action_change"] = np.array(action_change(actions) if actions else 0.0)
+        if self.metrics is not None:
+            info.update({key: np.array(value) for key, value in self.metrics.values().items()})
+        return info
+
+    def _physics_step(self):
+        self.sim.stepSimulation()
+        if self.metrics is not None:
+            self.metrics.sample()
 
     def _move_gripper(self, start, start_yaw, target, target_yaw):
         """Slide the constraint target from the current pose to the target, then hold it while the gripper settles."""
         change_constraint, step_simulation = self.sim.changeConstraint, self.sim.stepSimulation  # hot loop
+        sample = self.metrics.sample if self.metrics is not None else None
+        force = self.gripper_force
         for i in range(1, MOVE_SUBSTEPS + SETTLE_SUBSTEPS + 1):
             progress = min(1.0, i / MOVE_SUBSTEPS)
             fraction = progress * progress * (3 - 2 * progress)  # smoothstep: no velocity jump at either end
             change_constraint(self.gripper_constraint, jointChildPivot=start + fraction * (target - start),
                               jointChildFrameOrientation=yaw_quaternion(start_yaw + fraction * (target_yaw - start_yaw)),
-                              maxForce=GRIPPER_FORCE)
+                              maxForce=force)
             step_simulation()
+            if sample is not None:
+                sample()
 
     def render(self):
         if self.render_mode != "rgb_array" or self.sim is None:

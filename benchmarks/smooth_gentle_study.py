@@ -1,0 +1,185 @@
+"""What the smooth-motion prior (CAPS) and the force penalty cost and buy: Equi SAC per task x prior x seed.
+
+Trains sac_equi_bullet.py once per (task, setting, seed) as a user would, then reads the last evaluation of every run
+(success rate, discounted return and the smoothness and gentleness metrics of
+cleanrl_equi/envs/manipulation/metrics.py, each the mean over the evaluation's episodes) and writes
+benchmarks/results/smooth_gentle_study<tag>.{json,csv,png}: one row per run, the mean and spread over seeds per
+(task, setting), and a trade-off plot (success vs action smoothness and vs peak grip force, one point per run).
+
+    # the committed CPU study (CPU preset; BulletArm's env setting, as the CPU learning benchmarks)
+    uv run python benchmarks/smooth_gentle_study.py --tasks BlockPulling,DrawerOpening --seeds 1,2 --parallel 2 \\
+        -- --group-order 4 --n-hidden 16 --image-size 64 --batch-size 32 --workspace-size 0.3 --drot-n 4 \\
+        --max-steps 50 --no-paper-tasks
+    # only tabulate runs that exist
+    uv run python benchmarks/smooth_gentle_study.py --collect-only --runs-dir benchmarks/gentle_runs
+Settings (--settings, comma-separated): base (no prior), caps<w> (CAPS temporal and spatial weight w, e.g. caps0.1),
+force<w> (force penalty w above 20 N, e.g. force0.1), arate<w> (action-rate penalty w), cnn (the plain CNN, no prior).
+Extra flags after `--` go to every run.
+"""
+
+import glob
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import (REPO, Job, Launch, Output, cli, companion, device_flags, fail, machine_info,  # noqa: E402
+                    results_path, run_jobs, thread_env)
+
+METRICS = ("success_rate", "discounted_return", "episode_length", "action_smoothness", "action_change",
+           "path_length", "peak_speed", "mean_squared_jerk", "peak_grip_force", "mean_grip_force", "contact_impulse",
+           "peak_impact_force", "peak_object_acceleration", "drops")
+
+
+@dataclass
+class Args(Output, Launch):
+    tasks: str = "BlockPulling,DrawerOpening"
+    """comma-separated manipulation tasks"""
+    settings: str = "base,caps0.1,caps1,force0.1,cnn"
+    """comma-separated settings (see the module docstring)"""
+    seeds: str = "1,2"
+    """comma-separated seeds"""
+    total_timesteps: int = 12500
+    """env steps per run (5 envs: 2.5k gradient steps)"""
+    eval_frequency: int = 500
+    """gradient steps between evaluations"""
+    eval_episodes: int = 50
+    """episodes per evaluation"""
+    runs_dir: str = os.path.join(REPO, "benchmarks", "gentle_runs")
+    """folder of the runs (runs/, with one .log per run)"""
+    collect_only: bool = False
+    """skip training; tabulate the runs already in --runs-dir"""
+
+
+def setting_flags(setting: str) -> list[str]:
+    """The training flags of one setting name."""
+    for prefix, flags in (("caps", ("--caps-temporal-weight", "--caps-spatial-weight")), ("force", ("--force-penalty",)),
+                          ("arate", ("--action-rate-penalty",))):
+        if setting.startswith(prefix):
+            try:
+                weight = float(setting[len(prefix):])
+            except ValueError:
+                fail(f"setting {setting!r} needs a weight after {prefix!r}, e.g. {prefix}0.1.")
+            return [item for flag in flags for item in (flag, str(weight))]
+    if setting == "base":
+        return []
+    if setting == "cnn":
+        return ["--model", "cnn"]
+    fail(f"unknown setting {setting!r}; use base, cnn, caps<w>, force<w> or arate<w>.")
+
+
+def run_all(opts, extra):
+    jobs = []
+    for task in opts.tasks.split(","):
+        for setting in opts.settings.split(","):
+            flags = setting_flags(setting)
+            for seed in opts.seeds.split(","):
+                cmd = [sys.executable, os.path.join(REPO, "sac_equi_bullet.py"), "--env-id", f"cleanrl_equi/{task}-v0",
+                       "--seed", seed, "--exp-name", f"gentle_{setting}", "--total-timesteps",
+                       str(opts.total_timesteps), "--eval-frequency", str(opts.eval_frequency), "--eval-episodes",
+                       str(opts.eval_episodes), *device_flags(opts.device), *flags, *extra]
+                log = os.path.join(opts.runs_dir, "runs", f"{task}_{setting}_{seed}.log")
+                jobs.append(Job(f"{task} {setting} seed {seed}", cmd, log, opts.runs_dir, thread_env(opts.threads)))
+    run_jobs(jobs, opts.parallel, hint="--collect-only tabulates the runs that finished")
+
+
+def read_runs(runs_dir):
+    """One row per run: task, setting, seed, the gradient steps and every metric of its last evaluation."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows = []
+    for run_dir in sorted(glob.glob(os.path.join(runs_dir, "runs", "*__gentle_*__*__*"))):
+        env_id, exp_name, seed, _ = os.path.basename(run_dir).split("__")
+        acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+        acc.Reload()
+        tags = acc.Tags()["scalars"]
+        if "eval/success_rate" not in tags or not all(f"eval/{m}" in tags for m in METRICS):
+            continue
+        row = {"task": env_id.removeprefix("cleanrl_equi_").removesuffix("-v0"),
+               "setting": exp_name.removeprefix("gentle_"), "seed": int(seed),
+               "gradient_steps": int(acc.Scalars("eval/gradient_steps")[-1].value)}
+        row.update({m: float(acc.Scalars(f"eval/{m}")[-1].value) for m in METRICS})
+        rows.append(row)
+    return rows
+
+
+def summarise(rows):
+    groups = defaultdict(list)
+    for row in rows:
+        groups[(row["task"], row["setting"])].append(row)
+    summary = []
+    for (task, setting), group in sorted(groups.items()):
+        entry = {"task": task, "setting": setting, "seeds": sorted(r["seed"] for r in group)}
+        for m in METRICS:
+            values = np.array([r[m] for r in group])
+            entry[m] = {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max())}
+        summary.append(entry)
+    return summary
+
+
+def plot(rows, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows})
+    settings = sorted({r["setting"] for r in rows})
+    markers = dict(zip(settings, "osD^vP*X"))
+    fig, axes = plt.subplots(len(tasks), 3, figsize=(14, 3.6 * len(tasks)), squeeze=False)
+    for i, task in enumerate(tasks):
+        for setting in settings:
+            group = [r for r in rows if r["task"] == task and r["setting"] == setting]
+            for j, metric in enumerate(("action_smoothness", "mean_squared_jerk", "peak_grip_force")):
+                axes[i, j].scatter([r[metric] for r in group], [r["success_rate"] for r in group],
+                                   marker=markers[setting], s=50, label=setting)
+        for j, (metric, unit) in enumerate((("action_smoothness", "CAPS Sm, lower is smoother"),
+                                            ("mean_squared_jerk", "m^2/s^6"), ("peak_grip_force", "N"))):
+            axes[i, j].set_xlabel(f"{metric} ({unit})")
+            axes[i, j].set_ylabel("eval success rate")
+            axes[i, j].set_title(task)
+            axes[i, j].grid(alpha=0.3)
+        axes[i, 0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    opts, extra = cli(Args, __doc__, passthrough=True)
+    opts.runs_dir = os.path.abspath(opts.runs_dir)
+    for setting in opts.settings.split(","):
+        setting_flags(setting)
+    path = results_path(opts, "smooth_gentle_study.json", (".csv", ".png"))
+    if not opts.collect_only:
+        run_all(opts, extra)
+    rows = read_runs(opts.runs_dir)
+    if not rows:
+        fail(f"no finished runs with evaluations under {opts.runs_dir}/runs")
+    machine = machine_info(opts.device)
+    info = {"date": time.strftime("%Y-%m-%d"), "hardware": f"{machine['cpu']}, {os.cpu_count()} cores",
+            "total_timesteps": opts.total_timesteps, "eval_episodes": opts.eval_episodes, "extra_flags": extra,
+            "machine": machine, "runs": rows, "summary": summarise(rows)}
+    with open(path, "w") as f:
+        json.dump(info, f, indent=1)
+    with open(companion(path, ".csv"), "w") as f:
+        f.write(",".join(["task", "setting", "seed", "gradient_steps", *METRICS]) + "\n")
+        for r in rows:
+            f.write(",".join(str(r[k]) for k in ["task", "setting", "seed", "gradient_steps", *METRICS]) + "\n")
+    plot(rows, companion(path, ".png"), f"sac_equi_bullet.py, last evaluation per run, {info['hardware']}, "
+                                        f"{info['date']}")
+    for s in info["summary"]:
+        print(f"{s['task']:14s} {s['setting']:9s} seeds {s['seeds']} success {s['success_rate']['mean']:.2f} "
+              f"Sm {s['action_smoothness']['mean']:.3f} jerk {s['mean_squared_jerk']['mean']:.3g} "
+              f"peak grip {s['peak_grip_force']['mean']:.1f} N drops {s['drops']['mean']:.2f}")
+    print(f"wrote {path} and its .csv/.png")
+
+
+if __name__ == "__main__":
+    main()

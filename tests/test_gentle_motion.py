@@ -1,0 +1,206 @@
+"""Smooth, gentle motion: the physics metrics on scripted episodes, their symmetry, the env's shaping and compliance
+kwargs, their flags in sac_equi_bullet.py, and the metrics in evaluations and datasets."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import cleanrl_equi  # noqa: F401
+from cleanrl_equi.datasets import collect_expert
+from cleanrl_equi.envs.manipulation.metrics import EPISODE_METRICS, PHYSICS_METRICS, action_change, action_smoothness
+from cleanrl_equi.envs.manipulation.scene import rotate_scene_state
+from conftest import QUARTER_TURN, fails_with, load_script, read_scalars, run_script, only_run_dir
+
+
+def make(task, **kwargs):
+    return gym.make(f"cleanrl_equi/{task}-v0", **kwargs).unwrapped
+
+
+def scene_with_gripper_behind_block(env, seed=0):
+    """BlockPulling with the closed gripper low, 8 cm behind the first block along -x (the block straight ahead)."""
+    env.reset(seed=seed)
+    state = env.get_scene_state()
+    block = np.array(state["bodies"][0]["position"])
+    state["gripper"].update(position=[block[0] - 0.08, block[1], 0.02], yaw=0.0, fingers=[0.0, 0.0], command=0.0)
+    return state
+
+
+def run_actions(env, actions, state=None, seed=0):
+    if state is not None:
+        _, info = env.reset(options={"scene_state": state})
+    else:
+        _, info = env.reset(seed=seed)
+    for action in actions:
+        _, _, terminated, truncated, info = env.step(np.asarray(action, dtype=np.float32))
+        if terminated or truncated:
+            break
+    return {key: float(info[key]) for key in EPISODE_METRICS}
+
+
+def test_every_metric_is_in_info_at_reset_and_at_every_step_as_a_0d_float_array():
+    env = make("BlockPulling", image_size=32)
+    _, info = env.reset(seed=0)
+    for key in EPISODE_METRICS:
+        assert isinstance(info[key], np.ndarray) and info[key].shape == () and float(info[key]) == 0.0
+    _, _, _, _, info = env.step(env.action_space.sample())
+    assert all(info[key].shape == () and np.isfinite(info[key]) for key in EPISODE_METRICS)
+    assert float(info["path_length"]) > 0
+    env.close()
+
+
+def test_a_slow_push_is_gentler_and_smoother_than_a_fast_strike():
+    """The same 10 cm of travel into the same block: 10 steps of 1 cm vs 2 steps of 5 cm."""
+    env = make("BlockPulling", image_size=32, max_steps=50)
+    state = scene_with_gripper_behind_block(env)
+    slow = run_actions(env, [[-1, 0.2, 0, 0, 0]] * 10, state)
+    fast = run_actions(env, [[-1, 1.0, 0, 0, 0]] * 2, state)
+    assert slow["peak_grip_force"] > 0 and fast["peak_grip_force"] > 0  # both touched the block
+    assert slow["peak_grip_force"] < fast["peak_grip_force"]
+    assert slow["mean_squared_jerk"] < fast["mean_squared_jerk"]
+    assert slow["peak_speed"] < fast["peak_speed"]
+    assert slow["peak_object_acceleration"] < fast["peak_object_acceleration"]
+    np.testing.assert_allclose(slow["path_length"], fast["path_length"], rtol=0.25)  # the same travel
+    env.close()
+
+
+def test_a_still_gripper_has_no_jerk_and_no_path():
+    env = make("BlockPulling", image_size=32)
+    env.reset(seed=0)
+    command = 2 * env.gripper_command - 1  # the fingers' current command: nothing moves
+    metrics = run_actions(env, [[command, 0, 0, 0, 0]] * 5, env.get_scene_state())
+    assert metrics["mean_squared_jerk"] < 1e-6 and metrics["path_length"] < 1e-6 and metrics["peak_speed"] < 1e-4
+    assert metrics["action_smoothness"] == 0.0 and metrics["action_change"] == 0.0
+    env.close()
+
+
+def test_a_cube_released_high_above_the_table_counts_as_one_drop():
+    env = make("BlockPicking", image_size=32)
+    env.reset(seed=0)
+    state = env.get_scene_state()
+    state["gripper"].update(position=[-0.1, -0.1, 0.2])
+    state["bodies"][0].update(position=[0.05, 0.05, 0.15])  # 12.5 cm above its resting height
+    metrics = run_actions(env, [[1, 0, 0, 0, 0]] * 3, state)
+    assert metrics["drops"] == 1.0
+    assert metrics["peak_impact_force"] > 5.0  # the landing, well above the cube's ~1 N weight
+    resting = run_actions(env, [[1, 0, 0, 0, 0]] * 3, env.get_scene_state())  # now it rests: no drop
+    assert resting["drops"] == 0.0
+    env.close()
+
+
+@pytest.mark.parametrize("task", ["BlockPulling", "BlockPicking", "DrawerOpening"])
+def test_the_metrics_do_not_change_when_the_scene_is_turned(task):
+    """The same actions, with (dx, dy) turned with the scene, give the same metrics after 1, 2 and 3 quarter turns."""
+    env = make(task, image_size=32)
+    env.reset(seed=3)
+    actions = []
+    for _ in range(6):  # a planner prefix, so the gripper reaches and touches the objects
+        actions.append(env.expert_action())
+        _, _, terminated, truncated, _ = env.step(actions[-1])
+        if terminated or truncated:
+            break
+    env.reset(seed=3)
+    state = env.get_scene_state()
+    reference = run_actions(env, actions, state)
+    for k in (1, 2, 3):
+        rotation = np.linalg.matrix_power(QUARTER_TURN, k)
+        turned = [np.concatenate([a[:1], rotation @ a[1:3], a[3:]]) for a in actions]
+        rotated = run_actions(env, turned, rotate_scene_state(state, k))
+        for key in EPISODE_METRICS:
+            # pybullet's solver sees the turned scene in other coordinates: equal up to its contact noise
+            np.testing.assert_allclose(rotated[key], reference[key], rtol=0.05, atol=0.05 * max(1.0, reference[key]),
+                                       err_msg=f"{task}: {key} after {k} quarter turns")
+    env.close()
+
+
+def test_metrics_off_leaves_only_the_action_metrics_and_the_same_physics():
+    on, off = make("BlockPulling", image_size=32), make("BlockPulling", image_size=32, physics_metrics=False)
+    actions = np.random.default_rng(0).uniform(-1, 1, (8, 5))
+    observations = []
+    for env in (on, off):
+        obs, info = env.reset(seed=1)
+        for action in actions:
+            obs, _, _, _, info = env.step(action)
+        observations.append(obs)
+        assert ("peak_grip_force" in info) == (env is on)
+        assert "action_smoothness" in info
+    np.testing.assert_array_equal(*observations)  # measuring does not move anything
+
+
+def test_action_metrics():
+    constant = np.ones((10, 5))
+    assert action_smoothness(constant) == 0.0 and action_change(constant) == 0.0
+    steps = np.zeros((3, 5))
+    steps[1, 0] = 1.0
+    assert action_change(steps) == 1.0
+
+
+def test_reward_shaping_penalises_action_changes_and_strong_contact_and_keeps_success():
+    state_env = make("BlockPulling", image_size=32)
+    state = scene_with_gripper_behind_block(state_env)
+    strike = [[-1, 1.0, 0, 0, 0], [-1, 1.0, 0, 0, 0]]
+    rewards = {}
+    for name, kwargs in (("plain", {}), ("force", {"force_penalty": 1.0, "force_threshold": 5.0}),
+                         ("rate", {"action_rate_penalty": 0.5})):
+        env = make("BlockPulling", image_size=32, **kwargs)
+        env.reset(options={"scene_state": state})
+        rewards[name] = [env.step(np.asarray(a, dtype=np.float32))[1] for a in [*strike, [-1, -1.0, 0, 0, 0]]]
+        env.close()
+    assert rewards["plain"][:2] == [0.0, 0.0]
+    assert min(rewards["force"][:2]) < 0  # the strike pressed harder than 5 N
+    assert rewards["rate"][0] == 0.0 and rewards["rate"][1] == 0.0  # the same action twice: no change
+    assert rewards["rate"][2] == pytest.approx(rewards["plain"][2] - 0.5 * 4.0)  # dx went from 1 to -1
+
+
+def test_a_softer_gripper_presses_less():
+    forces = {}
+    for force in (150.0, 20.0):
+        env = make("BlockPulling", image_size=32, gripper_force=force)
+        env.reset(seed=0)
+        state = env.get_scene_state()
+        state["gripper"].update(position=[0.0, 0.0, 0.03], command=0.0, fingers=[0.0, 0.0])
+        state["bodies"][0].update(position=[0.0, 0.0, 0.02])  # a block right under the gripper
+        state["bodies"][1].update(position=[0.1, 0.1, 0.02])
+        forces[force] = run_actions(env, [[-1, 0, 0, -1, 0]] * 2, state)["peak_grip_force"]  # press down into it
+        env.close()
+    assert 0 < forces[20.0] < forces[150.0]
+
+
+@pytest.mark.parametrize("kwargs, words", [({"gripper_force": 0.0}, "gripper_force"),
+                                            ({"force_penalty": -1.0}, "force_penalty"),
+                                            ({"force_threshold": 0.0}, "force_threshold")])
+def test_bad_gentle_motion_kwargs_raise_one_clear_error(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        make("BlockPulling", **kwargs)
+
+
+def test_datasets_keep_the_metrics_of_every_episode():
+    dataset = collect_expert("cleanrl_equi/BlockPulling-v0", 2, seed=0, image_size=32)
+    per_episode, means = dataset.metadata["episode_metrics"], dataset.metadata["metric_means"]
+    assert set(per_episode) == set(EPISODE_METRICS) and all(len(v) == 2 for v in per_episode.values())
+    assert means["peak_grip_force"] == pytest.approx(np.mean(per_episode["peak_grip_force"]))
+    assert all(v > 0 for v in per_episode["path_length"])
+
+
+sac = load_script("sac_equi_bullet")
+
+
+@pytest.mark.parametrize("flags, words", [({"force_penalty": -0.1}, "--force-penalty"),
+                                          ({"gripper_force": 0.5}, "--gripper-force"),
+                                          ({"action_rate_penalty": -1.0}, "--action-rate-penalty")])
+def test_sac_gentle_motion_flags_are_checked(flags, words, capsys):
+    fails_with(capsys, [words], sac.check_args, sac.Args(**flags))
+
+
+def test_sac_evaluation_logs_every_metric_and_passes_the_shaping_to_the_envs(tmp_path):
+    run_script("sac_equi_bullet.py", "--total-timesteps", "60", "--learning-starts", "40",
+               "--batch-size", "8", "--num-demos", "1", "--group-order", "4", "--n-hidden", "8", "--image-size", "32",
+               "--eval-frequency", "4", "--eval-episodes", "2", "--max-steps", "10", "--force-penalty", "0.5",
+               "--force-threshold", "1", "--gripper-force", "100", cwd=tmp_path)
+    scalars = read_scalars(only_run_dir(tmp_path))
+    for key in PHYSICS_METRICS + ("action_smoothness", "success_rate", "discounted_return"):
+        assert f"eval/{key}" in scalars, key
+    args = sac.Args(force_penalty=0.5, gripper_force=100.0, image_size=32, max_steps=10)
+    envs = sac.make_envs(args, 1)
+    env = envs.unwrapped.envs[0].unwrapped
+    assert env.force_penalty == 0.5 and env.gripper_force == 100.0 and env.physics_metrics
+    envs.close()
