@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
+from cleanrl_equi.compile import plain_copy, refresh
 from cleanrl_equi.datasets import stored_obs_to_tensor
 from cleanrl_equi.envs.manipulation import (check_env_id, evaluate, evaluate_checkpoint, format_eval, make_envs,
                                             obs_to_tensor)
@@ -149,6 +150,9 @@ class Args:
     """write the loss scalars every this many gradient steps"""
     progress_interval: float = 30.0
     """seconds between progress lines on stdout"""
+    compile: bool = False
+    """torch.compile the acting network and the update step (loss, backward, optimizer step, target update): the
+    same algorithm"""
 
 
 IMAGE_SIZES = (16, 32, 64, 128, 256)
@@ -297,6 +301,25 @@ def greedy_env_action(q_network: nn.Module, obs: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(decode_actions(q_network(obs).flatten(1).argmax(1).cpu().numpy()))
 
 
+def update_step(q_network: nn.Module, target_network: nn.Module, optimizer, args: Args, data: dict):
+    """One gradient step of the TD loss and the soft target update (in one function so that `--compile` compiles
+    all of it); returns the loss and the Q values of the batch's actions (tensors, no host sync)."""
+    with torch.no_grad():  # the released code's target: the plain max over all 162 actions, no double DQN
+        target_max = target_network(data["next_obs"]).flatten(1).max(1).values
+        td_target = data["rewards"] + args.gamma * target_max * (1 - data["terminated"])
+    old_val = q_network(data["obs"]).flatten(1).gather(1, data["actions"][:, None]).squeeze(1)
+    loss = F.smooth_l1_loss(old_val, td_target)  # Huber, as in the released code
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+    # update the target network (soft, every step: the released code's DQN disables the hard update)
+    with torch.no_grad():
+        for param, target_param in zip(q_network.parameters(), target_network.parameters()):
+            target_param.lerp_(param, args.tau)
+    return loss.detach(), old_val.detach()
+
+
 GREEDY = "greedy action"  # how the evaluation lines name the policy
 
 
@@ -421,12 +444,16 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
     # env setup
-    envs = make_envs(args, args.num_envs, args.async_envs)
+    envs = make_envs(args, args.num_envs, args.async_envs, physics_metrics=False)  # evaluation measures them
 
     q_network = make_q_network(args).to(device)
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate)
     target_network = copy.deepcopy(q_network).requires_grad_(False)
     print(f"{args.model} Q network: {count_parameters(q_network):,} parameters", flush=True)
+    # PLUMBING: --compile, the same acting network and update step through torch.compile (README "Speed: compiled
+    # path"); dynamo cannot trace escnn's layers, so the equivariant network acts through a plain-torch copy (export)
+    acting_network = torch.compile(plain_copy(q_network)) if args.compile else q_network
+    update = torch.compile(update_step) if args.compile else update_step
 
     rb = ReplayBuffer(args.buffer_size, args.num_envs, args.image_size)
 
@@ -458,7 +485,9 @@ if __name__ == "__main__":
         epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps,
                                   global_step)
         with torch.no_grad():
-            actions = greedy_actions(q_network, obs, device)
+            if args.compile:
+                refresh(acting_network, q_network)  # PLUMBING: the plain copy takes the updated weights
+            actions = greedy_actions(acting_network, obs, device)
         explore = np.random.rand(args.num_envs) < epsilon
         actions[explore] = np.random.randint(NUM_ACTIONS, size=int(explore.sum()))
 
@@ -480,19 +509,7 @@ if __name__ == "__main__":
         for _ in range(args.updates_per_step):
             data = rb.sample(args.batch_size, device)
             grad_steps += 1
-            with torch.no_grad():  # the released code's target: the plain max over all 162 actions, no double DQN
-                target_max = target_network(data["next_obs"]).flatten(1).max(1).values
-                td_target = data["rewards"] + args.gamma * target_max * (1 - data["terminated"])
-            old_val = q_network(data["obs"]).flatten(1).gather(1, data["actions"][:, None]).squeeze(1)
-            loss = F.smooth_l1_loss(old_val, td_target)  # Huber, as in the released code
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-
-            # update the target network (soft, every step: the released code's DQN disables the hard update)
-            with torch.no_grad():
-                for param, target_param in zip(q_network.parameters(), target_network.parameters()):
-                    target_param.lerp_(param, args.tau)
+            loss, old_val = update(q_network, target_network, optimizer, args, data)
         update_time += time.time() - update_start
         updates_per_second = (grad_steps - start_grad_steps) / max(update_time, 1e-9)
 

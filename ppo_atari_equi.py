@@ -28,6 +28,7 @@ from torch.distributions.categorical import Categorical
 
 from cleanrl_equi.envs.atari import (MirrorSymmetry, action_meanings, make_atari_envs, mirror_symmetry,
                                      playfield_symmetry)
+from cleanrl_equi.compile import plain_copy, refresh
 from cleanrl_equi.equivariant import EscnnModule, TensorToField, discrete_action_type, enn, mirror_gspace
 from cleanrl_equi.run import Run, device_for, fail, load_checkpoint, load_state, require
 
@@ -110,6 +111,8 @@ class Args:
     """the target KL divergence threshold (stop the epochs of an update early once it is passed)"""
     progress_interval: float = 30.0
     """seconds between progress lines on stdout"""
+    compile: bool = False
+    """torch.compile the acting step and the update step (loss, backward, optimizer step): the same algorithm"""
 
     # to be filled in runtime
     batch_size: tyro.conf.Suppress[int] = 0
@@ -198,6 +201,59 @@ class Agent(EscnnModule):
         return action, probs.log_prob(action), probs.entropy(), self.critic(hidden).tensor.flatten(1)
 
 
+def act(agent: Agent, obs: torch.Tensor):
+    """The acting step (under no_grad): actions sampled from the policy, their log-probabilities, the values."""
+    action, logprob, _, value = agent.get_action_and_value(obs)
+    return action, logprob, value.flatten()
+
+
+def update_step(agent: Agent, optimizer, args: Args, obs, actions, logprobs, advantages, returns, values):
+    """One gradient step of the clipped PPO loss on a minibatch (loss, backward, optimizer step, in one function so
+    that `--compile` compiles all of it); returns the statistics as tensors (no host sync)."""
+    _, newlogprob, entropy, newvalue = agent.get_action_and_value(obs, actions)
+    logratio = newlogprob - logprobs
+    ratio = logratio.exp()
+
+    with torch.no_grad():
+        # calculate approx_kl http://joschu.net/blog/kl-approx.html
+        old_approx_kl = (-logratio).mean()
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+
+    mb_advantages = advantages
+    if args.norm_adv:
+        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+
+    # Policy loss
+    pg_loss1 = -mb_advantages * ratio
+    pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+    # Value loss
+    newvalue = newvalue.view(-1)
+    if args.clip_vloss:
+        v_loss_unclipped = (newvalue - returns) ** 2
+        v_clipped = values + torch.clamp(
+            newvalue - values,
+            -args.clip_coef,
+            args.clip_coef,
+        )
+        v_loss_clipped = (v_clipped - returns) ** 2
+        v_loss_max = torch.max(v_loss_unclipped, v_loss_clipped)
+        v_loss = 0.5 * v_loss_max.mean()
+    else:
+        v_loss = 0.5 * ((newvalue - returns) ** 2).mean()
+
+    entropy_loss = entropy.mean()
+    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+
+    optimizer.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+    optimizer.step()
+    return old_approx_kl, approx_kl, clipfrac, pg_loss.detach(), v_loss.detach(), entropy_loss.detach()
+
+
 def build_agent(args: Args) -> Agent:
     return Agent(args, mirror_symmetry(args.env_id), action_meanings(args.env_id))
 
@@ -264,6 +320,10 @@ if __name__ == "__main__":
     agent = build_agent(args).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     print(f"agent: {sum(p.numel() for p in agent.parameters()):,} parameters", flush=True)
+    # PLUMBING: --compile, the same acting and update steps through torch.compile (README "Speed: compiled path");
+    # dynamo cannot trace escnn's layers, so the compiled acting step acts through a plain-torch copy (escnn's export)
+    policy, update = (torch.compile(act), torch.compile(update_step)) if args.compile else (act, update_step)
+    acting_agent = plain_copy(agent) if args.compile else agent
 
     # ALGO Logic: Storage setup (frames stay uint8 until the network scales them: 4x less memory for big rollouts)
     obs = torch.zeros((args.num_steps, args.num_envs) + envs.single_observation_space.shape, dtype=torch.uint8).to(device)
@@ -293,6 +353,8 @@ if __name__ == "__main__":
             optimizer.param_groups[0]["lr"] = lrnow
 
         agent.eval()  # acting, no update until the rollout is done
+        if args.compile:
+            refresh(acting_agent, agent)  # PLUMBING: the plain copy takes the updated weights
         for step in range(0, args.num_steps):
             global_step += args.num_envs
             obs[step] = next_obs
@@ -300,8 +362,7 @@ if __name__ == "__main__":
 
             # ALGO LOGIC: action logic
             with torch.no_grad():
-                action, logprob, _, value = agent.get_action_and_value(next_obs)
-                values[step] = value.flatten()
+                action, logprob, values[step] = policy(acting_agent, next_obs)
             actions[step] = action
             logprobs[step] = logprob
 
@@ -351,47 +412,10 @@ if __name__ == "__main__":
                 end = start + args.minibatch_size
                 mb_inds = b_inds[start:end]
 
-                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb_inds], b_actions.long()[mb_inds])
-                logratio = newlogprob - b_logprobs[mb_inds]
-                ratio = logratio.exp()
-
-                with torch.no_grad():
-                    # calculate approx_kl http://joschu.net/blog/kl-approx.html
-                    old_approx_kl = (-logratio).mean()
-                    approx_kl = ((ratio - 1) - logratio).mean()
-                    clipfracs += [((ratio - 1.0).abs() > args.clip_coef).float().mean().item()]
-
-                mb_advantages = b_advantages[mb_inds]
-                if args.norm_adv:
-                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-
-                # Policy loss
-                pg_loss1 = -mb_advantages * ratio
-                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-
-                # Value loss
-                newvalue = newvalue.view(-1)
-                if args.clip_vloss:
-                    v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
-                    v_clipped = b_values[mb_inds] + torch.clamp(
-                        newvalue - b_values[mb_inds],
-                        -args.clip_coef,
-                        args.clip_coef,
-                    )
-                    v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
-                    v_loss_max = torch.max(v_loss_unclipped, v_loss_clipped)
-                    v_loss = 0.5 * v_loss_max.mean()
-                else:
-                    v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
-
-                entropy_loss = entropy.mean()
-                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
-
-                optimizer.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-                optimizer.step()
+                old_approx_kl, approx_kl, clipfrac, pg_loss, v_loss, entropy_loss = update(
+                    agent, optimizer, args, b_obs[mb_inds], b_actions.long()[mb_inds], b_logprobs[mb_inds],
+                    b_advantages[mb_inds], b_returns[mb_inds], b_values[mb_inds])
+                clipfracs.append(clipfrac)
 
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
@@ -407,7 +431,7 @@ if __name__ == "__main__":
         writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
         writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
         writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
-        writer.add_scalar("losses/clipfrac", np.mean(clipfracs), global_step)
+        writer.add_scalar("losses/clipfrac", torch.stack(clipfracs).mean().item(), global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
         writer.add_scalar("charts/SPS", int(run.sps(global_step)), global_step)
         run.progress(global_step, args.num_iterations * args.batch_size, f"last return {last_return:.1f}",  # PLUMBING

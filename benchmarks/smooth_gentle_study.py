@@ -55,6 +55,8 @@ class Args(Output, Launch):
     """folder of the runs (runs/, with one .log per run)"""
     collect_only: bool = False
     """skip training; tabulate the runs already in --runs-dir"""
+    planner_episodes: int = 50
+    """episodes of each task's planner measured as a reference (the same env settings as the runs; 0 = none)"""
 
 
 def setting_flags(setting: str) -> list[str]:
@@ -105,6 +107,38 @@ def read_runs(runs_dir):
                "setting": exp_name.removeprefix("gentle_"), "seed": int(seed),
                "gradient_steps": int(acc.Scalars("eval/gradient_steps")[-1].value)}
         row.update({m: float(acc.Scalars(f"eval/{m}")[-1].value) for m in METRICS})
+        rows.append(row)
+    return rows
+
+
+def planner_rows(tasks, episodes, extra):
+    """The planner's metrics per task, in the env settings the runs used (read from the flags after `--`)."""
+    import importlib.util
+
+    import tyro
+
+    spec = importlib.util.spec_from_file_location("sac_equi_bullet", os.path.join(REPO, "sac_equi_bullet.py"))
+    sac = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sac)
+    rows = []
+    for task in tasks:
+        args = tyro.cli(sac.Args, args=["--env-id", f"cleanrl_equi/{task}-v0", *extra])
+        envs = sac.make_envs(args, 1)
+        envs.reset(seed=12345)
+        finished, length = [], 0
+        while len(finished) < episodes:
+            _, _, terminated, truncated, infos = envs.step(np.stack(envs.unwrapped.call("expert_action")))
+            length += 1
+            if terminated[0] or truncated[0]:
+                success = bool(infos["is_success"][0])
+                finished.append({m: float(infos[m][0]) for m in METRICS if m in infos} |
+                                {"success_rate": float(success), "episode_length": float(length),
+                                 "discounted_return": args.gamma ** (length - 1) if success else 0.0})
+                length = 0
+                envs.step(np.zeros((1, 5), dtype=np.float32))  # the autoreset step (its action is ignored)
+        envs.close()
+        row = {"task": task, "setting": "planner", "seed": 0, "gradient_steps": 0}
+        row.update({m: float(np.mean([f.get(m, np.nan) for f in finished])) for m in METRICS})
         rows.append(row)
     return rows
 
@@ -162,6 +196,8 @@ def main():
     rows = read_runs(opts.runs_dir)
     if not rows:
         fail(f"no finished runs with evaluations under {opts.runs_dir}/runs")
+    if opts.planner_episodes > 0:
+        rows += planner_rows(sorted({r["task"] for r in rows}), opts.planner_episodes, extra)
     machine = machine_info(opts.device)
     info = {"date": time.strftime("%Y-%m-%d"), "hardware": f"{machine['cpu']}, {os.cpu_count()} cores",
             "total_timesteps": opts.total_timesteps, "eval_episodes": opts.eval_episodes, "extra_flags": extra,

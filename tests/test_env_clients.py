@@ -15,6 +15,7 @@ import torch
 from gymnasium.envs.registration import EnvSpec
 
 import cleanrl_equi
+from cleanrl_equi.envs.manipulation.metrics import EPISODE_METRICS
 from conftest import REPO
 
 TASKS = cleanrl_equi.MANIPULATION_TASKS
@@ -147,11 +148,13 @@ def kinds(info):
 
 @pytest.mark.parametrize("task", TASKS)
 def test_info_values_have_one_type_at_reset_and_every_step(task):
-    """0-d bool arrays: a `.dtype` for TorchRL's info reader, the same type at reset and step for Minari."""
+    """0-d arrays (bools for the flags, floats for the metrics): a `.dtype` for TorchRL's info reader, the same type
+    at reset and step for Minari."""
     env = make(task, image_size=32)
     _, info = env.reset(seed=11)
     reference = kinds(info)
-    assert reference == {key: (np.ndarray, np.dtype(bool), ()) for key in ("is_success", "holding")}
+    assert reference == {**{key: (np.ndarray, np.dtype(bool), ()) for key in ("is_success", "holding")},
+                         **{key: (np.ndarray, np.dtype(float), ()) for key in EPISODE_METRICS}}
     for _ in range(50):
         _, _, terminated, truncated, info = env.step(env.unwrapped.expert_action())
         assert kinds(info) == reference

@@ -164,7 +164,10 @@ class Args:
 
 def print_info(path: str) -> None:
     dataset = load_dataset(path)
-    print(json.dumps(dataset.metadata, indent=2))
+    shown = dict(dataset.metadata)
+    if "episode_metrics" in shown:  # one value per episode: the means (metric_means) say it in one line each
+        shown["episode_metrics"] = f"{len(shown['episode_metrics'])} metrics x {dataset.metadata['num_episodes']} episodes"
+    print(json.dumps(shown, indent=2))
     for name, array in dataset.arrays().items():
         print(f"{name:16s} {str(array.dtype):8s} {array.shape}")
     print(f"file size {os.path.getsize(path) / 1e6:.2f} MB")

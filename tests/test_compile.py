@@ -1,0 +1,170 @@
+"""The compiled path (`--compile`) is the same algorithm: for each script, a few update steps run eagerly and through
+torch.compile from the same weights, optimizer state, seed and data give the same losses and weights; the plain
+copy an escnn network acts through computes what the network computes; and a short real `--compile` run trains and
+logs its scalars.
+
+Tolerance: inductor fuses the float32 arithmetic and reorders sums (reductions, matrix products), so the compiled
+results differ from eager by rounding. Measured on CPU over the steps below: at most 2.3e-8 absolute on every
+output and weight (relative differences reach 1e-2 only on statistics near zero, such as an approx_kl of 1e-6). The
+tests allow 1e-6 absolute + 1e-4 relative: 40x the rounding seen, far below any change of the algorithm (a wrong
+coefficient, a missing term or a skipped optimizer step moves the losses by percents). Random draws inside a compiled function
+(RPO's noise on the mean) come from inductor's own generator unless `fallback_random` is set, which the RPO test
+sets so that both paths draw the same noise.
+
+Compiling on two CPU cores is slow: this file takes about 2 minutes with an empty inductor cache and 45 s with a
+warm one (`-n 0` on 2 busy cores; most of it in inductor's C++ builds).
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch._dynamo
+import torch._inductor.config
+
+from cleanrl_equi.compile import plain_copy, refresh
+from conftest import load_script, only_run_dir, read_scalars, run_script
+
+RTOL, ATOL = 1e-4, 1e-6
+STEPS = 3
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def run_updates(step, state: dict, batches: list, seed: int = 0) -> list[list[torch.Tensor]]:
+    """Call `step(**state, **batch)` for each batch from `seed`; returns each call's outputs (detached tensors)."""
+    torch.manual_seed(seed)
+    outputs = []
+    for batch in batches:
+        result = step(**state, **batch)
+        outputs.append([t.detach().clone() for t in result])
+    return outputs
+
+
+def assert_same_updates(step, make_state, batches, seed: int = 0) -> None:
+    """The eager and compiled `step` from two identical copies of the state give the same outputs and weights."""
+    eager_state, compiled_state = make_state(), make_state()
+    eager = run_updates(step, eager_state, batches, seed)
+    compiled = run_updates(torch.compile(step), compiled_state, batches, seed)
+    for i, (a, b) in enumerate(zip(eager, compiled)):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(y, x, rtol=RTOL, atol=ATOL, msg=lambda m: f"update {i + 1}: {m}")
+    for (name, p), q in zip(eager_state[next(iter(eager_state))].named_parameters(),
+                            compiled_state[next(iter(compiled_state))].parameters()):
+        torch.testing.assert_close(q, p, rtol=RTOL, atol=ATOL, msg=lambda m: f"weights {name}: {m}")
+
+
+def ppo_state(module, args, **agent_kwargs):
+    torch.manual_seed(1)
+    agent = module.build_agent(args) if hasattr(module, "build_agent") else module.Agent(**agent_kwargs)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    agent.train()
+
+    def make():
+        twin = copy.deepcopy(agent)
+        opt = torch.optim.Adam(twin.parameters(), lr=args.learning_rate, eps=1e-5)
+        opt.load_state_dict(optimizer.state_dict())
+        return {"agent": twin, "optimizer": opt, "args": args}
+    return make
+
+
+def ppo_batches(obs_fn, action_fn, n: int = 16) -> list[dict]:
+    g = torch.Generator().manual_seed(3)
+    return [{"obs": obs_fn(g, n), "actions": action_fn(g, n), "logprobs": -torch.rand(n, generator=g) - 1.0,
+             "advantages": torch.randn(n, generator=g), "returns": torch.randn(n, generator=g),
+             "values": torch.randn(n, generator=g)} for _ in range(STEPS)]
+
+
+def frames(g, n):
+    return torch.randint(0, 256, (n, 4, 84, 84), generator=g, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("name", ["ppo_atari", "ppo_atari_equi"])
+def test_ppo_atari_update_compiles_to_the_same_losses(name):
+    module = load_script(name)
+    args = module.Args(env_id="BreakoutNoFrameskip-v4")
+    batches = ppo_batches(frames, lambda g, n: torch.randint(0, 4, (n,), generator=g))
+    assert_same_updates(module.update_step, ppo_state(module, args), batches)
+
+
+def test_rpo_update_compiles_to_the_same_losses():
+    module = load_script("rpo_mujoco")
+    args = module.Args()
+    make = ppo_state(module, args, obs_dim=11, action_dim=3, rpo_alpha=0.5)
+    batches = ppo_batches(lambda g, n: torch.randn(n, 11, generator=g), lambda g, n: torch.randn(n, 3, generator=g))
+    with torch._inductor.config.patch(fallback_random=True):  # the same U(-alpha, alpha) draws as eager
+        assert_same_updates(module.update_step, make, batches)
+
+
+@pytest.mark.parametrize("model", ["equi", "cnn"])
+def test_dqn_update_compiles_to_the_same_losses(model):
+    module = load_script("dqn_equi_bullet")
+    args = module.Args(model=model, n_hidden=8, image_size=16)
+    torch.manual_seed(1)
+    q_network = module.make_q_network(args)
+    target = copy.deepcopy(q_network).requires_grad_(False)
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate)
+
+    def make():
+        q, t = copy.deepcopy(q_network), copy.deepcopy(target)
+        opt = torch.optim.Adam(q.parameters(), lr=args.learning_rate)
+        opt.load_state_dict(optimizer.state_dict())
+        return {"q_network": q, "target_network": t, "optimizer": opt, "args": args}
+
+    g = torch.Generator().manual_seed(3)
+    n = 8
+    batches = [{"data": {"obs": torch.rand(n, 2, 16, 16, generator=g), "next_obs": torch.rand(n, 2, 16, 16, generator=g),
+                         "actions": torch.randint(0, module.NUM_ACTIONS, (n,), generator=g),
+                         "rewards": torch.rand(n, generator=g), "terminated": (torch.rand(n, generator=g) < 0.2).float()}}
+               for _ in range(STEPS)]
+    assert_same_updates(module.update_step, make, batches)
+
+
+def test_plain_copy_acts_as_the_escnn_network():
+    """The acting copy of the equivariant PPO network gives exactly the eval-mode escnn outputs, before and after the
+    weights change, and through torch.compile to float tolerance; building it leaves the RNG and the mode alone."""
+    module = load_script("ppo_atari_equi")
+    torch.manual_seed(1)
+    agent = module.build_agent(module.Args(env_id="PongNoFrameskip-v4"))
+    rng = torch.random.get_rng_state()
+    twin = plain_copy(agent)
+    assert torch.equal(rng, torch.random.get_rng_state()) and agent.training
+    obs = torch.randint(0, 256, (6, 4, 84, 84), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    policy = torch.compile(module.act)
+    for change in range(2):
+        if change:
+            with torch.no_grad():
+                for p in agent.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+        agent.eval()
+        refresh(twin, agent)
+        with torch.no_grad():
+            hidden_ref = agent.network(agent.input(obs / 255.0)).tensor
+            hidden = twin.network(twin.input(obs / 255.0)).tensor
+            assert torch.equal(hidden, hidden_ref)
+            assert torch.equal(twin.get_value(obs), agent.get_value(obs))
+            _, _, value = policy(twin, obs)  # the actions are sampled: compare the values, which do not depend on them
+            torch.testing.assert_close(value, agent.get_value(obs).flatten(), rtol=RTOL, atol=ATOL)
+        agent.train()
+
+
+def test_plain_network_is_its_own_copy():
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    assert plain_copy(net) is net
+    refresh(net, net)  # nothing to do
+
+
+def test_compiled_training_run_logs_scalars(workdir):
+    """A short real `ppo_atari.py --compile` run trains and writes CleanRL's scalars."""
+    run_script("ppo_atari.py", "--compile", "--no-cuda", "--num-envs", "2", "--num-steps", "32", "--num-minibatches",
+               "2", "--update-epochs", "1", "--total-timesteps", "128", cwd=workdir, timeout=900)
+    scalars = read_scalars(only_run_dir(workdir))
+    assert len(scalars["losses/value_loss"]) == 2
+    for tag in ("losses/policy_loss", "losses/entropy", "losses/approx_kl", "losses/clipfrac", "charts/SPS"):
+        assert all(np.isfinite(v) for _, v in scalars[tag]), tag
