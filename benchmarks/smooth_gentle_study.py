@@ -176,6 +176,8 @@ def plot(rows, path, title):
         for j, (metric, unit) in enumerate((("action_smoothness", "CAPS Sm, lower is smoother"),
                                             ("mean_squared_jerk", "m^2/s^6"), ("peak_grip_force", "N"))):
             axes[i, j].set_xlabel(f"{metric} ({unit})")
+            if metric == "mean_squared_jerk":  # spans 1e3 (a gentle push) to 1e7 (pressing into the table)
+                axes[i, j].set_xscale("symlog", linthresh=1e3)
             axes[i, j].set_ylabel("eval success rate")
             axes[i, j].set_title(task)
             axes[i, j].grid(alpha=0.3)
