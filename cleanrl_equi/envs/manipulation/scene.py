@@ -63,6 +63,12 @@ free object's centre leaves the workspace square; `truncated=True` after `max_st
 `info["is_success"]` says whether the episode ended in success, `info["holding"]` mirrors channel 1; both are 0-d
 numpy bool arrays at reset and at every step.
 
+Smooth, gentle motion. `info` also holds the episode's smoothness and gentleness metrics so far (0-d float arrays;
+definitions and units in metrics.py), sampled after every physics step unless `physics_metrics=False`. Optional
+reward shaping (`action_rate_penalty`, `force_penalty` above `force_threshold` newtons) and compliance
+(`gripper_force`, `finger_force`, the most force the gripper's positioning constraint and each finger apply) are
+kwargs; their defaults leave the tasks as they were (reward 1 on success only, 150 N, 25 N).
+
 Copies. `copy.deepcopy(env)` and `pickle` give an independent env with its own pybullet connection, rebuilt by
 replaying the episode (its reset, then the same actions): it continues exactly like the original, in another
 process too. A scene changed between steps by hand cannot be replayed, and such a copy is refused.
