@@ -104,6 +104,17 @@ def device_flags(device: str) -> list[str]:
     return ["--no-cuda"] if device == "cpu" else []
 
 
+def load_script(name: str):
+    """A training script of the repository root (e.g. "sac_equi_bullet") as a module: its networks, losses and helpers
+    (it trains only under __main__)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def thread_env(threads: int) -> dict[str, str]:
     """Environment variables that give a process `threads` BLAS/OpenMP threads."""
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}

@@ -13,7 +13,6 @@ loss (checked to float tolerance at start-up); the time is forward + backward + 
 Writes benchmarks/results/cql_update_time<tag>.json (or --out; existing results only with --overwrite).
 """
 
-import importlib.util
 import json
 import os
 import statistics
@@ -26,12 +25,9 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import REPO, Output, cli, cpu_model, machine_info, results_path  # noqa: E402
+from common import Output, cli, cpu_model, load_script, machine_info, results_path  # noqa: E402
 
-# the script as a module: its networks and loss pieces (it trains only under __main__)
-spec = importlib.util.spec_from_file_location("cql_equi_offline", os.path.join(REPO, "cql_equi_offline.py"))
-cql = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(cql)
+cql = load_script("cql_equi_offline")  # its networks and loss pieces
 
 
 @dataclass

@@ -8,7 +8,6 @@ whole buffer (what the file held before) costs.
     uv run python benchmarks/resume_file_size.py
 """
 
-import importlib.util
 import json
 import os
 import tempfile
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import REPO, Output, cli, machine_info, results_path
+from common import REPO, Output, cli, load_script, machine_info, results_path
 
 
 @dataclass
@@ -36,10 +35,7 @@ class Args(Output):
 
 
 def load_sac():
-    spec = importlib.util.spec_from_file_location("sac_equi_bullet", os.path.join(REPO, "sac_equi_bullet.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("sac_equi_bullet")
 
 
 def write(state, folder: str) -> tuple[float, int]:

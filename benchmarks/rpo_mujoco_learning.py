@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import datetime
 import glob
-import importlib.util
 import json
 import os
 import platform
@@ -36,7 +35,7 @@ import numpy as np
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (REPO, Job, Launch, Output, cli, companion, device_flags, fail, load_average,  # noqa: E402
+from common import (REPO, Job, Launch, Output, cli, companion, device_flags, fail, load_average, load_script,  # noqa: E402
                     results_path, run_jobs, thread_env)
 
 DEFAULT_WORKDIR = os.path.join(REPO, "runs", "rpo_mujoco_benchmark")  # runs/ is git-ignored
@@ -126,9 +125,7 @@ def fresh_normaliser_return(model_path: str, env_id: str, episodes: int = 10, se
     import gymnasium as gym
     import torch
 
-    spec = importlib.util.spec_from_file_location("rpo_mujoco", os.path.join(REPO, "rpo_mujoco.py"))
-    rpo_mujoco = importlib.util.module_from_spec(spec)  # the script as a module: it trains only under __main__
-    spec.loader.exec_module(rpo_mujoco)
+    rpo_mujoco = load_script("rpo_mujoco")
 
     agent, _, saved_args = rpo_mujoco.load_policy(model_path, "cpu")
     envs = gym.vector.SyncVectorEnv([rpo_mujoco.make_env(env_id, 0, False, "", saved_args["gamma"])],

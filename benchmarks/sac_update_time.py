@@ -23,7 +23,6 @@ Results go to benchmarks/results/sac_update_time_<device><tag>.{json,csv,png} (o
 results are replaced only when --out names them or with --overwrite.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -37,12 +36,9 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import REPO, Output, cli, companion, cpu_model, machine_info, results_path  # noqa: E402
+from common import Output, cli, companion, cpu_model, load_script, machine_info, results_path  # noqa: E402
 
-# the script as a module: its networks, replay buffer and augmentation (it trains only under __main__)
-spec = importlib.util.spec_from_file_location("sac_equi_bullet", os.path.join(REPO, "sac_equi_bullet.py"))
-sac = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(sac)
+sac = load_script("sac_equi_bullet")  # its networks, replay buffer and augmentation
 from cleanrl_equi.equivariant import count_parameters  # noqa: E402
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import (REPO, Job, Launch, Output, cli, companion, device_flags, fail, machine_info,  # noqa: E402
+from common import (REPO, Job, Launch, Output, cli, companion, device_flags, fail, load_script, machine_info,  # noqa: E402
                     results_path, run_jobs, thread_env)
 
 METRICS = ("success_rate", "discounted_return", "episode_length", "action_smoothness", "action_change",
@@ -113,13 +113,9 @@ def read_runs(runs_dir):
 
 def planner_rows(tasks, episodes, extra):
     """The planner's metrics per task, in the env settings the runs used (read from the flags after `--`)."""
-    import importlib.util
-
     import tyro
 
-    spec = importlib.util.spec_from_file_location("sac_equi_bullet", os.path.join(REPO, "sac_equi_bullet.py"))
-    sac = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sac)
+    sac = load_script("sac_equi_bullet")
     rows = []
     for task in tasks:
         args = tyro.cli(sac.Args, args=["--env-id", f"cleanrl_equi/{task}-v0", *extra])

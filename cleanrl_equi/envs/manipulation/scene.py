@@ -593,9 +593,9 @@ class ManipulationEnv(gym.Env):
         # has none), gymnasium's vector envs stack them into a bool array (an np.bool_ would make an object array),
         # and Minari's DataCollector wants the reset's types on every step. The metrics are the episode's so far.
         info = {"is_success": np.array(success), "holding": np.array(self.holding)}
-        actions = self._record["actions"] if self._record else []
-        info["action_smoothness"] = np.array(action_smoothness(actions) if actions else 0.0)
-        info["action_change"] = np.array(action_change(actions) if actions else 0.0)
+        actions = np.asarray(self._record["actions"] if self._record else [], dtype=np.float64)  # converted once
+        info["action_smoothness"] = np.array(action_smoothness(actions))
+        info["action_change"] = np.array(action_change(actions))
         if self.metrics is not None:
             info.update({key: np.array(value) for key, value in self.metrics.values().items()})
         return info
