@@ -33,8 +33,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
+from cleanrl_equi.compile import check_compile_flags, compiled, plain_copy, refresh
 from cleanrl_equi.datasets import default_dataset, load_dataset
 from cleanrl_equi.envs.manipulation import check_env_id, evaluate, evaluate_checkpoint, format_eval, rotate_batch
+from cleanrl_equi.envs.manipulation.rollouts import tanh_of_mean
 from cleanrl_equi.equivariant import EscnnModule, TensorToField, count_parameters, enn, gspaces, planar_action_type
 from cleanrl_equi.run import Run, device_for, fail, load_checkpoint, load_state, require
 
@@ -144,6 +146,15 @@ class Args:
     """write the loss scalars every this many gradient steps"""
     progress_interval: float = 30.0
     """seconds between progress lines on stdout"""
+    compile: bool = False
+    """torch.compile the update step (critic, CQL penalty and multiplier, actor, alpha, target update) and the
+    evaluation's acting: the same algorithm. escnn layers cannot be traced (they run eagerly between the compiled
+    parts of the update); the equivariant actor acts through a plain-torch copy"""
+    cudagraphs: bool = False
+    """like --compile, and replay each step as a recorded CUDA graph (torch.compile "reduce-overhead" mode; GPU only)"""
+    bf16: bool = False
+    """run the networks' forward passes in the updates in bfloat16 mixed precision (torch.autocast; weights,
+    optimizer state, log-probabilities, Q values and losses stay float32); CPUs with AVX512-BF16/AMX and recent GPUs"""
 
 
 def check_args(args: Args) -> None:
@@ -165,6 +176,7 @@ def check_args(args: Args) -> None:
             non_negative=("total_timesteps", "cql_weight", "caps_temporal_weight", "caps_spatial_weight"),
             at_least_one=("batch_size", "cql_num_actions", "eval_frequency", "eval_episodes", "num_eval_envs",
                           "log_frequency", "max_steps", "default_dataset_episodes"))
+    check_compile_flags(args, device_for(args))
 
 # ---- Networks -----------------------------------------------------------------------------------------------------
 # Symmetry: turning the world by g in C_N about the gripper axis turns the image by g, turns the best (dx, dy) by g and
@@ -173,6 +185,7 @@ def check_args(args: Args) -> None:
 # the critic pools over the group before its output, so Q is invariant. The CNN baseline is the same schedule with
 # plain convolutions; the two sit side by side so a diff of the two shows where the symmetry enters.
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+TARGET_ENTROPY = -5.0  # automatic entropy tuning's target: -dim(action)
 
 
 def layer_plan(n_hidden: int, image_size: int) -> list[tuple[int, int, bool]]:
@@ -220,7 +233,8 @@ class EquiActor(EscnnModule):
         self.head = enn.R2Conv(self.encoder.out_type, planar_action_type(gspace, 8), 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.head(self.encoder(x)).tensor.flatten(1)  # (dx, dy, p, dz, dtheta, log-std x 5)
+        # float32 under --bf16 too: the log-probabilities and the losses are computed from these
+        out = self.head(self.encoder(x)).tensor.flatten(1).float()  # (dx, dy, p, dz, dtheta, log-std x 5)
         mean = torch.cat([out[:, 2:3], out[:, 0:2], out[:, 3:5]], dim=1)  # -> (p, dx, dy, dz, dtheta)
         return mean, out[:, 5:10].clamp(LOG_STD_MIN, LOG_STD_MAX)
 
@@ -250,7 +264,7 @@ class EquiCritic(EscnnModule):
     def q_values(self, features: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fields = action[:, [1, 2, 0, 3, 4]].reshape(-1, 5, 1, 1)  # (dx, dy) first, as the field type lists them
         joint = enn.GeometricTensor(torch.cat([features, fields], dim=1), self.joint_type)
-        return self.q1(joint).tensor.flatten(), self.q2(joint).tensor.flatten()
+        return self.q1(joint).tensor.flatten().float(), self.q2(joint).tensor.flatten().float()  # float32 (--bf16)
 
     def forward(self, x, action):
         return self.q_values(self.encode(x), action)
@@ -288,7 +302,7 @@ class CNNActor(nn.Module):
         self.head = nn.Linear(self.encoder.out_channels, 10)
 
     def forward(self, x):
-        out = self.head(self.encoder(x))
+        out = self.head(self.encoder(x)).float()  # float32 under --bf16 too
         return out[:, :5], out[:, 5:].clamp(LOG_STD_MIN, LOG_STD_MAX)
 
 
@@ -307,7 +321,7 @@ class CNNCritic(nn.Module):
 
     def q_values(self, features, action):
         joint = torch.cat([features, action], dim=1)
-        return self.q1(joint).flatten(), self.q2(joint).flatten()
+        return self.q1(joint).flatten().float(), self.q2(joint).flatten().float()  # float32 under --bf16 too
 
     def forward(self, x, action):
         return self.q_values(self.encode(x), action)
@@ -359,6 +373,93 @@ def caps_terms(actor: nn.Module, obs: torch.Tensor, next_obs: torch.Tensor, sigm
     return temporal, spatial
 
 
+# ---- Update step ----------------------------------------------------------------------------------------------------
+def update_step(actor: nn.Module, critic: nn.Module, critic_target: nn.Module, actor_optimizer, critic_optimizer,
+                log_alpha, alpha_optimizer, log_cql_alpha, cql_alpha_optimizer, args: Args, batch: dict):
+    """One gradient step of CQL on a batch: critic (SAC's TD loss + the CQL penalty), the Lagrange multiplier,
+    actor, alpha, and the target critic. One function, so that `--compile` compiles all of it, and because the
+    policy's pass over s serves both the CQL proposals and the actor loss. Returns the losses and statistics as
+    detached tensors, without reading any value back to the host (no `.item()`, no data-dependent `if`); alpha
+    comes in as log_alpha, a tensor (a float changing at every step would be a constant of the compiled code)."""
+    obs, next_obs, actions = batch["obs"], batch["next_obs"], batch["actions"]
+    n = args.cql_num_actions
+    alpha = log_alpha.detach().exp()
+
+    with torch.autocast(obs.device.type, torch.bfloat16, enabled=args.bf16):  # the forward passes only
+        # Policy at s (with gradient, for the actor loss; detached samples for the CQL proposals) and at s'
+        mean, log_std = actor(obs)
+        # --compile: end the compiled region here. A compiled region is one autograd node, and the critic's backward
+        # would free it (saved tensors and all) before the actor's backward needs the policy's pass over s.
+        torch._dynamo.graph_break()  # nothing in eager
+        with torch.no_grad():
+            next_mean, next_log_std = actor(next_obs)
+            next_actions, next_log_pi = sample_action(next_mean, next_log_std)
+            # SAC target with the entropy backup
+            qf1_next, qf2_next = critic_target(next_obs, next_actions)
+            min_qf_next = torch.min(qf1_next, qf2_next) - alpha * next_log_pi
+            next_q_value = batch["rewards"] + (1 - batch["terminated"]) * args.gamma * min_qf_next
+            # CQL proposals: n actions per state from uniform, pi(.|s) and pi(.|s'), as (B * n, 5) in state order
+            uniform_actions = torch.rand(obs.shape[0] * n, 5, device=obs.device) * 2 - 1
+            current_actions, current_logp = sample_action(repeat_rows(mean, n), repeat_rows(log_std, n))
+            next_policy_actions, next_logp = sample_action(repeat_rows(next_mean, n), repeat_rows(next_log_std, n))
+
+        # Critic: s is encoded once; its features are repeated for the 3n proposal actions (only the heads re-run)
+        features = critic.encode(obs)
+        qf1_a_values, qf2_a_values = critic.q_values(features, actions)
+        qf1_loss = F.mse_loss(qf1_a_values, next_q_value)
+        qf2_loss = F.mse_loss(qf2_a_values, next_q_value)
+        repeated = repeat_rows(features, n)
+        proposals = [critic.q_values(repeated, a) for a in (uniform_actions, current_actions, next_policy_actions)]
+        (q1_uniform, q2_uniform), (q1_current, q2_current), (q1_next, q2_next) = [
+            (q1.view(-1, n), q2.view(-1, n)) for q1, q2 in proposals]
+        logp_current, logp_next = current_logp.view(-1, n), next_logp.view(-1, n)
+        cql1_gap = cql_gap(qf1_a_values, q1_uniform, q1_current, logp_current, q1_next, logp_next, args.cql_temperature)
+        cql2_gap = cql_gap(qf2_a_values, q2_uniform, q2_current, logp_current, q2_next, logp_next, args.cql_temperature)
+        if args.cql_lagrange:  # penalty alpha' (w * gap - target): alpha' grows while the gap is above the target
+            cql_alpha = log_cql_alpha.exp().clamp(0.0, 1e6)
+            cql1_loss = cql_alpha.detach() * (args.cql_weight * cql1_gap - args.cql_target_gap)
+            cql2_loss = cql_alpha.detach() * (args.cql_weight * cql2_gap - args.cql_target_gap)
+        else:
+            cql_alpha = torch.ones(1, device=obs.device)
+            cql1_loss, cql2_loss = args.cql_weight * cql1_gap, args.cql_weight * cql2_gap
+        qf_loss = qf1_loss + qf2_loss + cql1_loss + cql2_loss
+    critic_optimizer.zero_grad()
+    qf_loss.backward()
+    critic_optimizer.step()
+    if args.cql_lagrange:  # dual ascent on alpha' (minimise -penalty)
+        gaps = torch.stack([cql1_gap.detach(), cql2_gap.detach()])
+        cql_alpha_loss = -(log_cql_alpha.exp() * (args.cql_weight * gaps - args.cql_target_gap)).mean()
+        cql_alpha_optimizer.zero_grad()
+        cql_alpha_loss.backward()
+        cql_alpha_optimizer.step()
+
+    # Actor, with the just-updated Q heads on the (detached) features of s
+    with torch.autocast(obs.device.type, torch.bfloat16, enabled=args.bf16):
+        pi, log_pi = sample_action(mean, log_std)
+        qf1_pi, qf2_pi = critic.q_values(features.detach(), pi)
+        actor_loss = (alpha * log_pi - torch.min(qf1_pi, qf2_pi)).mean()
+        caps_temporal = caps_spatial = alpha_loss = torch.zeros((), device=obs.device)
+        if args.caps_temporal_weight > 0 or args.caps_spatial_weight > 0:  # smooth-motion prior on tanh(mean)
+            caps_temporal, caps_spatial = caps_terms(actor, obs, next_obs, args.caps_sigma, mean)
+            caps_loss = args.caps_temporal_weight * caps_temporal + args.caps_spatial_weight * caps_spatial
+            actor_loss = actor_loss + caps_loss
+    actor_optimizer.zero_grad()
+    actor_loss.backward()
+    actor_optimizer.step()
+    if args.autotune:
+        alpha_loss = (-log_alpha.exp() * (log_pi.detach() + TARGET_ENTROPY)).mean()
+        alpha_optimizer.zero_grad()
+        alpha_loss.backward()
+        alpha_optimizer.step()
+
+    with torch.no_grad():
+        for param, target_param in zip(critic.parameters(), critic_target.parameters()):
+            target_param.lerp_(param, args.tau)
+    return (qf1_loss.detach(), qf2_loss.detach(), qf1_a_values.detach(), qf2_a_values.detach(), cql1_gap.detach(),
+            cql2_gap.detach(), cql1_loss.detach(), cql2_loss.detach(), cql_alpha.detach(), actor_loss.detach(),
+            caps_temporal.detach(), caps_spatial.detach(), alpha_loss.detach(), log_alpha.detach().exp())
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.eval_checkpoint is not None:
@@ -391,8 +492,8 @@ if __name__ == "__main__":
     print(f"{args.model} networks: actor {count_parameters(actor):,} + critic {count_parameters(critic):,} "
           "parameters", flush=True)
 
-    # SAC's automatic entropy tuning, and CQL's Lagrange multiplier (log-parameterised, so it stays positive)
-    target_entropy = -5.0  # -dim(action)
+    # SAC's automatic entropy tuning (towards TARGET_ENTROPY), and CQL's Lagrange multiplier (log-parameterised, so
+    # it stays positive)
     log_alpha = torch.tensor([math.log(args.alpha)], device=device, requires_grad=True)
     alpha_optimizer = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
     log_cql_alpha = torch.zeros(1, device=device, requires_grad=True)
@@ -404,89 +505,30 @@ if __name__ == "__main__":
              cql_alpha_optimizer=cql_alpha_optimizer, log_cql_alpha=log_cql_alpha)
     counters = run.resume(global_step=0, best={"success_rate": -1.0, "discounted_return": -1.0})
     global_step, best, last_success = counters["global_step"], counters["best"], float("nan")
-    alpha = log_alpha.exp().item()
 
-    n = args.cql_num_actions
+    # PLUMBING: --compile/--cudagraphs, the same update step and evaluation policy through torch.compile (README
+    # "Speed"); dynamo cannot trace escnn's layers, so the equivariant actor acts through a plain-torch copy (export)
+    acting_actor = plain_copy(actor) if args.compile else actor
+    policy = compiled(tanh_of_mean, args)
+    update = compiled(update_step, args)
+
     while global_step < args.total_timesteps:
         global_step += 1
         batch = data.sample(args.batch_size, device)
         if args.augment:  # one random turn per transition, for both models (the paper augments every batch)
             batch = rotate_batch(batch, torch.rand(args.batch_size, device=device) * 2 * math.pi)
-        obs, next_obs, actions = batch["obs"], batch["next_obs"], batch["actions"]
-
-        # Policy at s (with gradient, for the actor loss; detached samples for the CQL proposals) and at s'
-        mean, log_std = actor(obs)
-        with torch.no_grad():
-            next_mean, next_log_std = actor(next_obs)
-            next_actions, next_log_pi = sample_action(next_mean, next_log_std)
-            # SAC target with the entropy backup
-            qf1_next, qf2_next = critic_target(next_obs, next_actions)
-            min_qf_next = torch.min(qf1_next, qf2_next) - alpha * next_log_pi
-            next_q_value = batch["rewards"] + (1 - batch["terminated"]) * args.gamma * min_qf_next
-            # CQL proposals: n actions per state from uniform, pi(.|s) and pi(.|s'), as (B * n, 5) in state order
-            uniform_actions = torch.rand(args.batch_size * n, 5, device=device) * 2 - 1
-            current_actions, current_logp = sample_action(repeat_rows(mean, n), repeat_rows(log_std, n))
-            next_policy_actions, next_logp = sample_action(repeat_rows(next_mean, n), repeat_rows(next_log_std, n))
-
-        # Critic: s is encoded once; its features are repeated for the 3n proposal actions (only the heads re-run)
-        features = critic.encode(obs)
-        qf1_a_values, qf2_a_values = critic.q_values(features, actions)
-        qf1_loss = F.mse_loss(qf1_a_values, next_q_value)
-        qf2_loss = F.mse_loss(qf2_a_values, next_q_value)
-        repeated = repeat_rows(features, n)
-        proposals = [critic.q_values(repeated, a) for a in (uniform_actions, current_actions, next_policy_actions)]
-        (q1_uniform, q2_uniform), (q1_current, q2_current), (q1_next, q2_next) = [
-            (q1.view(-1, n), q2.view(-1, n)) for q1, q2 in proposals]
-        logp_current, logp_next = current_logp.view(-1, n), next_logp.view(-1, n)
-        cql1_gap = cql_gap(qf1_a_values, q1_uniform, q1_current, logp_current, q1_next, logp_next, args.cql_temperature)
-        cql2_gap = cql_gap(qf2_a_values, q2_uniform, q2_current, logp_current, q2_next, logp_next, args.cql_temperature)
-        if args.cql_lagrange:  # penalty alpha' (w * gap - target): alpha' grows while the gap is above the target
-            cql_alpha = log_cql_alpha.exp().clamp(0.0, 1e6)
-            cql1_loss = cql_alpha.detach() * (args.cql_weight * cql1_gap - args.cql_target_gap)
-            cql2_loss = cql_alpha.detach() * (args.cql_weight * cql2_gap - args.cql_target_gap)
-        else:
-            cql_alpha = torch.ones(1, device=device)
-            cql1_loss, cql2_loss = args.cql_weight * cql1_gap, args.cql_weight * cql2_gap
-        qf_loss = qf1_loss + qf2_loss + cql1_loss + cql2_loss
-        critic_optimizer.zero_grad()
-        qf_loss.backward()
-        critic_optimizer.step()
-        if args.cql_lagrange:  # dual ascent on alpha' (minimise -penalty)
-            gaps = torch.stack([cql1_gap.detach(), cql2_gap.detach()])
-            cql_alpha_loss = -(log_cql_alpha.exp() * (args.cql_weight * gaps - args.cql_target_gap)).mean()
-            cql_alpha_optimizer.zero_grad()
-            cql_alpha_loss.backward()
-            cql_alpha_optimizer.step()
-
-        # Actor, with the just-updated Q heads on the (detached) features of s
-        pi, log_pi = sample_action(mean, log_std)
-        qf1_pi, qf2_pi = critic.q_values(features.detach(), pi)
-        actor_loss = (alpha * log_pi - torch.min(qf1_pi, qf2_pi)).mean()
-        caps_temporal = caps_spatial = torch.zeros((), device=device)
-        if args.caps_temporal_weight > 0 or args.caps_spatial_weight > 0:  # smooth-motion prior on tanh(mean)
-            caps_temporal, caps_spatial = caps_terms(actor, obs, next_obs, args.caps_sigma, mean)
-            caps_loss = args.caps_temporal_weight * caps_temporal + args.caps_spatial_weight * caps_spatial
-            actor_loss = actor_loss + caps_loss
-        actor_optimizer.zero_grad()
-        actor_loss.backward()
-        actor_optimizer.step()
-        if args.autotune:
-            alpha_loss = (-log_alpha.exp() * (log_pi.detach() + target_entropy)).mean()
-            alpha_optimizer.zero_grad()
-            alpha_loss.backward()
-            alpha_optimizer.step()
-            alpha = log_alpha.exp().item()
-
-        with torch.no_grad():
-            for param, target_param in zip(critic.parameters(), critic_target.parameters()):
-                target_param.lerp_(param, args.tau)
-
+        for key in ("obs", "next_obs"):  # channels-last images: faster convolutions on CPUs (README "Speed")
+            batch[key] = batch[key].contiguous(memory_format=torch.channels_last)
+        (qf1_loss, qf2_loss, qf1_a_values, qf2_a_values, cql1_gap, cql2_gap, cql1_loss, cql2_loss, cql_alpha,
+         actor_loss, caps_temporal, caps_spatial, alpha_loss, alpha) = update(
+            actor, critic, critic_target, actor_optimizer, critic_optimizer, log_alpha, alpha_optimizer,
+            log_cql_alpha, cql_alpha_optimizer, args, batch)
         if global_step % args.log_frequency == 0:
             writer.add_scalar("losses/qf1_values", qf1_a_values.mean().item(), global_step)
             writer.add_scalar("losses/qf2_values", qf2_a_values.mean().item(), global_step)
             writer.add_scalar("losses/qf1_loss", qf1_loss.item(), global_step)
             writer.add_scalar("losses/qf2_loss", qf2_loss.item(), global_step)
-            writer.add_scalar("losses/qf_loss", qf_loss.item() / 2.0, global_step)
+            writer.add_scalar("losses/qf_loss", (qf1_loss + qf2_loss + cql1_loss + cql2_loss).item() / 2.0, global_step)
             writer.add_scalar("losses/cql1_gap", cql1_gap.item(), global_step)
             writer.add_scalar("losses/cql2_gap", cql2_gap.item(), global_step)
             writer.add_scalar("losses/cql_loss", (cql1_loss + cql2_loss).item() / 2.0, global_step)
@@ -494,14 +536,16 @@ if __name__ == "__main__":
             writer.add_scalar("losses/actor_loss", actor_loss.item(), global_step)
             writer.add_scalar("losses/caps_temporal", caps_temporal.item(), global_step)
             writer.add_scalar("losses/caps_spatial", caps_spatial.item(), global_step)
-            writer.add_scalar("losses/alpha", alpha, global_step)
+            writer.add_scalar("losses/alpha", alpha.item(), global_step)
             if args.autotune:
                 writer.add_scalar("losses/alpha_loss", alpha_loss.item(), global_step)
             writer.add_scalar("charts/SPS", int(run.sps(global_step)), global_step)
 
         final = global_step == args.total_timesteps
         if global_step % args.eval_frequency == 0 or final:
-            result = evaluate(actor, args, device, seed=args.seed + 10_000 + global_step)
+            if args.compile:
+                refresh(acting_actor, actor)  # PLUMBING: the plain copy takes the updated weights
+            result = evaluate(acting_actor, args, device, seed=args.seed + 10_000 + global_step, act=policy)
             for key, number in result.items():
                 writer.add_scalar(f"eval/{key}", number, global_step)
             for key in ("success_rate", "discounted_return"):
@@ -520,7 +564,9 @@ if __name__ == "__main__":
                        critic_target=critic_target.state_dict(), log_alpha=log_alpha.detach().cpu(),
                        global_step=global_step, dataset=dataset_path)
     if args.save_model or args.capture_video:  # the final policy, greedy, on the evaluation scenes (and on video)
-        result = evaluate(actor, args, device, seed=args.seed + 10_000,
-                          video_folder=f"videos/{run.name}-eval" if args.capture_video else None)
+        if args.compile:
+            refresh(acting_actor, actor)  # PLUMBING: the plain copy takes the updated weights
+        result = evaluate(acting_actor, args, device, seed=args.seed + 10_000,
+                          video_folder=f"videos/{run.name}-eval" if args.capture_video else None, act=policy)
         print(f"final eval: {format_eval(result, args.eval_episodes, args.seed + 10_000)}", flush=True)
     run.finish(global_step=global_step, best=best)  # PLUMBING: the resume file marks the end, for extending

@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from cleanrl_equi.compile import plain_copy, refresh
+from cleanrl_equi.compile import check_compile_flags, compiled, plain_copy, refresh
 from cleanrl_equi.datasets import stored_obs_to_tensor
 from cleanrl_equi.envs.manipulation import (check_env_id, evaluate, evaluate_checkpoint, format_eval, make_envs,
                                             obs_to_tensor)
@@ -153,6 +153,11 @@ class Args:
     compile: bool = False
     """torch.compile the acting network and the update step (loss, backward, optimizer step, target update): the
     same algorithm"""
+    cudagraphs: bool = False
+    """like --compile, and replay each step as a recorded CUDA graph (torch.compile "reduce-overhead" mode; GPU only)"""
+    bf16: bool = False
+    """run the Q networks' forward passes in the update in bfloat16 mixed precision (torch.autocast; weights, optimizer
+    state, TD targets and the loss stay float32); CPUs with AVX512-BF16/AMX and recent GPUs"""
 
 
 IMAGE_SIZES = (16, 32, 64, 128, 256)
@@ -188,6 +193,7 @@ def check_args(args: Args) -> None:
     if args.learning_starts < args.batch_size:
         fail(f"--learning-starts {args.learning_starts} is less than --batch-size {args.batch_size}: the first batch "
              "would be larger than the data; raise --learning-starts.")
+    check_compile_flags(args, device_for(args))
 
 
 # ---- The discrete actions --------------------------------------------------------------------------------------------
@@ -304,10 +310,12 @@ def greedy_env_action(q_network: nn.Module, obs: torch.Tensor) -> torch.Tensor:
 def update_step(q_network: nn.Module, target_network: nn.Module, optimizer, args: Args, data: dict):
     """One gradient step of the TD loss and the soft target update (in one function so that `--compile` compiles
     all of it); returns the loss and the Q values of the batch's actions (tensors, no host sync)."""
-    with torch.no_grad():  # the released code's target: the plain max over all 162 actions, no double DQN
-        target_max = target_network(data["next_obs"]).flatten(1).max(1).values
-        td_target = data["rewards"] + args.gamma * target_max * (1 - data["terminated"])
-    old_val = q_network(data["obs"]).flatten(1).gather(1, data["actions"][:, None]).squeeze(1)
+    # --bf16: the forward passes in bfloat16, their Q values back in float32 for the TD target and the loss
+    with torch.autocast(data["obs"].device.type, torch.bfloat16, enabled=args.bf16):
+        with torch.no_grad():  # the released code's target: the plain max over all 162 actions, no double DQN
+            target_max = target_network(data["next_obs"]).flatten(1).float().max(1).values
+            td_target = data["rewards"] + args.gamma * target_max * (1 - data["terminated"])
+        old_val = q_network(data["obs"]).flatten(1).float().gather(1, data["actions"][:, None]).squeeze(1)
     loss = F.smooth_l1_loss(old_val, td_target)  # Huber, as in the released code
     optimizer.zero_grad()
     loss.backward()
@@ -450,10 +458,10 @@ if __name__ == "__main__":
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate)
     target_network = copy.deepcopy(q_network).requires_grad_(False)
     print(f"{args.model} Q network: {count_parameters(q_network):,} parameters", flush=True)
-    # PLUMBING: --compile, the same acting network and update step through torch.compile (README "Speed: compiled
-    # path"); dynamo cannot trace escnn's layers, so the equivariant network acts through a plain-torch copy (export)
-    acting_network = torch.compile(plain_copy(q_network)) if args.compile else q_network
-    update = torch.compile(update_step) if args.compile else update_step
+    # PLUMBING: --compile/--cudagraphs, the same acting network and update step through torch.compile (README
+    # "Speed"); dynamo cannot trace escnn's layers, so the equivariant network acts through a plain-torch copy (export)
+    acting_network = compiled(plain_copy(q_network), args) if args.compile else q_network
+    update = compiled(update_step, args)
 
     rb = ReplayBuffer(args.buffer_size, args.num_envs, args.image_size)
 
@@ -508,6 +516,8 @@ if __name__ == "__main__":
         update_start = time.time()
         for _ in range(args.updates_per_step):
             data = rb.sample(args.batch_size, device)
+            for key in ("obs", "next_obs"):  # channels-last images: faster convolutions on CPUs (README "Speed")
+                data[key] = data[key].contiguous(memory_format=torch.channels_last)
             grad_steps += 1
             loss, old_val = update(q_network, target_network, optimizer, args, data)
         update_time += time.time() - update_start

@@ -34,8 +34,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
+from cleanrl_equi.compile import check_compile_flags, compiled, plain_copy, refresh
 from cleanrl_equi.datasets import default_dataset, load_dataset
 from cleanrl_equi.envs.manipulation import check_env_id, evaluate, evaluate_checkpoint, format_eval, rotate_batch
+from cleanrl_equi.envs.manipulation.rollouts import tanh_of_mean
 from cleanrl_equi.equivariant import EscnnModule, TensorToField, count_parameters, enn, gspaces, planar_action_type
 from cleanrl_equi.run import Run, device_for, fail, load_checkpoint, load_state, require
 
@@ -135,6 +137,15 @@ class Args:
     """write the loss scalars every this many gradient steps"""
     progress_interval: float = 30.0
     """seconds between progress lines on stdout"""
+    compile: bool = False
+    """torch.compile the update step (value, critic, actor, target update) and the evaluation's acting: the same
+    algorithm. escnn layers cannot be traced (they run eagerly between the compiled parts of the update); the
+    equivariant actor acts through a plain-torch copy"""
+    cudagraphs: bool = False
+    """like --compile, and replay each step as a recorded CUDA graph (torch.compile "reduce-overhead" mode; GPU only)"""
+    bf16: bool = False
+    """run the networks' forward passes in the updates in bfloat16 mixed precision (torch.autocast; weights,
+    optimizer state, log-probabilities, Q values and losses stay float32); CPUs with AVX512-BF16/AMX and recent GPUs"""
 
 
 def check_args(args: Args) -> None:
@@ -156,6 +167,7 @@ def check_args(args: Args) -> None:
                           "max_steps", "default_dataset_episodes"))
     if not 0 < args.expectile < 1:
         fail(f"--expectile must lie strictly between 0 and 1 (0.5 = mean, the paper's 0.8), not {args.expectile}.")
+    check_compile_flags(args, device_for(args))
 
 # ---- Networks -----------------------------------------------------------------------------------------------------
 # Symmetry: turning the world by g in C_N about the gripper axis turns the image by g, turns the best (dx, dy) by g and
@@ -211,7 +223,8 @@ class EquiActor(EscnnModule):
         self.head = enn.R2Conv(self.encoder.out_type, planar_action_type(gspace, 8), 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.head(self.encoder(x)).tensor.flatten(1)  # (dx, dy, p, dz, dtheta, log-std x 5)
+        # float32 under --bf16 too: the log-probabilities and the losses are computed from these
+        out = self.head(self.encoder(x)).tensor.flatten(1).float()  # (dx, dy, p, dz, dtheta, log-std x 5)
         mean = torch.cat([out[:, 2:3], out[:, 0:2], out[:, 3:5]], dim=1)  # -> (p, dx, dy, dz, dtheta)
         return mean, out[:, 5:10].clamp(LOG_STD_MIN, LOG_STD_MAX)
 
@@ -241,7 +254,7 @@ class EquiCritic(EscnnModule):
     def q_values(self, features: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fields = action[:, [1, 2, 0, 3, 4]].reshape(-1, 5, 1, 1)  # (dx, dy) first, as the field type lists them
         joint = enn.GeometricTensor(torch.cat([features, fields], dim=1), self.joint_type)
-        return self.q1(joint).tensor.flatten(), self.q2(joint).tensor.flatten()
+        return self.q1(joint).tensor.flatten().float(), self.q2(joint).tensor.flatten().float()  # float32 (--bf16)
 
     def forward(self, x, action):
         return self.q_values(self.encode(x), action)
@@ -279,7 +292,7 @@ class CNNActor(nn.Module):
         self.head = nn.Linear(self.encoder.out_channels, 10)
 
     def forward(self, x):
-        out = self.head(self.encoder(x))
+        out = self.head(self.encoder(x)).float()  # float32 under --bf16 too
         return out[:, :5], out[:, 5:].clamp(LOG_STD_MIN, LOG_STD_MAX)
 
 
@@ -298,7 +311,7 @@ class CNNCritic(nn.Module):
 
     def q_values(self, features, action):
         joint = torch.cat([features, action], dim=1)
-        return self.q1(joint).flatten(), self.q2(joint).flatten()
+        return self.q1(joint).flatten().float(), self.q2(joint).flatten().float()  # float32 under --bf16 too
 
     def forward(self, x, action):
         return self.q_values(self.encode(x), action)
@@ -328,7 +341,7 @@ class EquiValue(EscnnModule):
             enn.GroupPooling(hidden_type), enn.R2Conv(pooled_type, enn.FieldType(gspace, [gspace.trivial_repr]), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x)).tensor.flatten()
+        return self.head(self.encoder(x)).tensor.flatten().float()  # float32 under --bf16 too
 
 
 class CNNValue(nn.Module):
@@ -340,7 +353,7 @@ class CNNValue(nn.Module):
                                   nn.Linear(hidden, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x)).flatten()
+        return self.head(self.encoder(x)).flatten().float()  # float32 under --bf16 too
 
 
 # ---- Losses -------------------------------------------------------------------------------------------------------
@@ -380,6 +393,59 @@ def caps_terms(actor: nn.Module, obs: torch.Tensor, next_obs: torch.Tensor, sigm
     noisy[:, 0] += sigma * torch.randn_like(noisy[:, 0])
     spatial = (action - torch.tanh(actor(noisy)[0])).pow(2).sum(1).mean()
     return temporal, spatial
+
+
+# ---- Update step ----------------------------------------------------------------------------------------------------
+def update_step(actor: nn.Module, critic: nn.Module, critic_target: nn.Module, value: nn.Module, actor_optimizer,
+                critic_optimizer, value_optimizer, args: Args, batch: dict):
+    """One gradient step of IQL on a batch: value, critic, actor, then the target critic. One function, so that
+    `--compile` compiles all of it (the three losses share the batch and the target critic's Q). Returns the losses
+    and statistics as detached tensors, without reading any value back to the host (no `.item()`)."""
+    obs, next_obs, actions = batch["obs"], batch["next_obs"], batch["actions"]
+
+    # Value: V(s) towards the upper expectile of the target critic's min Q(s, a) on the data's action. The
+    # TD target's V(s') is taken first, so all three losses see the networks of the same step (as in IQL).
+    with torch.autocast(obs.device.type, torch.bfloat16, enabled=args.bf16):  # the forward passes only
+        with torch.no_grad():
+            target_q = torch.min(*critic_target(obs, actions))
+            next_q_value = batch["rewards"] + (1 - batch["terminated"]) * args.gamma * value(next_obs)
+        v = value(obs)
+    value_loss = expectile_loss(target_q, v, args.expectile)
+    value_optimizer.zero_grad()
+    value_loss.backward()
+    value_optimizer.step()
+
+    # Critic: Q(s, a) towards r + gamma V(s') (no max over actions: V already is the in-data "best")
+    with torch.autocast(obs.device.type, torch.bfloat16, enabled=args.bf16):
+        qf1_a_values, qf2_a_values = critic(obs, actions)
+    qf1_loss = F.mse_loss(qf1_a_values, next_q_value)
+    qf2_loss = F.mse_loss(qf2_a_values, next_q_value)
+    qf_loss = qf1_loss + qf2_loss
+    critic_optimizer.zero_grad()
+    qf_loss.backward()
+    critic_optimizer.step()
+
+    # Actor: advantage-weighted log-likelihood of the data's action, A = min Q_target(s, a) - V(s)
+    advantage = target_q - v.detach()
+    with torch.autocast(obs.device.type, torch.bfloat16, enabled=args.bf16):
+        mean, log_std = actor(obs)
+        log_prob = squashed_log_prob(mean, log_std, actions)
+        actor_loss = awr_loss(log_prob, advantage, args.beta, args.max_exp_advantage)
+        caps_temporal = caps_spatial = torch.zeros((), device=obs.device)
+        if args.caps_temporal_weight > 0 or args.caps_spatial_weight > 0:  # smooth-motion prior on tanh(mean)
+            caps_temporal, caps_spatial = caps_terms(actor, obs, next_obs, args.caps_sigma, mean)
+            caps_loss = args.caps_temporal_weight * caps_temporal + args.caps_spatial_weight * caps_spatial
+            actor_loss = actor_loss + caps_loss
+    actor_optimizer.zero_grad()
+    actor_loss.backward()
+    actor_optimizer.step()
+
+    with torch.no_grad():
+        for param, target_param in zip(critic.parameters(), critic_target.parameters()):
+            target_param.lerp_(param, args.tau)
+    return (qf1_loss.detach(), qf2_loss.detach(), qf1_a_values.detach(), qf2_a_values.detach(), value_loss.detach(),
+            v.detach(), advantage, actor_loss.detach(), log_prob.detach(), caps_temporal.detach(),
+            caps_spatial.detach())
 
 
 if __name__ == "__main__":
@@ -422,57 +488,30 @@ if __name__ == "__main__":
     counters = run.resume(global_step=0, best={"success_rate": -1.0, "discounted_return": -1.0})
     global_step, best, last_success = counters["global_step"], counters["best"], float("nan")
 
+    # PLUMBING: --compile/--cudagraphs, the same update step and evaluation policy through torch.compile (README
+    # "Speed"); dynamo cannot trace escnn's layers, so the equivariant actor acts through a plain-torch copy (export).
+    # The learning rates are constant (no schedule), so the compiled optimizer steps never recompile.
+    acting_actor = plain_copy(actor) if args.compile else actor
+    policy = compiled(tanh_of_mean, args)
+    update = compiled(update_step, args)
+
     while global_step < args.total_timesteps:
         global_step += 1
         batch = data.sample(args.batch_size, device)
         if args.augment:  # one random turn per transition, for both models (the paper augments every batch)
             batch = rotate_batch(batch, torch.rand(args.batch_size, device=device) * 2 * math.pi)
-        obs, next_obs, actions = batch["obs"], batch["next_obs"], batch["actions"]
-
-        # Value: V(s) towards the upper expectile of the target critic's min Q(s, a) on the data's action. The
-        # TD target's V(s') is taken first, so all three losses see the networks of the same step (as in IQL).
-        with torch.no_grad():
-            target_q = torch.min(*critic_target(obs, actions))
-            next_q_value = batch["rewards"] + (1 - batch["terminated"]) * args.gamma * value(next_obs)
-        v = value(obs)
-        value_loss = expectile_loss(target_q, v, args.expectile)
-        value_optimizer.zero_grad()
-        value_loss.backward()
-        value_optimizer.step()
-
-        # Critic: Q(s, a) towards r + gamma V(s') (no max over actions: V already is the in-data "best")
-        qf1_a_values, qf2_a_values = critic(obs, actions)
-        qf1_loss = F.mse_loss(qf1_a_values, next_q_value)
-        qf2_loss = F.mse_loss(qf2_a_values, next_q_value)
-        qf_loss = qf1_loss + qf2_loss
-        critic_optimizer.zero_grad()
-        qf_loss.backward()
-        critic_optimizer.step()
-
-        # Actor: advantage-weighted log-likelihood of the data's action, A = min Q_target(s, a) - V(s)
-        advantage = target_q - v.detach()
-        mean, log_std = actor(obs)
-        log_prob = squashed_log_prob(mean, log_std, actions)
-        actor_loss = awr_loss(log_prob, advantage, args.beta, args.max_exp_advantage)
-        caps_temporal = caps_spatial = torch.zeros((), device=device)
-        if args.caps_temporal_weight > 0 or args.caps_spatial_weight > 0:  # smooth-motion prior on tanh(mean)
-            caps_temporal, caps_spatial = caps_terms(actor, obs, next_obs, args.caps_sigma, mean)
-            caps_loss = args.caps_temporal_weight * caps_temporal + args.caps_spatial_weight * caps_spatial
-            actor_loss = actor_loss + caps_loss
-        actor_optimizer.zero_grad()
-        actor_loss.backward()
-        actor_optimizer.step()
-
-        with torch.no_grad():
-            for param, target_param in zip(critic.parameters(), critic_target.parameters()):
-                target_param.lerp_(param, args.tau)
+        for key in ("obs", "next_obs"):  # channels-last images: faster convolutions on CPUs (README "Speed")
+            batch[key] = batch[key].contiguous(memory_format=torch.channels_last)
+        (qf1_loss, qf2_loss, qf1_a_values, qf2_a_values, value_loss, v, advantage, actor_loss, log_prob, caps_temporal,
+         caps_spatial) = update(actor, critic, critic_target, value, actor_optimizer, critic_optimizer,
+                                value_optimizer, args, batch)
 
         if global_step % args.log_frequency == 0:
             writer.add_scalar("losses/qf1_values", qf1_a_values.mean().item(), global_step)
             writer.add_scalar("losses/qf2_values", qf2_a_values.mean().item(), global_step)
             writer.add_scalar("losses/qf1_loss", qf1_loss.item(), global_step)
             writer.add_scalar("losses/qf2_loss", qf2_loss.item(), global_step)
-            writer.add_scalar("losses/qf_loss", qf_loss.item() / 2.0, global_step)
+            writer.add_scalar("losses/qf_loss", (qf1_loss + qf2_loss).item() / 2.0, global_step)
             writer.add_scalar("losses/value_loss", value_loss.item(), global_step)
             writer.add_scalar("losses/values", v.mean().item(), global_step)
             writer.add_scalar("losses/advantage", advantage.mean().item(), global_step)
@@ -484,7 +523,9 @@ if __name__ == "__main__":
 
         final = global_step == args.total_timesteps
         if global_step % args.eval_frequency == 0 or final:
-            result = evaluate(actor, args, device, seed=args.seed + 10_000 + global_step)
+            if args.compile:
+                refresh(acting_actor, actor)  # PLUMBING: the plain copy takes the updated weights
+            result = evaluate(acting_actor, args, device, seed=args.seed + 10_000 + global_step, act=policy)
             for key, number in result.items():
                 writer.add_scalar(f"eval/{key}", number, global_step)
             for key in ("success_rate", "discounted_return"):
@@ -503,7 +544,9 @@ if __name__ == "__main__":
                        critic_target=critic_target.state_dict(), value=value.state_dict(),
                        global_step=global_step, dataset=dataset_path)
     if args.save_model or args.capture_video:  # the final policy, greedy, on the evaluation scenes (and on video)
-        result = evaluate(actor, args, device, seed=args.seed + 10_000,
-                          video_folder=f"videos/{run.name}-eval" if args.capture_video else None)
+        if args.compile:
+            refresh(acting_actor, actor)  # PLUMBING: the plain copy takes the updated weights
+        result = evaluate(acting_actor, args, device, seed=args.seed + 10_000,
+                          video_folder=f"videos/{run.name}-eval" if args.capture_video else None, act=policy)
         print(f"final eval: {format_eval(result, args.eval_episodes, args.seed + 10_000)}", flush=True)
     run.finish(global_step=global_step, best=best)  # PLUMBING: the resume file marks the end, for extending

@@ -28,7 +28,8 @@ from torch.distributions.categorical import Categorical
 
 from cleanrl_equi.envs.atari import (MirrorSymmetry, action_meanings, make_atari_envs, mirror_symmetry,
                                      playfield_symmetry)
-from cleanrl_equi.compile import plain_copy, refresh
+from cleanrl_equi.compile import (check_compile_flags, compiled, learning_rate, plain_copy, refresh,
+                                  set_learning_rate)
 from cleanrl_equi.equivariant import EscnnModule, TensorToField, discrete_action_type, enn, mirror_gspace
 from cleanrl_equi.run import Run, device_for, fail, load_checkpoint, load_state, require
 
@@ -113,6 +114,14 @@ class Args:
     """seconds between progress lines on stdout"""
     compile: bool = False
     """torch.compile the acting step and the update step (loss, backward, optimizer step): the same algorithm"""
+    cudagraphs: bool = False
+    """like --compile, and replay each step as a recorded CUDA graph (torch.compile "reduce-overhead" mode; GPU only)"""
+    bf16: bool = False
+    """run the network's forward passes in bfloat16 mixed precision (torch.autocast; weights, optimizer state,
+    log-probabilities and losses stay float32); CPUs with AVX512-BF16/AMX and recent GPUs"""
+    channels_last: bool = True
+    """feed the update's minibatches to the convolutions in channels-last memory order (the same numbers, a faster
+    convolution kernel on CPUs)"""
 
     # to be filled in runtime
     batch_size: tyro.conf.Suppress[int] = 0
@@ -149,6 +158,7 @@ def check_args(args: Args) -> None:
         )
     if args.total_timesteps < batch_size:
         fail(f"--total-timesteps {args.total_timesteps} is less than one rollout of {batch_size} steps.")
+    check_compile_flags(args, device_for(args))
 
 
 # Regular fields per layer (each is 2 channels: the feature and its mirror image). "channels" keeps the Nature
@@ -194,11 +204,12 @@ class Agent(EscnnModule):
 
     def get_action_and_value(self, x, action=None):
         hidden = self.network(self.input(x / 255.0))
-        logits = self.actor(hidden).tensor.flatten(1)[:, self.action_order]
+        # float32 under --bf16 too: PPO's ratio compares log-probabilities
+        logits = self.actor(hidden).tensor.flatten(1)[:, self.action_order].float()
         probs = Categorical(logits=logits)
         if action is None:
             action = probs.sample()
-        return action, probs.log_prob(action), probs.entropy(), self.critic(hidden).tensor.flatten(1)
+        return action, probs.log_prob(action), probs.entropy(), self.critic(hidden).tensor.flatten(1).float()
 
 
 def act(agent: Agent, obs: torch.Tensor):
@@ -210,7 +221,8 @@ def act(agent: Agent, obs: torch.Tensor):
 def update_step(agent: Agent, optimizer, args: Args, obs, actions, logprobs, advantages, returns, values):
     """One gradient step of the clipped PPO loss on a minibatch (loss, backward, optimizer step, in one function so
     that `--compile` compiles all of it); returns the statistics as tensors (no host sync)."""
-    _, newlogprob, entropy, newvalue = agent.get_action_and_value(obs, actions)
+    with torch.autocast(obs.device.type, torch.bfloat16, enabled=args.bf16):  # the forward pass only
+        _, newlogprob, entropy, newvalue = agent.get_action_and_value(obs, actions)
     logratio = newlogprob - logprobs
     ratio = logratio.exp()
 
@@ -318,11 +330,13 @@ if __name__ == "__main__":
                            playfield_crop=args.mirror_crop)
 
     agent = build_agent(args).to(device)
-    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     print(f"agent: {sum(p.numel() for p in agent.parameters()):,} parameters", flush=True)
-    # PLUMBING: --compile, the same acting and update steps through torch.compile (README "Speed: compiled path");
+    # PLUMBING: --compile/--cudagraphs: the same acting and update steps through torch.compile (README "Speed"); the
+    # compiled optimizer step reads the annealed learning rate and Adam's step counts from tensors on the device;
     # dynamo cannot trace escnn's layers, so the compiled acting step acts through a plain-torch copy (escnn's export)
-    policy, update = (torch.compile(act), torch.compile(update_step)) if args.compile else (act, update_step)
+    optimizer = optim.Adam(agent.parameters(), lr=learning_rate(args.learning_rate, args, device), eps=1e-5,
+                           capturable=args.compile and device.type == "cuda")
+    policy, update = compiled(act, args), compiled(update_step, args)
     acting_agent = plain_copy(agent) if args.compile else agent
 
     # ALGO Logic: Storage setup (frames stay uint8 until the network scales them: 4x less memory for big rollouts)
@@ -350,7 +364,7 @@ if __name__ == "__main__":
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / args.num_iterations
             lrnow = frac * args.learning_rate
-            optimizer.param_groups[0]["lr"] = lrnow
+            set_learning_rate(optimizer, lrnow, args)
 
         agent.eval()  # acting, no update until the rollout is done
         if args.compile:
@@ -361,7 +375,7 @@ if __name__ == "__main__":
             dones[step] = next_done
 
             # ALGO LOGIC: action logic
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
                 action, logprob, values[step] = policy(acting_agent, next_obs)
             actions[step] = action
             logprobs[step] = logprob
@@ -411,9 +425,12 @@ if __name__ == "__main__":
             for start in range(0, args.batch_size, args.minibatch_size):
                 end = start + args.minibatch_size
                 mb_inds = b_inds[start:end]
+                mb_obs = b_obs[mb_inds]
+                if args.channels_last:
+                    mb_obs = mb_obs.contiguous(memory_format=torch.channels_last)
 
                 old_approx_kl, approx_kl, clipfrac, pg_loss, v_loss, entropy_loss = update(
-                    agent, optimizer, args, b_obs[mb_inds], b_actions.long()[mb_inds], b_logprobs[mb_inds],
+                    agent, optimizer, args, mb_obs, b_actions.long()[mb_inds], b_logprobs[mb_inds],
                     b_advantages[mb_inds], b_returns[mb_inds], b_values[mb_inds])
                 clipfracs.append(clipfrac)
 
@@ -425,7 +442,7 @@ if __name__ == "__main__":
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        writer.add_scalar("charts/learning_rate", float(optimizer.param_groups[0]["lr"]), global_step)
         writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
         writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
         writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)

@@ -25,6 +25,7 @@ import torch.optim as optim
 import tyro
 from torch.distributions.normal import Normal
 
+from cleanrl_equi.compile import check_compile_flags, compiled, learning_rate, set_learning_rate
 from cleanrl_equi.envs.mujoco import (NormalizationState, check_env_id, check_rendering, restore_statistics,
                                       training_statistics)
 from cleanrl_equi.run import Run, device_for, fail, load_checkpoint, load_state, require
@@ -65,6 +66,8 @@ class Args:
     """seconds between progress lines on stdout"""
     compile: bool = False
     """torch.compile the acting step and the update step (loss, backward, optimizer step): the same algorithm"""
+    cudagraphs: bool = False
+    """like --compile, and replay each step as a recorded CUDA graph (torch.compile "reduce-overhead" mode; GPU only)"""
 
     # Algorithm specific arguments
     env_id: str = "HalfCheetah-v5"
@@ -130,6 +133,7 @@ def check_args(args: Args) -> None:
              f"{args.num_minibatches} equal parts; choose a number of minibatches that divides {batch_size}.")
     if args.total_timesteps < batch_size:
         fail(f"--total-timesteps {args.total_timesteps} is less than one rollout of {batch_size} steps; raise it.")
+    check_compile_flags(args, device_for(args))
     if args.capture_video:
         check_rendering(args.env_id)
 
@@ -336,10 +340,12 @@ if __name__ == "__main__":
     action_dim = int(np.prod(envs.single_action_space.shape))
 
     agent = Agent(obs_dim, action_dim, args.rpo_alpha).to(device)
-    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     print(f"agent: {sum(p.numel() for p in agent.parameters()):,} parameters", flush=True)
-    # PLUMBING: --compile, the same acting and update steps through torch.compile (README "Speed: compiled path")
-    policy, update = (torch.compile(act), torch.compile(update_step)) if args.compile else (act, update_step)
+    # PLUMBING: --compile/--cudagraphs: the same acting and update steps through torch.compile (README "Speed"); the
+    # compiled optimizer step reads the annealed learning rate and Adam's step counts from tensors on the device
+    optimizer = optim.Adam(agent.parameters(), lr=learning_rate(args.learning_rate, args, device), eps=1e-5,
+                           capturable=args.compile and device.type == "cuda")
+    policy, update = compiled(act, args), compiled(update_step, args)
 
     # ALGO Logic: Storage setup
     obs = torch.zeros((args.num_steps, args.num_envs) + envs.single_observation_space.shape).to(device)
@@ -365,7 +371,7 @@ if __name__ == "__main__":
         # Annealing the rate if instructed to do so.
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / args.num_iterations
-            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+            set_learning_rate(optimizer, frac * args.learning_rate, args)
 
         for step in range(0, args.num_steps):
             global_step += args.num_envs
@@ -438,7 +444,7 @@ if __name__ == "__main__":
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        writer.add_scalar("charts/learning_rate", float(optimizer.param_groups[0]["lr"]), global_step)
         writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
         writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
         writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)

@@ -53,6 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
+from cleanrl_equi.compile import check_compile_flags, compiled, plain_copy, refresh
 from cleanrl_equi.datasets import stored_obs_to_tensor
 from cleanrl_equi.envs.manipulation import (check_env_id, evaluate, evaluate_checkpoint, format_eval, make_envs,
                                             obs_to_tensor, rotate_batch)
@@ -190,6 +191,15 @@ class Args:
     """write the loss scalars every this many gradient steps"""
     progress_interval: float = 30.0
     """seconds between progress lines on stdout"""
+    compile: bool = False
+    """torch.compile the acting step and the update steps (critic; actor, alpha and CAPS; target update): the same
+    algorithm. escnn layers cannot be traced (they run eagerly between the compiled parts of the update); the
+    equivariant actor acts through a plain-torch copy"""
+    cudagraphs: bool = False
+    """like --compile, and replay each step as a recorded CUDA graph (torch.compile "reduce-overhead" mode; GPU only)"""
+    bf16: bool = False
+    """run the networks' forward passes in the updates in bfloat16 mixed precision (torch.autocast; weights,
+    optimizer state, log-probabilities, Q values and losses stay float32); CPUs with AVX512-BF16/AMX and recent GPUs"""
 
 
 def check_args(args: Args) -> None:
@@ -229,6 +239,7 @@ def check_args(args: Args) -> None:
              f"[1, 200] N, not {args.force_threshold}, {args.gripper_force} and {args.finger_force}.")
     if args.demo_loss_weight > 0 and args.num_demos == 0:
         fail("--demo-loss-weight needs demonstrations; set --num-demos to at least 1 (or the weight to 0).")
+    check_compile_flags(args, device_for(args))
 
 
 # ---- Networks -----------------------------------------------------------------------------------------------------
@@ -238,6 +249,7 @@ def check_args(args: Args) -> None:
 # the critic pools over the group before its output, so Q is invariant. The CNN baseline is the same schedule with
 # plain convolutions; the two sit side by side so a diff of the two shows where the symmetry enters.
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+TARGET_ENTROPY = -5.0  # automatic entropy tuning's target: -dim(action)
 
 
 def layer_plan(n_hidden: int, image_size: int) -> list[tuple[int, int, bool]]:
@@ -285,7 +297,8 @@ class EquiActor(EscnnModule):
         self.head = enn.R2Conv(self.encoder.out_type, planar_action_type(gspace, 8), 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.head(self.encoder(x)).tensor.flatten(1)  # (dx, dy, p, dz, dtheta, log-std x 5)
+        # float32 under --bf16 too: the log-probabilities and the losses are computed from these
+        out = self.head(self.encoder(x)).tensor.flatten(1).float()  # (dx, dy, p, dz, dtheta, log-std x 5)
         mean = torch.cat([out[:, 2:3], out[:, 0:2], out[:, 3:5]], dim=1)  # -> (p, dx, dy, dz, dtheta)
         return mean, out[:, 5:10].clamp(LOG_STD_MIN, LOG_STD_MAX)
 
@@ -315,7 +328,7 @@ class EquiCritic(EscnnModule):
     def q_values(self, features: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fields = action[:, [1, 2, 0, 3, 4]].reshape(-1, 5, 1, 1)  # (dx, dy) first, as the field type lists them
         joint = enn.GeometricTensor(torch.cat([features, fields], dim=1), self.joint_type)
-        return self.q1(joint).tensor.flatten(), self.q2(joint).tensor.flatten()
+        return self.q1(joint).tensor.flatten().float(), self.q2(joint).tensor.flatten().float()  # float32 (--bf16)
 
     def forward(self, x, action):
         return self.q_values(self.encode(x), action)
@@ -353,7 +366,7 @@ class CNNActor(nn.Module):
         self.head = nn.Linear(self.encoder.out_channels, 10)
 
     def forward(self, x):
-        out = self.head(self.encoder(x))
+        out = self.head(self.encoder(x)).float()  # float32 under --bf16 too
         return out[:, :5], out[:, 5:].clamp(LOG_STD_MIN, LOG_STD_MAX)
 
 
@@ -372,7 +385,7 @@ class CNNCritic(nn.Module):
 
     def q_values(self, features, action):
         joint = torch.cat([features, action], dim=1)
-        return self.q1(joint).flatten(), self.q2(joint).flatten()
+        return self.q1(joint).flatten().float(), self.q2(joint).flatten().float()  # float32 under --bf16 too
 
     def forward(self, x, action):
         return self.q_values(self.encode(x), action)
@@ -385,6 +398,12 @@ def sample_action(mean: torch.Tensor, log_std: torch.Tensor) -> tuple[torch.Tens
     action = torch.tanh(pre_tanh)
     log_prob = torch.distributions.Normal(mean, std).log_prob(pre_tanh) - torch.log(1 - action.pow(2) + 1e-6)
     return action, log_prob.sum(1)
+
+
+def act(actor: nn.Module, obs: torch.Tensor) -> torch.Tensor:
+    """The exploration action: a sample of the policy at `obs` (call it under no_grad)."""
+    mean, log_std = actor(obs)
+    return sample_action(mean, log_std)[0]
 
 
 # What a model saved before the env settings were flags was trained with (the envs' BulletArm-style defaults), so
@@ -413,6 +432,85 @@ def caps_terms(actor: nn.Module, obs: torch.Tensor, next_obs: torch.Tensor, sigm
     noisy[:, 0] += sigma * torch.randn_like(noisy[:, 0])
     spatial = (action - torch.tanh(actor(noisy)[0])).pow(2).sum(1).mean()
     return temporal, spatial
+
+
+# ---- Update steps ---------------------------------------------------------------------------------------------------
+# Each is one function so that `--compile` compiles all of it (loss, backward, optimizer step); they return detached
+# tensors and never read a value back to the host (`.item()`, a data-dependent `if`), so a compiled step runs
+# without waiting for the device, and the loop reads the numbers only when it logs them. alpha is passed as
+# log_alpha, a tensor: a Python float that changes at every step would be a constant of the compiled code.
+def critic_update_step(actor: nn.Module, critic: nn.Module, critic_target: nn.Module, critic_optimizer, log_alpha,
+                       args: Args, data: dict):
+    """One gradient step of the twin soft Q loss (importance-weighted under prioritised replay), then the Polyak
+    update of the target critic. Returns the two losses, the Q values of the batch's actions, the TD errors (the new
+    priorities) and the encoder's features of s (detached), which the actor step reuses."""
+    alpha = log_alpha.detach().exp()
+    with torch.autocast(data["obs"].device.type, torch.bfloat16, enabled=args.bf16):  # the forward passes only
+        # The target uses the target critic, no grad; one encoder pass over s feeds both Q heads.
+        with torch.no_grad():
+            next_mean, next_log_std = actor(data["next_obs"])
+            next_actions, next_log_pi = sample_action(next_mean, next_log_std)
+            qf1_next, qf2_next = critic_target(data["next_obs"], next_actions)
+            min_qf_next = torch.min(qf1_next, qf2_next) - alpha * next_log_pi
+            next_q_value = data["rewards"] + (1 - data["terminated"]) * args.gamma * min_qf_next
+        features = critic.encode(data["obs"])
+        qf1_a_values, qf2_a_values = critic.q_values(features, data["actions"])
+    if args.prioritized_replay:  # the importance-sampling weights, applied (the paper's code left them out)
+        qf1_loss = (data["weights"] * (qf1_a_values - next_q_value).pow(2)).mean()
+        qf2_loss = (data["weights"] * (qf2_a_values - next_q_value).pow(2)).mean()
+    else:
+        qf1_loss = F.mse_loss(qf1_a_values, next_q_value)
+        qf2_loss = F.mse_loss(qf2_a_values, next_q_value)
+    qf_loss = qf1_loss + qf2_loss
+    critic_optimizer.zero_grad()
+    qf_loss.backward()
+    critic_optimizer.step()
+    with torch.no_grad():
+        td_errors = 0.5 * ((qf1_a_values - next_q_value).abs() + (qf2_a_values - next_q_value).abs())
+
+    # update the target network (here rather than after the actor step: that step does not change the critic)
+    with torch.no_grad():
+        for param, target_param in zip(critic.parameters(), critic_target.parameters()):
+            target_param.lerp_(param, args.tau)
+    return (qf1_loss.detach(), qf2_loss.detach(), qf1_a_values.detach(), qf2_a_values.detach(), td_errors,
+            features.detach())
+
+
+def actor_update_step(actor: nn.Module, critic: nn.Module, actor_optimizer, log_alpha, alpha_optimizer, args: Args,
+                      data: dict, features: torch.Tensor):
+    """One gradient step of the actor (SAC's loss, SACfD's expert term, the CAPS terms) and, with --autotune, of
+    alpha. `features` is the critic's encoding of s from the critic step (detached: the actor loss must not train
+    the critic, and no gradient needs to pass back through the encoder, since it does not see the action); only the
+    two small Q heads run again, with the just-updated weights. Returns the actor loss, its demo and CAPS terms, the
+    alpha loss and the new alpha."""
+    alpha = log_alpha.detach().exp()
+    with torch.autocast(data["obs"].device.type, torch.bfloat16, enabled=args.bf16):  # the forward passes only
+        mean, log_std = actor(data["obs"])
+        pi, log_pi = sample_action(mean, log_std)
+        qf1_pi, qf2_pi = critic.q_values(features, pi)
+        actor_loss = (alpha * log_pi - torch.min(qf1_pi, qf2_pi)).mean()
+        demo_loss = caps_temporal = caps_spatial = alpha_loss = torch.zeros((), device=mean.device)
+        if args.demo_loss_weight > 0:  # SACfD: imitate the planner on demo samples
+            # the MSE over the demo samples as a masked mean (0 without any): the same loss as indexing pi[expert],
+            # with no data-dependent shape or branch, which would make the compiled step stop and wait for the device
+            expert = data["expert"].float()[:, None]
+            demo_loss = ((pi - data["actions"]).pow(2) * expert).sum() / (expert.sum() * pi.shape[1]).clamp(min=1.0)
+            actor_loss = actor_loss + args.demo_loss_weight * demo_loss
+        if args.caps_temporal_weight > 0 or args.caps_spatial_weight > 0:
+            caps_temporal, caps_spatial = caps_terms(actor, data["obs"], data["next_obs"], args.caps_sigma, mean)
+            caps_loss = args.caps_temporal_weight * caps_temporal + args.caps_spatial_weight * caps_spatial
+            actor_loss = actor_loss + caps_loss
+    actor_optimizer.zero_grad()
+    actor_loss.backward()
+    actor_optimizer.step()
+
+    if args.autotune:
+        alpha_loss = (-log_alpha.exp() * (log_pi.detach() + TARGET_ENTROPY)).mean()
+        alpha_optimizer.zero_grad()
+        alpha_loss.backward()
+        alpha_optimizer.step()
+    return (actor_loss.detach(), demo_loss.detach(), caps_temporal.detach(), caps_spatial.detach(),
+            alpha_loss.detach(), log_alpha.detach().exp())
 
 
 # ---- Replay buffer and augmentation ---------------------------------------------------------------------------------
@@ -603,8 +701,7 @@ if __name__ == "__main__":
     print(f"{args.model} networks: actor {count_parameters(actor):,} + critic {count_parameters(critic):,} "
           "parameters", flush=True)
 
-    # Automatic entropy tuning
-    target_entropy = -5.0  # -dim(action)
+    # Automatic entropy tuning (towards TARGET_ENTROPY)
     log_alpha = torch.tensor([math.log(args.alpha)], device=device, requires_grad=args.autotune)
     alpha_optimizer = torch.optim.Adam([log_alpha], lr=args.q_lr)
 
@@ -618,7 +715,13 @@ if __name__ == "__main__":
              critic_optimizer=critic_optimizer, alpha_optimizer=alpha_optimizer, log_alpha=log_alpha, replay_buffer=rb)
     counters = run.resume(vector_step=0, global_step=0, gradient_steps=0, last_eval=-1)
     global_step, grad_steps, last_eval = counters["global_step"], counters["gradient_steps"], counters["last_eval"]
-    alpha = log_alpha.exp().item()
+
+    # PLUMBING: --compile/--cudagraphs, the same acting and update steps through torch.compile (README "Speed");
+    # dynamo cannot trace escnn's layers, so the equivariant actor acts through a plain-torch copy (export)
+    acting_actor = plain_copy(actor) if args.compile else actor
+    policy = compiled(act, args)
+    critic_update = compiled(critic_update_step, args)
+    actor_update = compiled(actor_update_step, args)
 
     # Planner demonstrations, through the same envs, before any learning
     obs, _ = envs.reset(seed=args.seed + counters["vector_step"])
@@ -658,8 +761,9 @@ if __name__ == "__main__":
         global_step += args.num_envs
         # ALGO LOGIC: put action logic here (train mode, no_grad: escnn builds fresh filters from current weights)
         with torch.no_grad():
-            mean, log_std = actor(obs_to_tensor(obs, device))
-            actions = sample_action(mean, log_std)[0].cpu().numpy()
+            if args.compile:
+                refresh(acting_actor, actor)  # PLUMBING: the plain copy takes the updated weights
+            actions = policy(acting_actor, obs_to_tensor(obs, device)).cpu().numpy()
 
         # TRY NOT TO MODIFY: execute the game and log data.
         next_obs, rewards, terminations, truncations, infos = envs.step(actions)
@@ -684,62 +788,14 @@ if __name__ == "__main__":
                 data = augment(rb.sample(args.batch_size, device), args.aug_copies)
             for key in ("obs", "next_obs"):  # channels-last images: 15-30% faster convolutions (measured on CPU)
                 data[key] = data[key].contiguous(memory_format=torch.channels_last)
+            indices = data.pop("indices", None)  # NumPy, for the priorities: not an input of the update steps
             grad_steps += 1
-
-            # Critic: one encoder pass over s feeds both Q heads; the target uses the target critic, no grad.
-            with torch.no_grad():
-                next_mean, next_log_std = actor(data["next_obs"])
-                next_actions, next_log_pi = sample_action(next_mean, next_log_std)
-                qf1_next, qf2_next = critic_target(data["next_obs"], next_actions)
-                min_qf_next = torch.min(qf1_next, qf2_next) - alpha * next_log_pi
-                next_q_value = data["rewards"] + (1 - data["terminated"]) * args.gamma * min_qf_next
-            features = critic.encode(data["obs"])
-            qf1_a_values, qf2_a_values = critic.q_values(features, data["actions"])
-            if args.prioritized_replay:  # the importance-sampling weights, applied (the paper's code left them out)
-                qf1_loss = (data["weights"] * (qf1_a_values - next_q_value).pow(2)).mean()
-                qf2_loss = (data["weights"] * (qf2_a_values - next_q_value).pow(2)).mean()
-                td_errors = 0.5 * ((qf1_a_values - next_q_value).abs() + (qf2_a_values - next_q_value).abs())
-                rb.update_priorities(data["indices"], td_errors.detach().cpu().numpy())
-            else:
-                qf1_loss = F.mse_loss(qf1_a_values, next_q_value)
-                qf2_loss = F.mse_loss(qf2_a_values, next_q_value)
-            qf_loss = qf1_loss + qf2_loss
-            critic_optimizer.zero_grad()
-            qf_loss.backward()
-            critic_optimizer.step()
-
-            # Actor. The critic's encoder output for s is reused (detached: the actor loss must not train the
-            # critic, and no gradient needs to pass back through the encoder, since it does not see the action);
-            # only the two small Q heads run again, with the just-updated weights.
-            mean, log_std = actor(data["obs"])
-            pi, log_pi = sample_action(mean, log_std)
-            qf1_pi, qf2_pi = critic.q_values(features.detach(), pi)
-            actor_loss = (alpha * log_pi - torch.min(qf1_pi, qf2_pi)).mean()
-            demo_loss = torch.zeros((), device=device)
-            if args.demo_loss_weight > 0 and data["expert"].any():  # SACfD: imitate the planner on demo samples
-                expert = data["expert"]
-                demo_loss = F.mse_loss(pi[expert], data["actions"][expert])
-                actor_loss = actor_loss + args.demo_loss_weight * demo_loss
-            caps_temporal = caps_spatial = torch.zeros((), device=device)
-            if args.caps_temporal_weight > 0 or args.caps_spatial_weight > 0:
-                caps_temporal, caps_spatial = caps_terms(actor, data["obs"], data["next_obs"], args.caps_sigma, mean)
-                caps_loss = args.caps_temporal_weight * caps_temporal + args.caps_spatial_weight * caps_spatial
-                actor_loss = actor_loss + caps_loss
-            actor_optimizer.zero_grad()
-            actor_loss.backward()
-            actor_optimizer.step()
-
-            if args.autotune:
-                alpha_loss = (-log_alpha.exp() * (log_pi.detach() + target_entropy)).mean()
-                alpha_optimizer.zero_grad()
-                alpha_loss.backward()
-                alpha_optimizer.step()
-                alpha = log_alpha.exp().item()
-
-            # update the target network
-            with torch.no_grad():
-                for param, target_param in zip(critic.parameters(), critic_target.parameters()):
-                    target_param.lerp_(param, args.tau)
+            qf1_loss, qf2_loss, qf1_a_values, qf2_a_values, td_errors, features = critic_update(
+                actor, critic, critic_target, critic_optimizer, log_alpha, args, data)
+            if args.prioritized_replay:
+                rb.update_priorities(indices, td_errors.cpu().numpy())
+            actor_loss, demo_loss, caps_temporal, caps_spatial, alpha_loss, alpha = actor_update(
+                actor, critic, actor_optimizer, log_alpha, alpha_optimizer, args, data, features)
         update_time += time.time() - update_start
         updates_per_second = (grad_steps - start_grad_steps) / max(update_time, 1e-9)
 
@@ -748,12 +804,12 @@ if __name__ == "__main__":
             writer.add_scalar("losses/qf2_values", qf2_a_values.mean().item(), global_step)
             writer.add_scalar("losses/qf1_loss", qf1_loss.item(), global_step)
             writer.add_scalar("losses/qf2_loss", qf2_loss.item(), global_step)
-            writer.add_scalar("losses/qf_loss", qf_loss.item() / 2.0, global_step)
+            writer.add_scalar("losses/qf_loss", (qf1_loss + qf2_loss).item() / 2.0, global_step)
             writer.add_scalar("losses/actor_loss", actor_loss.item(), global_step)
             writer.add_scalar("losses/demo_loss", demo_loss.item(), global_step)
             writer.add_scalar("losses/caps_temporal", caps_temporal.item(), global_step)
             writer.add_scalar("losses/caps_spatial", caps_spatial.item(), global_step)
-            writer.add_scalar("losses/alpha", alpha, global_step)
+            writer.add_scalar("losses/alpha", alpha.item(), global_step)
             if args.autotune:
                 writer.add_scalar("losses/alpha_loss", alpha_loss.item(), global_step)
             writer.add_scalar("charts/SPS", int(run.sps(global_step)), global_step)

@@ -1,4 +1,4 @@
-"""ppo_atari.py (eager and --compile) and ppo_atari_equi.py side by side with CleanRL's own ppo_atari.py and
+"""ppo_atari.py (eager, --compile, --bf16) and ppo_atari_equi.py side by side with CleanRL's own ppo_atari.py and
 ppo_atari_envpool.py, on this machine, in CleanRL's own environment.
 
 CleanRL is not part of this project: pass the path of a CleanRL checkout (`git clone
@@ -10,9 +10,7 @@ machine needs to that copy (listed in the results, with the reason for each; the
 Every variant runs with the same settings (CleanRL's defaults: 8 envs x 128 steps, 4 minibatches x 4 epochs;
 Breakout), one run at a time, the variants in turn, `--repeats` rounds with the order rotated each round. From
 each run's TensorBoard events (all scripts log `charts/SPS` once per update), the steady steps per second after the
-first update: (last step - first step) / (last wall time - first wall time); for `ours_compile` that window holds
-the one recompile of the optimizer step when the annealed learning rate first changes (under a second with a warm
-inductor cache, as here). The results hold the median and
+first update: (last step - first step) / (last wall time - first wall time). The results hold the median and
 min-max per variant, each variant's ratio to CleanRL's ppo_atari.py and to its envpool variant, the load average
 around every run, the versions and the adaptations; a variant that cannot run here (e.g. no envpool wheel) is
 recorded as such, with the reason.
@@ -40,7 +38,12 @@ from common import (REPO, Launch, Output, cli, companion, fail, load_average, ma
                     results_path, thread_env)
 from compile_speed import event_series  # noqa: E402
 
-VARIANTS = ("cleanrl", "cleanrl_envpool", "ours", "ours_compile", "ours_equi")
+# Our variants: the script and its flags (channels-last minibatches are the default of both scripts).
+OURS = {"ours": ("ppo_atari.py", []), "ours_bf16": ("ppo_atari.py", ["--bf16"]),
+        "ours_compile": ("ppo_atari.py", ["--compile"]), "ours_compile_bf16": ("ppo_atari.py", ["--compile", "--bf16"]),
+        "ours_cudagraphs": ("ppo_atari.py", ["--cudagraphs"]),
+        "ours_equi": ("ppo_atari_equi.py", []), "ours_equi_bf16": ("ppo_atari_equi.py", ["--bf16"])}
+VARIANTS = ("cleanrl", "cleanrl_envpool", *OURS)
 # CleanRL's environment: its pyproject's gymnasium and gym; ale-py 0.9 (the first with the ROMs in the wheel, which
 # a machine without internet access to the ROM download needs); envpool 0.8.4 for its envpool script (CleanRL pins
 # envpool<0.7, which has no wheel for Python 3.11; 0.8.4 is the last whose env lets the script set `num_envs`, which
@@ -60,7 +63,8 @@ class Args(Output, Launch):
     them, e.g. on a GPU node without uv or internet)"""
     env_dir: str = os.path.join(tempfile.gettempdir(), "cleanrl_env")
     """where the virtual environment for CleanRL is built (reused when it exists)"""
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: list[str] = field(default_factory=lambda: ["cleanrl", "cleanrl_envpool", "ours", "ours_compile",
+                                                         "ours_compile_bf16", "ours_equi", "ours_equi_bf16"])
     """the variants to run"""
     total_timesteps: int = 6 * 1024
     """environment steps per run"""
@@ -147,8 +151,7 @@ def command_for(variant: str, args: Args, python: str, cleanrl_copy: str) -> tup
         env_id = "Breakout-v5" if variant == "cleanrl_envpool" else "BreakoutNoFrameskip-v4"
         env["PYTHONPATH"] = os.pathsep.join(p for p in (cleanrl_copy, args.cleanrl_pythonpath) if p)
         return [python, os.path.join(cleanrl_copy, "cleanrl", script), "--env-id", env_id, *common, *cuda], env
-    script = "ppo_atari_equi.py" if variant == "ours_equi" else "ppo_atari.py"
-    extra = ["--compile"] if variant == "ours_compile" else []
+    script, extra = OURS[variant]
     return [sys.executable, os.path.join(REPO, script), "--env-id", "BreakoutNoFrameskip-v4", *common, *cuda,
             *extra], env
 

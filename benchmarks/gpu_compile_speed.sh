@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The compiled path on one GPU, as one command (at most 5.5 minutes: every step has its own time limit):
+# The compiled path on one GPU, as one command (at most 10 minutes: every step has its own time limit):
 #
 #   benchmarks/gpu_compile_speed.sh RESULTS_DIR [CLEANRL_CHECKOUT]
 #
-# 1. benchmarks/compile_speed.py --device cuda: steady SPS of ppo_atari.py, rpo_mujoco.py and ppo_atari_equi.py,
-#    eager vs --compile, and the compile times (one run of each; RESULTS_DIR/compile_speed_gpu_<script>.{json,csv}).
-# 2. with a CleanRL checkout: benchmarks/cleanrl_side_by_side.py --device cuda, CleanRL's ppo_atari.py and
-#    ppo_atari_envpool.py vs ours eager and --compile (RESULTS_DIR/cleanrl_side_by_side_gpu.{json,csv}).
+# 1. benchmarks/compile_speed.py --device cuda: steady SPS of ppo_atari.py (eager, --compile, --cudagraphs,
+#    --compile --bf16, --no-channels-last), rpo_mujoco.py (eager, --compile, --cudagraphs) and ppo_atari_equi.py
+#    (eager, --bf16, --compile), and the compile times (one run of each; RESULTS_DIR/compile_speed_gpu_<script>.*).
+# 2. the compiled path's recompiles and graph breaks: one short ppo_atari.py --compile run with
+#    TORCH_LOGS=recompiles,graph_breaks (RESULTS_DIR/compile_diagnosis_gpu.log).
+# 3. with a CleanRL checkout: benchmarks/cleanrl_side_by_side.py --device cuda, CleanRL's ppo_atari.py and
+#    ppo_atari_envpool.py vs ours eager, --compile, --cudagraphs and --compile --bf16
+#    (RESULTS_DIR/cleanrl_side_by_side_gpu.{json,csv}).
 #    CleanRL's packages (gymnasium 0.29, ale-py 0.9, gym 0.23, envpool, tyro, tensorboard, torch) come from the
 #    python named by CLEANRL_PYTHON, or from folders named by CLEANRL_PYTHONPATH put on PYTHONPATH for its runs only.
 #
@@ -34,16 +38,29 @@ print(f"torch {torch.__version__} on {torch.cuda.get_device_name(0)}", flush=Tru
 EOF
 
 # one results file per script, each under its own time limit, so that a slow compile costs only its own script
+declare -A VARIANTS=([ppo_atari]="eager compile cudagraphs compile_bf16 nchw" [rpo_mujoco]="eager compile cudagraphs"
+                     [ppo_atari_equi]="eager bf16 compile")
+declare -A LIMIT=([ppo_atari]=200 [rpo_mujoco]=100 [ppo_atari_equi]=120)
 for script in ppo_atari rpo_mujoco ppo_atari_equi; do
-    timeout 75 "$PY" benchmarks/compile_speed.py --device cuda --scripts "$script" --repeats 1 --threads 4 \
-        --nice 0 --out "$OUT/compile_speed_gpu_$script.json" 2>&1 | tee "$OUT/compile_speed_gpu_$script.log" \
+    # shellcheck disable=SC2086
+    timeout "${LIMIT[$script]}" "$PY" benchmarks/compile_speed.py --device cuda --scripts "$script" --repeats 1 \
+        --variants ${VARIANTS[$script]} --threads 4 --nice 0 --out "$OUT/compile_speed_gpu_$script.json" 2>&1 \
+        | tee "$OUT/compile_speed_gpu_$script.log" \
         || echo "compile_speed.py $script: stopped (exit ${PIPESTATUS[0]}); see its log" | tee -a "$OUT/failures.txt"
 done
 
+# where a compiled run spends its time: every recompile and graph break, with its reason
+TMP=$(mktemp -d)
+(cd "$TMP" && TORCH_LOGS=recompiles,graph_breaks timeout 60 "$PY" "$OLDPWD/ppo_atari.py" --compile --num-envs 8 \
+    --num-steps 128 --total-timesteps 4096 > "$OUT/compile_diagnosis_gpu.log" 2>&1) \
+    || echo "compile diagnosis: stopped (exit $?); see its log" | tee -a "$OUT/failures.txt"
+rm -rf "$TMP"
+
 if [ -n "$CLEANRL" ]; then
-    timeout 100 "$PY" benchmarks/cleanrl_side_by_side.py --cleanrl-path "$CLEANRL" \
+    timeout 150 "$PY" benchmarks/cleanrl_side_by_side.py --cleanrl-path "$CLEANRL" \
         --cleanrl-python "${CLEANRL_PYTHON:-$PY}" --cleanrl-pythonpath "${CLEANRL_PYTHONPATH:-}" \
-        --device cuda --repeats 1 --variants cleanrl cleanrl_envpool ours ours_compile --threads 4 --nice 0 \
+        --device cuda --repeats 1 --variants cleanrl cleanrl_envpool ours ours_compile ours_cudagraphs \
+        ours_compile_bf16 --threads 4 --nice 0 \
         --total-timesteps 4096 --out "$OUT/cleanrl_side_by_side_gpu.json" 2>&1 | tee "$OUT/cleanrl_side_by_side_gpu.log" \
         || echo "cleanrl_side_by_side.py: stopped (exit ${PIPESTATUS[0]}); see its log" | tee -a "$OUT/failures.txt"
 else

@@ -13,7 +13,8 @@ benchmarks/results/smooth_gentle_study<tag>.{json,csv,png}: one row per run, the
     # only tabulate runs that exist
     uv run python benchmarks/smooth_gentle_study.py --collect-only --runs-dir benchmarks/gentle_runs
 Settings (--settings, comma-separated): base (no prior), caps<w> (CAPS temporal and spatial weight w, e.g. caps0.1),
-force<w> (force penalty w above 20 N, e.g. force0.1), arate<w> (action-rate penalty w), cnn (the plain CNN, no prior).
+force<w> (force penalty w above 20 N, e.g. force0.1), arate<w> (action-rate penalty w), cnn (the plain CNN, no prior),
+bf16 (no prior, bfloat16 mixed precision: --bf16).
 Extra flags after `--` go to every run.
 """
 
@@ -73,7 +74,9 @@ def setting_flags(setting: str) -> list[str]:
         return []
     if setting == "cnn":
         return ["--model", "cnn"]
-    fail(f"unknown setting {setting!r}; use base, cnn, caps<w>, force<w> or arate<w>.")
+    if setting == "bf16":
+        return ["--bf16"]
+    fail(f"unknown setting {setting!r}; use base, cnn, bf16, caps<w>, force<w> or arate<w>.")
 
 
 def run_all(opts, extra):

@@ -23,7 +23,7 @@ import torch
 import torch._dynamo
 import torch._inductor.config
 
-from cleanrl_equi.compile import plain_copy, refresh
+from cleanrl_equi.compile import learning_rate, plain_copy, refresh, set_learning_rate
 from conftest import load_script, only_run_dir, read_scalars, run_script
 
 RTOL, ATOL = 1e-4, 1e-6
@@ -161,10 +161,87 @@ def test_plain_network_is_its_own_copy():
 
 
 def test_compiled_training_run_logs_scalars(workdir):
-    """A short real `ppo_atari.py --compile` run trains and writes CleanRL's scalars."""
-    run_script("ppo_atari.py", "--compile", "--no-cuda", "--num-envs", "2", "--num-steps", "32", "--num-minibatches",
+    """A short real `ppo_atari.py --compile --bf16` run trains and writes CleanRL's scalars."""
+    run_script("ppo_atari.py", "--compile", "--bf16", "--no-cuda", "--num-envs", "2", "--num-steps", "32", "--num-minibatches",
                "2", "--update-epochs", "1", "--total-timesteps", "128", cwd=workdir, timeout=900)
     scalars = read_scalars(only_run_dir(workdir))
     assert len(scalars["losses/value_loss"]) == 2
     for tag in ("losses/policy_loss", "losses/entropy", "losses/approx_kl", "losses/clipfrac", "charts/SPS"):
         assert all(np.isfinite(v) for _, v in scalars[tag]), tag
+
+
+def test_annealed_learning_rate_does_not_recompile():
+    """On the compiled path the learning rate is a tensor changed in place (`set_learning_rate`): annealing it between
+    updates neither recompiles the optimizer step (a float rate would, at every change) nor changes the algorithm
+    (the same losses and weights as eager with the float rate)."""
+    module = load_script("ppo_atari")
+    args = module.Args(env_id="BreakoutNoFrameskip-v4")
+    eager_args, compiled_args = copy.copy(args), copy.copy(args)
+    compiled_args.compile = True
+    state = ppo_state(module, args)
+    eager, fast = state(), state()
+    fast["optimizer"].param_groups[0]["lr"] = learning_rate(args.learning_rate, compiled_args, torch.device("cpu"))
+    # A few steps, as in the tests above: rounding differences grow over many steps (measured: with 8-sample batches,
+    # six annealed updates part some weights by 1.6e-4, while every single step, from equal weights, agrees to 1e-5)
+    batches = ppo_batches(frames, lambda g, n: torch.randint(0, 4, (n,), generator=g), n=16) * 2
+    step = torch.compile(module.update_step)
+    for i, batch in enumerate(batches[:4]):
+        lr = args.learning_rate * (1 - i / 4)
+        set_learning_rate(eager["optimizer"], lr, eager_args)
+        set_learning_rate(fast["optimizer"], lr, compiled_args)
+        assert isinstance(fast["optimizer"].param_groups[0]["lr"], torch.Tensor)
+        expected = module.update_step(**eager, **batch)
+        with torch._dynamo.config.patch(error_on_recompile=i > 1):  # the first change of a guard may specialise
+            got = step(**fast, **batch)
+        for x, y in zip(expected, got):
+            torch.testing.assert_close(y, x, rtol=RTOL, atol=ATOL, msg=lambda m: f"update {i + 1}: {m}")
+    for p, q in zip(eager["agent"].parameters(), fast["agent"].parameters()):
+        torch.testing.assert_close(q, p, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", ["ppo_atari", "ppo_atari_equi"])
+def test_channels_last_minibatch_gives_the_same_update(name):
+    """`--channels-last` (the default) only changes the memory order of the minibatch: the same losses and weights."""
+    module = load_script(name)
+    args = module.Args(env_id="BreakoutNoFrameskip-v4")
+    state = ppo_state(module, args)
+    plain, last = state(), state()
+    for batch in ppo_batches(frames, lambda g, n: torch.randint(0, 4, (n,), generator=g)):
+        expected = module.update_step(**plain, **batch)
+        batch["obs"] = batch["obs"].contiguous(memory_format=torch.channels_last)
+        for x, y in zip(expected, module.update_step(**last, **batch)):
+            torch.testing.assert_close(y, x, rtol=RTOL, atol=ATOL)
+    for p, q in zip(plain["agent"].parameters(), last["agent"].parameters()):
+        torch.testing.assert_close(q, p, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", ["ppo_atari", "ppo_atari_equi"])
+def test_bf16_runs_the_convolutions_in_bfloat16_and_keeps_the_losses_in_float32(name):
+    """`--bf16`: the convolutions compute in bfloat16 (seen by a hook), the log-probabilities, losses, gradients and
+    weights stay float32, and the losses are those of float32 within bfloat16's rounding (8 bits of mantissa)."""
+    module = load_script(name)
+    args = module.Args(env_id="BreakoutNoFrameskip-v4")
+    bf16_args = copy.copy(args)
+    bf16_args.bf16 = True
+    state = ppo_state(module, args)
+    full, half = state(), state()
+    conv_dtypes = []
+    for m in half["agent"].modules():
+        if isinstance(m, torch.nn.Conv2d) or type(m).__name__ == "R2Conv":
+            m.register_forward_hook(lambda mod, inp, out: conv_dtypes.append(getattr(out, "tensor", out).dtype))
+    half["args"] = bf16_args
+    batch = ppo_batches(frames, lambda g, n: torch.randint(0, 4, (n,), generator=g))[0]
+    expected = module.update_step(**full, **batch)
+    got = module.update_step(**half, **batch)
+    assert conv_dtypes and set(conv_dtypes) == {torch.bfloat16}
+    for x, y in zip(expected, got):
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, x, rtol=5e-2, atol=5e-3)
+    assert all(p.dtype == torch.float32 for p in half["agent"].parameters())
+
+
+def test_cudagraphs_without_a_gpu_fails_in_one_sentence(workdir):
+    result = run_script("ppo_atari.py", "--cudagraphs", "--no-cuda", "--total-timesteps", "1024", cwd=workdir,
+                        check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: --cudagraphs") and "Traceback" not in result.stderr
