@@ -23,7 +23,7 @@ import torch
 import torch._dynamo
 import torch._inductor.config
 
-from cleanrl_equi.compile import learning_rate, plain_copy, refresh, set_learning_rate
+from cleanrl_equi.compile import compiled, learning_rate, plain_copy, refresh, set_learning_rate
 from conftest import load_script, only_run_dir, read_scalars, run_script
 
 RTOL, ATOL = 1e-4, 1e-6
@@ -245,3 +245,25 @@ def test_cudagraphs_without_a_gpu_fails_in_one_sentence(workdir):
                         check=False)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: --cudagraphs") and "Traceback" not in result.stderr
+
+
+def test_cudagraphs_wrapper_runs_the_same_update_and_hands_back_copies():
+    """`compiled(fn, args)` under --cudagraphs: torch.compile in "reduce-overhead" mode, a new replay step marked
+    before each call, the outputs cloned (a CUDA graph overwrites its outputs at the next replay). On a CPU inductor
+    records no graph and runs the compiled code, so the wrapper's own logic and its numbers are checked here; the
+    graphs themselves need a GPU (benchmarks/gpu_compile_speed.sh)."""
+    module = load_script("ppo_atari")
+    args = module.Args(env_id="BreakoutNoFrameskip-v4")
+    graph_args = copy.copy(args)
+    graph_args.cudagraphs = graph_args.compile = True
+    step = compiled(module.update_step, graph_args)
+    assert step._orig_mod is module.update_step
+    state = ppo_state(module, args)
+    eager, graphed = state(), state()
+    for batch in ppo_batches(frames, lambda g, n: torch.randint(0, 4, (n,), generator=g)):
+        expected = module.update_step(**eager, **batch)
+        got = step(**graphed, **batch)
+        for x, y in zip(expected, got):
+            torch.testing.assert_close(y, x, rtol=RTOL, atol=ATOL)
+    for p, q in zip(eager["agent"].parameters(), graphed["agent"].parameters()):
+        torch.testing.assert_close(q, p, rtol=RTOL, atol=ATOL)
