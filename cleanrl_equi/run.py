@@ -220,11 +220,20 @@ def load_resume(run_dir: str, script: str, args: Any) -> dict | None:
     return payload
 
 
+def drop_compiled_code() -> None:
+    """Forget what `--compile` compiled. Its caches hold the script's globals (the vector env among them) until the
+    interpreter's very end, after ale-py's bindings are torn down, which then print a page of "leaked instance"
+    warnings. An eager run never imported torch._dynamo (importing it takes a second): nothing to do."""
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
+
+
 def stop_for_requeue(stop: StopSignal, run_name: str = "") -> NoReturn:
     """After the resume file is written: on SLURM's time-limit warning (USR1) requeue this job, which restarts and
     resumes; then exit. TERM is not requeued here: `scancel` sends it too (and SLURM's state cannot tell the two
     apart at that moment), and a site that preempts with requeue requeues the job itself. Otherwise the exit status
     is the usual 128 + signal number, so a caller sees the run did not finish (the same command resumes it)."""
+    drop_compiled_code()
     job_id = os.environ.get("SLURM_JOB_ID")
     name = signal.Signals(stop.received).name if stop.received else "stop"
     if job_id and shutil.which("scontrol") and stop.received == signal.SIGUSR1:
@@ -385,3 +394,4 @@ class Run:
         it from there, never from an older file), and the logs are closed."""
         self._save_resume(counters)
         self.writer.close()
+        drop_compiled_code()
