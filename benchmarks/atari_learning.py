@@ -40,6 +40,8 @@ class Args(Output):
     """width of the step bins that returns are averaged over"""
     hardware: str = "2-core AMD EPYC CPU (shared), no GPU"
     """what the runs ran on, for the record"""
+    comparison: str = "PPO, Nature CNN vs mirror-equivariant"
+    """what the runs compare, for the plot's title"""
 
 
 def read_run(run_dir: str) -> dict | None:
@@ -117,7 +119,7 @@ if __name__ == "__main__":
         plt.plot(table["step"], table[name], label=f"{name} ({len(runs[name])} seed(s))")
     plt.xlabel("environment steps")
     plt.ylabel(f"episodic return (raw score, mean per {args.bin_steps // 1000}k steps)")
-    plt.title(f"{args.env_id}: PPO, Nature CNN vs mirror-equivariant\n{args.hardware}, {result['date']}", fontsize=9)
+    plt.title(f"{args.env_id}: {args.comparison}\n{args.hardware}, {result['date']}", fontsize=9)
     plt.legend()
     plt.grid(alpha=0.3)
     plt.tight_layout()
