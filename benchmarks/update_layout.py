@@ -113,9 +113,8 @@ def actor_critic_case(name: str, model: str, device):
         state["critic_target"] = copy.deepcopy(state["critic"]).requires_grad_(False)
         adam = {k: torch.optim.Adam(v.parameters()) for k, v in state.items() if k != "critic_target"}
         log_alpha = torch.zeros(1, device=device, requires_grad=True)
+        alpha_optimizer = torch.optim.Adam([log_alpha])
         if name == "sac_equi_bullet":
-            alpha_optimizer = torch.optim.Adam([log_alpha])
-
             def step(b):
                 *_, features = module.critic_update_step(state["actor"], state["critic"], state["critic_target"],
                                                          adam["critic"], log_alpha, args, b)
@@ -124,9 +123,10 @@ def actor_critic_case(name: str, model: str, device):
             return step
         if name == "cql_equi_offline":
             log_cql_alpha = torch.zeros(1, device=device, requires_grad=True)
+            cql_alpha_optimizer = torch.optim.Adam([log_cql_alpha])
             return lambda b: module.update_step(
                 state["actor"], state["critic"], state["critic_target"], adam["actor"], adam["critic"], log_alpha,
-                torch.optim.Adam([log_alpha]), log_cql_alpha, torch.optim.Adam([log_cql_alpha]), args, b)
+                alpha_optimizer, log_cql_alpha, cql_alpha_optimizer, args, b)
         return lambda b: module.update_step(
             state["actor"], state["critic"], state["critic_target"], state["value"], adam["actor"], adam["critic"],
             adam["value"], args, b)

@@ -35,7 +35,7 @@ def compiled(fn: Callable, args: Any) -> Callable:
 
     A recorded graph writes its outputs into the same memory at every replay, so under `--cudagraphs` the outputs
     are cloned before they are handed back: a caller may keep them (PPO keeps each minibatch's statistics)."""
-    if getattr(args, "cudagraphs", False):
+    if args.cudagraphs:
         graph = torch.compile(fn, mode="reduce-overhead")
 
         def replay(*fn_args, **fn_kwargs):
@@ -49,7 +49,7 @@ def compiled(fn: Callable, args: Any) -> Callable:
 def check_compile_flags(args: Any, device: torch.device) -> None:
     """`--cudagraphs` records CUDA graphs of the compiled steps: it implies `--compile` and needs a CUDA device (one
     sentence where there is none)."""
-    if getattr(args, "cudagraphs", False):
+    if args.cudagraphs:
         if device.type != "cuda":
             fail("--cudagraphs records CUDA graphs and needs a CUDA GPU, and this run is on the CPU "
                  "(no GPU visible, or --no-cuda); use --compile instead.")
