@@ -49,7 +49,9 @@ from cleanrl_equi.datasets import stored_obs_to_tensor
 from cleanrl_equi.envs.manipulation import (check_env_id, evaluate, evaluate_checkpoint, format_eval, make_envs,
                                             obs_to_tensor)
 from cleanrl_equi.equivariant import EscnnModule, TensorToField, count_parameters, enn, gspaces
-from cleanrl_equi.run import Run, device_for, fail, load_checkpoint, load_state, require
+from cleanrl_equi.checkpoints import load_checkpoint, load_state
+from cleanrl_equi.errors import fail, require
+from cleanrl_equi.run import Run, device_for
 
 SCRIPT = os.path.basename(__file__)[: -len(".py")]
 

@@ -39,7 +39,9 @@ from cleanrl_equi.datasets import default_dataset, load_dataset
 from cleanrl_equi.envs.manipulation import check_env_id, evaluate, evaluate_checkpoint, format_eval, rotate_batch
 from cleanrl_equi.envs.manipulation.rollouts import tanh_of_mean
 from cleanrl_equi.equivariant import EscnnModule, TensorToField, count_parameters, enn, gspaces, planar_action_type
-from cleanrl_equi.run import Run, device_for, fail, load_checkpoint, load_state, require
+from cleanrl_equi.checkpoints import load_checkpoint, load_state
+from cleanrl_equi.errors import fail, require
+from cleanrl_equi.run import Run, device_for
 
 SCRIPT = os.path.basename(__file__)[: -len(".py")]
 

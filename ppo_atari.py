@@ -24,7 +24,9 @@ from torch.distributions.categorical import Categorical
 
 from cleanrl_equi.compile import check_compile_flags, compiled, learning_rate, set_learning_rate
 from cleanrl_equi.envs.atari import action_meanings, make_atari_envs, parse_atari_env_id, playfield_symmetry
-from cleanrl_equi.run import Run, device_for, fail, load_checkpoint, load_state, require
+from cleanrl_equi.checkpoints import load_checkpoint, load_state
+from cleanrl_equi.errors import fail, require
+from cleanrl_equi.run import Run, device_for
 
 SCRIPT = os.path.basename(__file__)[: -len(".py")]
 

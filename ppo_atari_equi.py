@@ -31,7 +31,9 @@ from cleanrl_equi.envs.atari import (MirrorSymmetry, action_meanings, make_atari
 from cleanrl_equi.compile import (check_compile_flags, compiled, learning_rate, plain_copy, refresh,
                                   set_learning_rate)
 from cleanrl_equi.equivariant import EscnnModule, TensorToField, discrete_action_type, enn, mirror_gspace
-from cleanrl_equi.run import Run, device_for, fail, load_checkpoint, load_state, require
+from cleanrl_equi.checkpoints import load_checkpoint, load_state
+from cleanrl_equi.errors import fail, require
+from cleanrl_equi.run import Run, device_for
 
 SCRIPT = os.path.basename(__file__)[: -len(".py")]
 

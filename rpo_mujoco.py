@@ -28,7 +28,9 @@ from torch.distributions.normal import Normal
 from cleanrl_equi.compile import check_compile_flags, compiled, learning_rate, set_learning_rate
 from cleanrl_equi.envs.mujoco import (NormalizationState, check_env_id, check_rendering, restore_statistics,
                                       training_statistics)
-from cleanrl_equi.run import Run, device_for, fail, load_checkpoint, load_state, require
+from cleanrl_equi.checkpoints import load_checkpoint, load_state
+from cleanrl_equi.errors import fail, require
+from cleanrl_equi.run import Run, device_for
 
 SCRIPT = os.path.basename(__file__)[: -len(".py")]
 

@@ -18,6 +18,7 @@ that is slower than eager (benchmarks/results/compile_speed_cpu_*.csv): `--compi
 
 from __future__ import annotations
 
+import atexit
 import copy
 from typing import Any, Callable
 
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from cleanrl_equi.run import fail
+from cleanrl_equi.errors import fail
 
 
 def compiled(fn: Callable, args: Any) -> Callable:
@@ -35,6 +36,8 @@ def compiled(fn: Callable, args: Any) -> Callable:
 
     A recorded graph writes its outputs into the same memory at every replay, so under `--cudagraphs` the outputs
     are cloned before they are handed back: a caller may keep them (PPO keeps each minibatch's statistics)."""
+    if args.compile or args.cudagraphs:
+        atexit.register(_drop_compiled_code)
     if args.cudagraphs:
         graph = torch.compile(fn, mode="reduce-overhead")
 
@@ -44,6 +47,13 @@ def compiled(fn: Callable, args: Any) -> Callable:
         replay._orig_mod = fn  # what `refresh` writes into when `fn` is a plain copy
         return replay
     return torch.compile(fn) if args.compile else fn
+
+
+def _drop_compiled_code() -> None:
+    """Forget what torch.compile compiled, at exit (registered once per compiled function; repeats are no-ops). Its
+    caches hold the script's globals (the vector env among them) until the interpreter's very end, after ale-py's
+    bindings are torn down, which then print a page of "leaked instance" warnings."""
+    torch._dynamo.reset()
 
 
 def check_compile_flags(args: Any, device: torch.device) -> None:

@@ -54,7 +54,7 @@ import torch
 
 from cleanrl_equi.envs.manipulation import check_env_id
 from cleanrl_equi.envs.manipulation.metrics import EPISODE_METRICS
-from cleanrl_equi.run import fail, refuse_folder
+from cleanrl_equi.errors import fail, refuse_folder
 
 FORMAT_VERSION = 1
 GAMMA = 0.99  # the discount of the papers' metric (discounted return = gamma^(T-1) for success at step T)

@@ -1,9 +1,5 @@
-"""Run plumbing of the training scripts: one-sentence errors, checkpoint files, and `Run`, which owns everything a run
-needs besides its algorithm (run name and directory, TensorBoard writer, wandb, resume file, stop signals, periodic
-checkpoints, RNG state, progress line).
-
-A mistake a user can make (a bad flag, a missing file) should stop the script with one sentence that names the
-fix, not a stack trace from deep inside training: `fail` prints that sentence and exits with status 2.
+"""The lifecycle of a training run: `Run` owns everything a run needs besides its algorithm (run name and
+directory, TensorBoard writer, wandb, resume file, stop signals, periodic checkpoints, RNG state, progress line).
 
 Runs survive SLURM time limits and preemption. A training script keeps one resume file in its run directory,
 written every `--checkpoint-minutes` and when a signal says the job is about to stop: SLURM sends
@@ -16,11 +12,8 @@ logged after its resume file (`purge_step`), so curves continue without gaps or 
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -28,112 +21,18 @@ import sys
 import time
 from typing import Any, NoReturn
 
-import numpy as np
 import torch
 
-RESUME_FILE = "resume.pt"
+from cleanrl_equi.checkpoints import RESUME_FILE, load_checkpoint, load_resume, load_state, save_checkpoint, save_resume
+from cleanrl_equi.checkpoints import set_rng_state
+from cleanrl_equi.errors import fail, write_error
+
 OWNER_FILE = "run.json"  # which script made a run directory, so another script never writes into it
-RESUMABLE_CHANGES = ("total_timesteps", "num_iterations", "checkpoint_minutes", "progress_interval", "cuda", "track",
-                     "wandb_project_name", "wandb_entity", "save_model", "capture_video", "run_name")
-"""Flags that may differ between an interrupted run and its resumption (num_iterations: the PPO scripts derive it
-from total_timesteps); any other difference is refused."""
-
-
-def fail(message: str) -> NoReturn:
-    """Print `error: <message>` on stderr and exit with status 2 (the usual exit status for bad usage)."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
-
-
-def require(args: Any, positive: tuple[str, ...] = (), fractions: tuple[str, ...] = (),
-            non_negative: tuple[str, ...] = (), at_least_one: tuple[str, ...] = ()) -> None:
-    """Stop with one sentence naming the flag when a setting is out of its range: `positive` (> 0: learning rates,
-    temperatures), `fractions` (in [0, 1]: discounts, Polyak coefficients), `non_negative`, `at_least_one` (counts).
-    The seed is always checked: NumPy takes seeds in [0, 2^32)."""
-    if not 0 <= args.seed < 2**32:
-        fail(f"--seed must be a whole number from 0 to 2^32 - 1, not {args.seed}.")
-    for names, ok, rule in ((positive, lambda v: v > 0, "must be positive"),
-                            (fractions, lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
-                            (non_negative, lambda v: v >= 0, "must not be negative"),
-                            (at_least_one, lambda v: v >= 1, "must be at least 1")):
-        for name in names:
-            value = getattr(args, name)
-            if value is not None and not ok(value):
-                fail(f"--{name.replace('_', '-')} {rule}, not {value}.")
 
 
 def device_for(args: Any) -> torch.device:
     """CUDA when asked for (`--cuda`, the default) and available, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-
-def write_error(path: str, exc: OSError) -> NoReturn:
-    """One sentence for a file that cannot be written: a full disk, a read-only or missing folder, no permission."""
-    reason = os.strerror(exc.errno) if exc.errno else str(exc)
-    fix = {errno.ENOSPC: "free some space (or point the run elsewhere) and run the same command again",
-           errno.EDQUOT: "free some of your quota and run the same command again",
-           errno.EROFS: "run from a writable folder (runs/ is created in the working directory)",
-           errno.EACCES: "run from a folder you may write to (runs/ is created in the working directory)"}
-    fail(f"cannot write {path!r} ({reason}); {fix.get(exc.errno, 'check the folder and run the same command again')}.")
-
-
-def save_checkpoint(path: str, script: str, args: Any, **state: Any) -> None:
-    """Write `state` (state_dicts, tensors, plain data) with the script name and its args to `path`, atomically.
-
-    The file is written next to its final place and renamed, so an interrupted save (a SLURM time limit) never
-    leaves a truncated checkpoint behind; a failed write (full disk, read-only folder) removes its partial file and
-    stops with one sentence, leaving any earlier file at `path` as it was.
-    """
-    payload = {"script": script, "args": dict(vars(args)), **state}
-    tmp_path = f"{path}.tmp"
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(tmp_path, "wb") as f:  # a Python file, so a full disk surfaces as OSError(ENOSPC), not torch's own
-            torch.save(payload, f, pickle_protocol=4)  # protocol 2 (torch's default) inflates NumPy bytes by ~1.5x
-        os.replace(tmp_path, path)
-    except (OSError, RuntimeError) as exc:  # torch's zip writer adds its own RuntimeError on top of the OSError
-        with contextlib.suppress(OSError):
-            os.remove(tmp_path)
-        cause = exc
-        while cause is not None and not isinstance(cause, OSError):
-            cause = cause.__context__
-        if cause is None:
-            raise
-        write_error(path, cause)
-
-
-def refuse_folder(path: str, what: str, suffix: str) -> None:
-    """One sentence when a folder is given where a file is expected, naming a file inside it if there is one."""
-    if os.path.isdir(path):
-        found = sorted(name for name in os.listdir(path) if name.endswith(suffix))
-        hint = f" such as {os.path.join(path, found[0])!r}" if found else ""
-        fail(f"{what} {path!r} is a folder; pass the {suffix} file{hint}.")
-
-
-def load_checkpoint(path: str, script: str, map_location: str | torch.device = "cpu",
-                    fix: str = "evaluate it with that script") -> dict:
-    """Read a checkpoint written by `save_checkpoint` for `script`, failing with one sentence if it cannot be used."""
-    refuse_folder(path, "checkpoint", ".cleanrl_model")
-    if not os.path.isfile(path):
-        fail(f"checkpoint {path!r} does not exist; pass the path of a file written with --save-model.")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # any unpickling problem means the file is not a usable checkpoint
-        fail(f"checkpoint {path!r} could not be read ({type(exc).__name__}); it is corrupt or not a checkpoint.")
-    if not isinstance(payload, dict) or "script" not in payload:
-        fail(f"checkpoint {path!r} was not written by a cleanrl-equi script.")
-    if payload["script"] != script:
-        fail(f"checkpoint {path!r} was written by {payload['script']}, not {script}; {fix}.")
-    return payload
-
-
-def load_state(module: Any, state: dict, path: str) -> None:
-    """`module.load_state_dict(state)`, failing with one sentence when the shapes or names do not match."""
-    try:
-        module.load_state_dict(state)
-    except (RuntimeError, KeyError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        fail(f"checkpoint {path!r} does not fit this network ({first[:160]}); it has other shapes or settings.")
 
 
 def make_run_name(run_name: str | None, env_label: str, exp_name: str, seed: int) -> str:
@@ -186,54 +85,11 @@ class CheckpointClock:
         return True
 
 
-def rng_state() -> dict[str, Any]:
-    """Every global random generator a script draws from (Python, NumPy, torch CPU and CUDA)."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_resume(run_dir: str, script: str, args: Any, **state: Any) -> None:
-    """Write the run's resume file (atomically, with the RNG state); `state` is whatever the loop needs to go on."""
-    save_checkpoint(os.path.join(run_dir, RESUME_FILE), script, args, rng=rng_state(), **state)
-
-
-def load_resume(run_dir: str, script: str, args: Any) -> dict | None:
-    """The run's resume file if there is one (None for a new run), after checking it was written by `script` with
-    the same settings. Fails with one sentence if the file cannot be used."""
-    path = os.path.join(run_dir, RESUME_FILE)
-    if not os.path.exists(path):
-        return None
-    payload = load_checkpoint(path, script, fix="this run directory belongs to that script; pick another --run-name")
-    saved, now = payload["args"], dict(vars(args))
-    changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
-    if changed:
-        flags = ", ".join(f"--{k.replace('_', '-')} ({saved.get(k)!r} there, {now.get(k)!r} now)" for k in changed)
-        fail(f"{path!r} was saved with other settings: {flags}; resume with the same flags or pick a new --run-name.")
-    return payload
-
-
-def drop_compiled_code() -> None:
-    """Forget what `--compile` compiled. Its caches hold the script's globals (the vector env among them) until the
-    interpreter's very end, after ale-py's bindings are torn down, which then print a page of "leaked instance"
-    warnings. An eager run never imported torch._dynamo (importing it takes a second): nothing to do."""
-    if "torch._dynamo" in sys.modules:
-        torch._dynamo.reset()
-
-
 def stop_for_requeue(stop: StopSignal, run_name: str = "") -> NoReturn:
     """After the resume file is written: on SLURM's time-limit warning (USR1) requeue this job, which restarts and
     resumes; then exit. TERM is not requeued here: `scancel` sends it too (and SLURM's state cannot tell the two
     apart at that moment), and a site that preempts with requeue requeues the job itself. Otherwise the exit status
     is the usual 128 + signal number, so a caller sees the run did not finish (the same command resumes it)."""
-    drop_compiled_code()
     job_id = os.environ.get("SLURM_JOB_ID")
     name = signal.Signals(stop.received).name if stop.received else "stop"
     if job_id and shutil.which("scontrol") and stop.received == signal.SIGUSR1:
@@ -394,4 +250,4 @@ class Run:
         it from there, never from an older file), and the logs are closed."""
         self._save_resume(counters)
         self.writer.close()
-        drop_compiled_code()
+    

@@ -20,7 +20,7 @@ import tyro
 
 import cleanrl_equi  # noqa: F401  (registers the tasks)
 from cleanrl_equi import datasets as od
-from cleanrl_equi.run import save_checkpoint
+from cleanrl_equi.checkpoints import save_checkpoint
 from cleanrl_equi.tools import make_dataset as tool
 from conftest import fails_with, load_script
 

@@ -143,7 +143,7 @@ def test_resume_refuses_other_settings_and_other_scripts(tiny_dataset, workdir):
     run_script("cql_equi_offline.py", *flags, cwd=workdir)
     resume_file = os.path.join(workdir, "runs", "r", "resume.pt")
     # replace the finished run's resume file by one saved under other settings (--n-hidden, --group-order)
-    from cleanrl_equi.run import save_resume
+    from cleanrl_equi.checkpoints import save_resume
 
     save_resume(os.path.join(workdir, "runs", "r"), "cql_equi_offline",
                 cql.Args(**{**vars(cql.Args()), "group_order": 4, "n_hidden": 8}), global_step=2)

@@ -14,7 +14,7 @@ import torch
 from conftest import fails_with, load_script, only_run_dir, read_scalars, run_script, script_fails_with
 
 from cleanrl_equi.envs import mujoco
-from cleanrl_equi.run import save_checkpoint
+from cleanrl_equi.checkpoints import save_checkpoint
 
 SCRIPT = "rpo_mujoco.py"
 # Hopper: a random policy falls within ~20-60 steps, so even 1024 steps finish many episodes.

@@ -15,7 +15,7 @@ import torch
 import cleanrl_equi  # noqa: F401  (registers the tasks)
 from cleanrl_equi.envs.manipulation import action_smoothness, obs_to_tensor, rotate_batch
 from cleanrl_equi.envs.manipulation.scene import rotate_scene_state
-from cleanrl_equi.run import save_checkpoint
+from cleanrl_equi.checkpoints import save_checkpoint
 from conftest import (QUARTER_TURN, fails_with, load_script, only_run_dir, read_scalars, run_script, script_fails_with,
                       stop_with_signal)
 

@@ -17,7 +17,7 @@ from scipy.stats import chisquare
 
 import cleanrl_equi  # noqa: F401  (registers the tasks)
 from cleanrl_equi.envs.manipulation import make_envs
-from cleanrl_equi.run import save_checkpoint
+from cleanrl_equi.checkpoints import save_checkpoint
 from conftest import fails_with, load_script, read_scalars, run_script, stop_with_signal
 
 SCRIPT = "sac_equi_bullet.py"

@@ -13,7 +13,7 @@ import sys
 import gymnasium as gym
 import numpy as np
 
-from cleanrl_equi.run import fail
+from cleanrl_equi.errors import fail
 
 # MuJoCo renders (for --capture-video) through OpenGL; a Linux machine without a display has no window system, so
 # use EGL there (it needs the libegl1 package) unless the user chose a backend with MUJOCO_GL themselves.

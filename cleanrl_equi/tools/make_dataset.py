@@ -27,7 +27,7 @@ import cleanrl_equi
 from cleanrl_equi.datasets import (GAMMA, OfflineDataset, collect_episodes, collect_expert, concatenate,
                                    dataset_filename, import_minari, load_dataset, save_dataset, to_minari)
 from cleanrl_equi.envs.manipulation import evaluate, obs_to_tensor
-from cleanrl_equi.run import fail
+from cleanrl_equi.errors import fail
 
 EVAL_SEED_OFFSET = 1_000_000  # a checkpoint's evaluation uses scenes far from the collected ones
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(cleanrl_equi.__file__)))

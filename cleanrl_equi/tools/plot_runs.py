@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tyro
 
-from cleanrl_equi.run import fail
+from cleanrl_equi.errors import fail
 
 DEFAULT_TAGS = ["charts/episodic_return", "eval/success_rate", "eval/discounted_return"]
 EVENT_FILE_PREFIX = "events.out.tfevents."

@@ -1,12 +1,14 @@
 """The manipulation task suite (pybullet close-loop tasks after BulletArm) and what the manipulation scripts do with
-it: vector envs, the observation tensor, rotation of batches, evaluation.
+it: the shared env settings, vector envs, the observation tensor, rotation of batches, evaluation.
 
-`scene` is the physics and rendering base, `tasks` the eight tasks with their planners, `rollouts` the agent-side
-helpers. Importing this package does not import pybullet; `gym.make("cleanrl_equi/<Task>-v0")` does.
+`settings` holds the env settings every manipulation script's Args derives from, `scene` the physics and rendering
+base, `tasks` the eight tasks with their planners, `rollouts` the agent-side helpers. Importing this package does
+not import pybullet; `gym.make("cleanrl_equi/<Task>-v0")` does.
 """
 
 from cleanrl_equi.envs.manipulation.rollouts import (action_smoothness, check_env_id, evaluate, evaluate_checkpoint,
                                                      format_eval, make_envs, obs_to_tensor, rotate_batch)
+from cleanrl_equi.envs.manipulation.settings import BulletArmEnvArgs, ManipulationEnvArgs, TaskId
 
-__all__ = ["action_smoothness", "check_env_id", "evaluate", "evaluate_checkpoint", "format_eval", "make_envs",
-           "obs_to_tensor", "rotate_batch"]
+__all__ = ["BulletArmEnvArgs", "ManipulationEnvArgs", "TaskId", "action_smoothness", "check_env_id", "evaluate",
+           "evaluate_checkpoint", "format_eval", "make_envs", "obs_to_tensor", "rotate_batch"]

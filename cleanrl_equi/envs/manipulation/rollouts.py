@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import cleanrl_equi
 from cleanrl_equi.envs.manipulation.metrics import EPISODE_METRICS, action_smoothness
-from cleanrl_equi.run import fail
+from cleanrl_equi.errors import fail
 
 __all__ = ["action_smoothness", "check_env_id", "evaluate", "evaluate_checkpoint", "format_eval", "make_envs",
            "obs_to_tensor", "rotate_batch"]
@@ -60,27 +60,12 @@ def rotate_batch(batch: dict[str, torch.Tensor], angles: torch.Tensor) -> dict[s
 
 
 # ---- Environments and evaluation ------------------------------------------------------------------------------------
-# Env kwargs a script may carry as flags of the same name: the smooth/gentle-motion settings of the envs.
-GENTLE_MOTION_SETTINGS = ("gripper_force", "finger_force", "action_rate_penalty", "force_penalty", "force_threshold")
-
-
 def make_envs(args, num_envs: int, asynchronous: bool = False, video_folder: Optional[str] = None,
               physics_metrics: bool = True):
-    """Vector envs of `args.env_id` with `args.image_size` and `args.max_steps`, and with whichever of these env
-    settings `args` has (a script without them gets the envs' BulletArm-style defaults): `workspace_size`, `dpos`,
-    `drot_n` (the env's drot = pi / drot_n), `paper_tasks` (the ICLR-2022 paper's task sizes and thresholds,
-    `tasks.PAPER_TASK_KWARGS`) and GENTLE_MOTION_SETTINGS. `physics_metrics=False` skips sampling the smoothness and
-    gentleness metrics (envs whose info nobody reads, such as training envs; a force penalty samples them anyway)."""
-    settings = {"image_size": args.image_size, "max_steps": args.max_steps, "physics_metrics": physics_metrics}
-    for name in ("workspace_size", "dpos", *GENTLE_MOTION_SETTINGS):
-        if hasattr(args, name):
-            settings[name] = getattr(args, name)
-    if hasattr(args, "drot_n"):
-        settings["drot"] = math.pi / args.drot_n
-    if getattr(args, "paper_tasks", False):
-        from cleanrl_equi.envs.manipulation.tasks import PAPER_TASK_KWARGS  # imports pybullet, as gym.make does
-
-        settings.update(PAPER_TASK_KWARGS.get(args.env_id.removeprefix("cleanrl_equi/").removesuffix("-v0"), {}))
+    """Vector envs of `args.env_id` with the env settings of `args` (a `ManipulationEnvArgs`: its `env_kwargs`).
+    `physics_metrics=False` skips sampling the smoothness and gentleness metrics (envs whose info nobody reads, such
+    as training envs; a force penalty samples them anyway)."""
+    settings = args.env_kwargs(physics_metrics)
 
     def thunk(idx: int):
         def make():
