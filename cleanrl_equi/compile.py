@@ -56,6 +56,26 @@ def _drop_compiled_code() -> None:
     torch._dynamo.reset()
 
 
+def with_bf16_autocast(fn: Callable, args: Any, device: torch.device) -> Callable:
+    """`fn` run under bfloat16 autocast when `--bf16` is on (else `fn` itself): convolutions and matrix products
+    in bfloat16, everything autocast keeps in float32 (losses, softmax, log) in float32. A network's heads return
+    float32 (`.float()`), so log-probabilities, Q values, targets and losses stay float32. Wrapping the whole update
+    step leaves its body free of precision code, so deleting the `# SPEED` lines of a script leaves it eager."""
+    if not args.bf16:
+        return fn
+
+    def in_bf16(*fn_args, **fn_kwargs):
+        with torch.autocast(device.type, torch.bfloat16):
+            return fn(*fn_args, **fn_kwargs)
+    return in_bf16
+
+
+def channels_last(batch: dict, keys: tuple[str, ...] = ("obs", "next_obs")) -> dict:
+    """The batch with its images in channels-last memory order: the same numbers, 15-30% faster convolutions on a
+    CPU (measured in benchmarks/update_layout.py)."""
+    return {k: v.contiguous(memory_format=torch.channels_last) if k in keys else v for k, v in batch.items()}
+
+
 def check_compile_flags(args: Any, device: torch.device) -> None:
     """`--cudagraphs` records CUDA graphs of the compiled steps: it implies `--compile` and needs a CUDA device (one
     sentence where there is none)."""
