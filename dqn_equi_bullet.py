@@ -11,11 +11,12 @@ while the 18 channels of each pixel (dz x dtheta x p) do not change. The C4 netw
 (escnn), so what is learned in one orientation holds in all four. `--model cnn` trains the paper's plain-CNN
 baseline from this same file.
 
-The envs default to the paper's setting (0.4 m workspace, 100-step episodes, its task sizes). Planner
-demonstrations, discretised to the nearest of the 162 actions, fill the buffer before learning. The loss
-is the Huber TD error against a soft-updated target network (tau 0.01 every step), with the plain max over all
-162 actions in the target (no double DQN), as in the released code. Evaluation acts greedily and logs the same
-`eval/` metrics as the other manipulation scripts.
+The envs default to the paper's setting (0.4 m workspace, 100-step episodes, its task sizes) with the paper DQN's
+finer steps (0.02 m, pi/16); every env flag of the manipulation scripts applies (`ManipulationEnvArgs`: the
+scene, the steps, the optional force penalty and compliance). Planner demonstrations, discretised to the nearest
+of the 162 actions, fill the buffer before learning. The loss is the Huber TD error against a soft-updated target
+network (tau 0.01 every step), with the plain max over all 162 actions in the target (no double DQN), as in the
+released code. Evaluation acts greedily and logs the same `eval/` metrics as the other manipulation scripts.
 
 Exploration: by default the agent acts greedily (epsilon 0), as the released code runs: its epsilon schedule
 defaults to no exploration steps and a final epsilon of 0, and the paper's commands leave it so. What it tries
@@ -36,28 +37,30 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from torch.utils.tensorboard import SummaryWriter
 
-from cleanrl_equi.compile import check_compile_flags, compiled, plain_copy, refresh
-from cleanrl_equi.datasets import stored_obs_to_tensor
-from cleanrl_equi.envs.manipulation import (check_env_id, evaluate, evaluate_checkpoint, format_eval, make_envs,
-                                            obs_to_tensor)
+from cleanrl_equi.buffers import ReplayBuffer
+from cleanrl_equi.checkpoints import load_checkpoint, load_state  # PLUMBING
+from cleanrl_equi.compile import channels_last, check_compile_flags, compiled, with_bf16_autocast  # SPEED
+from cleanrl_equi.envs.manipulation import (ManipulationEnvArgs, evaluate, evaluate_checkpoint, format_eval,
+                                            make_envs, obs_to_tensor)
 from cleanrl_equi.equivariant import EscnnModule, TensorToField, count_parameters, enn, gspaces
-from cleanrl_equi.checkpoints import load_checkpoint, load_state
+from cleanrl_equi.equivariant import plain_copy, refresh  # SPEED
 from cleanrl_equi.errors import fail, require
-from cleanrl_equi.run import Run, device_for
+from cleanrl_equi.run import Run, device_for  # PLUMBING
 
 SCRIPT = os.path.basename(__file__)[: -len(".py")]
 
 
 @dataclass
-class Args:
+class Args(ManipulationEnvArgs):
     exp_name: str = SCRIPT
     """the name of this experiment (part of the run name)"""
     seed: int = 1
@@ -76,38 +79,29 @@ class Args:
     """whether to capture videos of the final evaluation episodes (check out `videos` folder)"""
     save_model: bool = False
     """whether to save the model to `runs/{run_name}` at the end"""
-    eval_checkpoint: Optional[str] = None
+    eval_checkpoint: Optional[str] = None  # PLUMBING
     """evaluate this saved model (a `.cleanrl_model` file) for `eval_episodes` episodes instead of training"""
-    run_name: Optional[str] = None
+    run_name: Optional[str] = None  # PLUMBING
     """name of the run directory under runs/ (default: {env}__{exp}__{seed}__{SLURM job id or unix time}); if it
     holds a resume file, training continues from it"""
-    checkpoint_minutes: float = 30.0
+    checkpoint_minutes: float = 30.0  # PLUMBING
     """write the resume file runs/{run_name}/resume.pt (networks, optimiser, RNG and the replay buffer) every this
     many minutes (0 = only on a USR1/TERM signal)"""
 
-    # Environment
-    env_id: str = "cleanrl_equi/BlockPulling-v0"
-    """the id of a manipulation task, `cleanrl_equi/<Task>-v0`"""
-    image_size: int = 128
-    """observation height and width in pixels: 16, 32, 64, 128 (paper) or 256; the image spans 1.5 x the workspace"""
-    workspace_size: float = 0.4
-    """side of the square workspace in metres (the paper's 0.4, seen as 0.6 m; BulletArm's default 0.3)"""
+    # Environment: the task and its settings come from ManipulationEnvArgs (the paper's setting by default)
     dpos: float = 0.02
-    """metres moved by one step of dx, dy or dz (the paper's DQN: 0.02; its SAC: 0.05)"""
+    """metres the gripper moves per step of dx, dy, dz: the paper's DQN moves by 0.02 (its SAC by up to 0.05), as a
+    discrete action takes one step of each, so a fine step is what lets it place the gripper precisely"""
     drot_n: int = 16
-    """one step of dtheta turns the gripper by pi / drot_n radians (the paper's DQN: 16)"""
-    max_steps: int = 100
-    """episode length limit (the paper's 100; BulletArm's 50)"""
-    paper_tasks: bool = True
-    """the paper's task sizes and success thresholds where BulletArm's differ: Block Pulling blocks 10 x 10 x 5 cm
-    of 0.5 kg, Block Picking and Corner Picking lifted above 0.08 m, a 5 cm cube in Corner Picking"""
+    """one step of dtheta turns the gripper by pi / drot_n radians: the paper's DQN turns by pi/16 (its SAC by up to
+    pi/8), for the same reason"""
     num_envs: int = 5
     """the number of parallel training environments (the paper's 5)"""
     async_envs: bool = False
     """run each environment in its own process (gymnasium's AsyncVectorEnv); worth it with spare CPU cores"""
 
     # Network
-    model: str = "equi"
+    model: Literal["equi", "cnn"] = "equi"
     """`equi`: C4-equivariant Q network (escnn); `cnn`: the paper's plain-CNN baseline"""
     n_hidden: int = 128
     """width n: the equivariant network has n/8, n/4, n/2, n, 2n, 2n regular fields of C4 (paper: 128, 2.6M
@@ -150,42 +144,28 @@ class Args:
     """parallel environments used by evaluation"""
     log_frequency: int = 100
     """write the loss scalars every this many gradient steps"""
-    progress_interval: float = 30.0
+    progress_interval: float = 30.0  # PLUMBING
     """seconds between progress lines on stdout"""
-    compile: bool = False
+    compile: bool = False  # SPEED
     """torch.compile the acting network and the update step (loss, backward, optimizer step, target update): the
-    same algorithm"""
-    cudagraphs: bool = False
+    same algorithm. escnn layers cannot be traced (they run eagerly between the compiled parts of the update); the
+    equivariant network acts through a plain-torch copy"""
+    cudagraphs: bool = False  # SPEED
     """like --compile, and replay each step as a recorded CUDA graph (torch.compile "reduce-overhead" mode; GPU only)"""
-    bf16: bool = False
+    bf16: bool = False  # SPEED
     """run the Q networks' forward passes in the update in bfloat16 mixed precision (torch.autocast; weights, optimizer
     state, TD targets and the loss stay float32); CPUs with AVX512-BF16/AMX and recent GPUs"""
 
 
-IMAGE_SIZES = (16, 32, 64, 128, 256)
-
-
 def check_args(args: Args) -> None:
     """Stop at start-up, with one sentence, on settings that cannot work."""
-    check_env_id(args.env_id)
-    if args.model not in ("equi", "cnn"):
-        fail(f"--model must be 'equi' or 'cnn', not {args.model!r}.")
-    if args.image_size not in IMAGE_SIZES:
-        fail(f"--image-size must be 16, 32, 64, 128 or 256 (the network halves it down to 8 pixels), not "
-             f"{args.image_size}.")
+    args.check_env_settings()
     if args.n_hidden < 8 or args.n_hidden % 8 != 0:
         fail(f"--n-hidden {args.n_hidden} must be a multiple of 8 (the first layer has n/8 fields).")
-    if not 0.25 <= args.workspace_size <= 0.6:
-        fail(f"--workspace-size must be in [0.25, 0.6] metres (the tasks' objects need room), "
-             f"not {args.workspace_size}.")
-    if not 0.005 <= args.dpos <= 0.1:
-        fail(f"--dpos must be in [0.005, 0.1] metres per step, not {args.dpos}.")
-    if not 2 <= args.drot_n <= 314:
-        fail(f"--drot-n must be from 2 to 314 (a dtheta step of pi / drot_n radians), not {args.drot_n}.")
     require(args, positive=("learning_rate",), fractions=("gamma", "tau", "start_e", "end_e", "exploration_fraction"),
             non_negative=("num_demos", "total_timesteps", "learning_starts"),
             at_least_one=("num_envs", "num_eval_envs", "batch_size", "eval_frequency", "eval_episodes",
-                          "log_frequency", "updates_per_step", "max_steps"))
+                          "log_frequency", "updates_per_step"))
     if args.num_demos > args.max_demo_attempts:
         fail(f"--max-demo-attempts {args.max_demo_attempts} is less than --num-demos {args.num_demos}; raise it.")
     if args.buffer_size < max(args.batch_size, args.learning_starts, 2 * args.num_envs):
@@ -195,7 +175,7 @@ def check_args(args: Args) -> None:
     if args.learning_starts < args.batch_size:
         fail(f"--learning-starts {args.learning_starts} is less than --batch-size {args.batch_size}: the first batch "
              "would be larger than the data; raise --learning-starts.")
-    check_compile_flags(args, device_for(args))
+    check_compile_flags(args, device_for(args))  # SPEED
 
 
 # ---- The discrete actions --------------------------------------------------------------------------------------------
@@ -245,22 +225,23 @@ def layer_plan(n_hidden: int, image_size: int) -> list[tuple[int, int, bool]]:
 
 
 class EquiQNetwork(EscnnModule):
-    """2 x S x S image (height, holding flag: both invariant fields) -> Q map (B, 18, 3, 3): regular fields of C4
-    through the conv schedule, then a 1x1 conv to 18 invariant fields at each of the 3 x 3 moves."""
+    """Image (B, 2, S, S) -> Q map (B, 18, 3, 3), as the paper's network: the conv schedule of `layer_plan`, then a
+    1x1 conv to the 18 values (dz, dtheta, p) of each of the 3 x 3 moves. Equivariant: `width` regular fields of C4
+    per layer (4 channels each, turning with the image), 18 invariant fields out; 2.6M parameters at n = 128."""
 
-    def __init__(self, args):
+    def __init__(self, args: Args):
         super().__init__()
         gspace = gspaces.rot2dOnR2(4)
-        self.in_type = enn.FieldType(gspace, 2 * [gspace.trivial_repr])
-        layers, field_type = [], self.in_type
+        features = enn.FieldType(gspace, 2 * [gspace.trivial_repr])  # height and holding flag: turned, not changed
+        self.input = TensorToField(features)
+        layers = []
         for width, padding, pool in layer_plan(args.n_hidden, args.image_size):
-            out_type = enn.FieldType(gspace, width * [gspace.regular_repr])
-            layers += [enn.R2Conv(field_type, out_type, 3, padding=padding), enn.ReLU(out_type, inplace=True)]
+            hidden = enn.FieldType(gspace, width * [gspace.regular_repr])
+            layers += [enn.R2Conv(features, hidden, 3, padding=padding), enn.ReLU(hidden, inplace=True)]
             if pool:
-                layers.append(enn.PointwiseMaxPool2D(out_type, 2))
-            field_type = out_type
-        layers.append(enn.R2Conv(field_type, enn.FieldType(gspace, NUM_CHANNELS * [gspace.trivial_repr]), 1))
-        self.input = TensorToField(self.in_type)
+                layers.append(enn.PointwiseMaxPool2D(hidden, 2))
+            features = hidden
+        layers.append(enn.R2Conv(features, enn.FieldType(gspace, NUM_CHANNELS * [gspace.trivial_repr]), 1))
         self.net = enn.SequentialModule(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -268,28 +249,32 @@ class EquiQNetwork(EscnnModule):
 
 
 class CNNQNetwork(nn.Module):
-    """The paper's CNN DQN: the equivariant schedule with plain convolutions, 2 channels per regular field there
-    (32-64-128-256-512-512 at n = 128, 3.9M parameters against the equivariant 2.6M)."""
+    """Image (B, 2, S, S) -> Q map (B, 18, 3, 3), as the paper's network: the conv schedule of `layer_plan`, then a
+    1x1 conv to the 18 values (dz, dtheta, p) of each of the 3 x 3 moves. Plain: 2 x `width` channels per layer
+    (half the channels of the equivariant layer's fields), 18 channels out; 3.9M parameters at n = 128."""
 
-    def __init__(self, args):
+    def __init__(self, args: Args):
         super().__init__()
-        layers, channels = [], 2
+        features = 2  # height and holding flag
+        layers = []
         for width, padding, pool in layer_plan(args.n_hidden, args.image_size):
-            layers += [nn.Conv2d(channels, 2 * width, 3, padding=padding), nn.ReLU(inplace=True)]
+            hidden = 2 * width
+            layers += [nn.Conv2d(features, hidden, 3, padding=padding), nn.ReLU(inplace=True)]
             if pool:
                 layers.append(nn.MaxPool2d(2))
-            channels = 2 * width
-        self.net = nn.Sequential(*layers, nn.Conv2d(channels, NUM_CHANNELS, 1))
+            features = hidden
+        layers.append(nn.Conv2d(features, NUM_CHANNELS, 1))
+        self.net = nn.Sequential(*layers)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
-def make_q_network(args) -> nn.Module:
+def make_q_network(args: Args) -> nn.Module:
     return EquiQNetwork(args) if args.model == "equi" else CNNQNetwork(args)
 
 
-def load_q_network(path: str, device: torch.device) -> tuple[nn.Module, Args]:
+def load_q_network(path: str, device: torch.device) -> tuple[nn.Module, Args]:  # PLUMBING: --eval-checkpoint
     """The Q network saved with --save-model and the settings it was trained with (one sentence if it does not
     fit)."""
     checkpoint = load_checkpoint(path, SCRIPT)
@@ -309,15 +294,14 @@ def greedy_env_action(q_network: nn.Module, obs: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(decode_actions(q_network(obs).flatten(1).argmax(1).cpu().numpy()))
 
 
-def update_step(q_network: nn.Module, target_network: nn.Module, optimizer, args: Args, data: dict):
-    """One gradient step of the TD loss and the soft target update (in one function so that `--compile` compiles
-    all of it); returns the loss and the Q values of the batch's actions (tensors, no host sync)."""
-    # --bf16: the forward passes in bfloat16, their Q values back in float32 for the TD target and the loss
-    with torch.autocast(data["obs"].device.type, torch.bfloat16, enabled=args.bf16):
-        with torch.no_grad():  # the released code's target: the plain max over all 162 actions, no double DQN
-            target_max = target_network(data["next_obs"]).flatten(1).float().max(1).values
-            td_target = data["rewards"] + args.gamma * target_max * (1 - data["terminated"])
-        old_val = q_network(data["obs"]).flatten(1).float().gather(1, data["actions"][:, None]).squeeze(1)
+def update_step(q_network: nn.Module, target_network: nn.Module, optimizer: torch.optim.Optimizer, args: Args,
+                data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One gradient step of the TD loss and the soft target update (one function, so that `--compile` compiles all
+    of it); returns the loss and the mean Q value of the batch's actions (detached tensors: no host sync here)."""
+    with torch.no_grad():  # the released code's target: the plain max over all 162 actions, no double DQN
+        target_max = target_network(data["next_obs"]).flatten(1).float().max(1).values
+        td_target = data["rewards"] + args.gamma * target_max * (1 - data["terminated"])
+    old_val = q_network(data["obs"]).flatten(1).float().gather(1, data["actions"][:, None]).squeeze(1)
     loss = F.smooth_l1_loss(old_val, td_target)  # Huber, as in the released code
     optimizer.zero_grad()
     loss.backward()
@@ -327,7 +311,7 @@ def update_step(q_network: nn.Module, target_network: nn.Module, optimizer, args
     with torch.no_grad():
         for param, target_param in zip(q_network.parameters(), target_network.parameters()):
             target_param.lerp_(param, args.tau)
-    return loss.detach(), old_val.detach()
+    return {"td_loss": loss.detach(), "q_values": old_val.detach().mean()}
 
 
 GREEDY = "greedy action"  # how the evaluation lines name the policy
@@ -336,75 +320,6 @@ GREEDY = "greedy action"  # how the evaluation lines name the policy
 def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> float:
     """Epsilon goes linearly from start_e to end_e over `duration` steps, then stays at end_e (CleanRL's DQN)."""
     return end_e if duration <= 0 else start_e + (end_e - start_e) * min(t / duration, 1.0)
-
-
-# ---- Replay buffer ---------------------------------------------------------------------------------------------------
-class ReplayBuffer:
-    """Transitions of `num_envs` parallel streams, each observation stored once.
-
-    Row i holds, for every env, the observation s_i (height channel as uint8, holding flag as one bool) and the
-    transition (a_i, r_i, terminated_i) that left it; s_{i+1} is the next row's observation. The step in which a
-    vector env resets an env after an episode end (gymnasium's next-step autoreset) is stored as an invalid row,
-    so no transition ever joins two episodes. 100k transitions of 128x128 images take 1.6 GB (16 KiB each).
-    """
-
-    def __init__(self, capacity: int, num_envs: int, image_size: int):
-        self.rows, self.num_envs, self.pos, self.filled = capacity // num_envs, num_envs, 0, 1
-        self.heights = np.zeros((self.rows, num_envs, image_size, image_size), dtype=np.uint8)
-        self.holding = np.zeros((self.rows, num_envs), dtype=bool)
-        self.actions = np.zeros((self.rows, num_envs), dtype=np.int16)
-        self.rewards = np.zeros((self.rows, num_envs), dtype=np.float32)
-        self.terminated = np.zeros((self.rows, num_envs), dtype=bool)
-        self.valid = np.zeros((self.rows, num_envs), dtype=bool)
-
-    def _put_observation(self, obs: np.ndarray):
-        self.heights[self.pos], self.holding[self.pos] = obs[:, 0], obs[:, 1, 0, 0] > 0
-        self.valid[self.pos] = False  # the old transition of this row just lost its observation
-
-    def start(self, obs: np.ndarray):
-        """The first observations after a reset of all envs (an invalid row closes any unfinished stream)."""
-        if self.valid.any() or self.pos > 0:
-            zeros = np.zeros(self.num_envs, bool)
-            self.add(np.zeros(self.num_envs, np.int64), np.zeros(self.num_envs), zeros, zeros, obs)
-        else:
-            self._put_observation(obs)
-
-    def add(self, actions, rewards, terminated, valid, next_obs) -> int:
-        """Store one vector step; returns its row (so a caller can drop the transitions again)."""
-        p = self.pos
-        self.actions[p], self.rewards[p], self.terminated[p], self.valid[p] = actions, rewards, terminated, valid
-        self.pos = (p + 1) % self.rows
-        self.filled = max(self.filled, self.pos + 1)  # rows 0 .. filled - 1 hold data (all of them once it wraps)
-        self._put_observation(next_obs)
-        return p
-
-    def __len__(self) -> int:
-        return int(self.valid.sum())
-
-    def state_dict(self) -> dict:
-        """The filled rows only, as tensors sharing the buffer's memory (torch writes them as raw bytes, without a
-        copy): a resume file early in a run is small, and a full 100k-transition 128 px buffer is 1.6 GB."""
-        arrays = {k: torch.from_numpy(v[: self.filled]) for k, v in vars(self).items() if isinstance(v, np.ndarray)}
-        return {"pos": self.pos, "filled": self.filled, **arrays}
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, array in vars(self).items():
-            if isinstance(array, np.ndarray):
-                if state[key].shape[1:] != array.shape[1:] or len(state[key]) > len(array):
-                    raise ValueError(f"replay buffer {key} has shape {state[key].shape}, not {array.shape}")
-                array[: len(state[key])] = np.asarray(state[key])
-                array[len(state[key]):] = 0
-        self.pos, self.filled = state["pos"], state["filled"]
-
-    def sample(self, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-        flat = np.random.choice(np.flatnonzero(self.valid.ravel()), batch_size)
-        rows, envs = np.divmod(flat, self.num_envs)
-        next_rows = (rows + 1) % self.rows
-        as_tensor = lambda a: torch.as_tensor(a[rows, envs], device=device)  # noqa: E731
-        return {"obs": stored_obs_to_tensor(self.heights[rows, envs], self.holding[rows, envs], device),
-                "next_obs": stored_obs_to_tensor(self.heights[next_rows, envs], self.holding[next_rows, envs], device),
-                "actions": as_tensor(self.actions).long(), "rewards": as_tensor(self.rewards),
-                "terminated": as_tensor(self.terminated).float()}
 
 
 def collect_demos(envs, rb: ReplayBuffer, args: Args) -> tuple[int, int, int]:
@@ -421,7 +336,7 @@ def collect_demos(envs, rb: ReplayBuffer, args: Args) -> tuple[int, int, int]:
     while kept < args.num_demos and attempts < args.max_demo_attempts:
         actions = encode_actions(np.stack(envs.unwrapped.call("expert_action")))
         obs, rewards, terminations, truncations, infos = envs.step(decode_actions(actions))
-        row = rb.add(actions, rewards, terminations, ~resetting, obs)
+        row = rb.add(actions, rewards, terminations, ~resetting, obs, expert=True)
         for i in np.flatnonzero(~resetting):
             episode_rows[i].append(row)
         for i in np.flatnonzero(np.logical_or(terminations, truncations)):
@@ -439,19 +354,28 @@ def collect_demos(envs, rb: ReplayBuffer, args: Args) -> tuple[int, int, int]:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    if args.eval_checkpoint is not None:
+    if args.eval_checkpoint is not None:  # PLUMBING: evaluate a saved model instead of training
         evaluate_checkpoint(*load_q_network(args.eval_checkpoint, device_for(args)), args, device_for(args),
                             act=greedy_env_action, policy=GREEDY)
         raise SystemExit(0)
     check_args(args)
-    run = Run(SCRIPT, args, args.env_id.replace("/", "_"))  # PLUMBING: run dir, TensorBoard, resume file, signals
-    writer, device = run.writer, run.device
+    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run = Run(SCRIPT, args, default_name=run_name)  # PLUMBING: --run-name or the SLURM job's; resume file, signals
+    run_name = run.name  # PLUMBING
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+    run.attach(writer)  # PLUMBING: a resumed run's curves continue where its resume file left them
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # env setup
     envs = make_envs(args, args.num_envs, args.async_envs, physics_metrics=False)  # evaluation measures them
@@ -460,15 +384,19 @@ if __name__ == "__main__":
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate)
     target_network = copy.deepcopy(q_network).requires_grad_(False)
     print(f"{args.model} Q network: {count_parameters(q_network):,} parameters", flush=True)
-    # PLUMBING: --compile/--cudagraphs, the same acting network and update step through torch.compile (README
-    # "Speed"); dynamo cannot trace escnn's layers, so the equivariant network acts through a plain-torch copy (export)
-    acting_network = compiled(plain_copy(q_network), args) if args.compile else q_network
-    update = compiled(update_step, args)
 
-    rb = ReplayBuffer(args.buffer_size, args.num_envs, args.image_size)
+    acting_network, update = q_network, update_step
+    update = with_bf16_autocast(update, args, device)  # SPEED: the forward passes in bfloat16, the heads float32
+    if args.compile:  # SPEED: dynamo cannot trace escnn, so the equivariant network acts through a plain-torch copy
+        acting_network = compiled(plain_copy(q_network), args)
+    update = compiled(update, args)  # SPEED
 
-    # Planner demonstrations, through the same envs, before any learning (a resumed run has them in its buffer)
-    if run.saved is None and args.num_demos > 0:
+    rb = ReplayBuffer(args.buffer_size, args.num_envs, args.image_size, action_shape=(), action_dtype=np.int16)
+
+    # Planner demonstrations, through the same envs, before any learning
+    num_demos = args.num_demos
+    num_demos = 0 if run.saved is not None else num_demos  # PLUMBING: a resumed run has its demos in its buffer
+    if num_demos > 0:
         kept, transitions, attempts = collect_demos(envs, rb, args)
         print(f"{kept} demo episodes ({transitions} transitions) kept of {attempts} discretised planner episodes",
               flush=True)
@@ -476,27 +404,29 @@ if __name__ == "__main__":
             print(f"warning: only {kept} of --num-demos {args.num_demos} planner episodes succeeded within "
                   f"--max-demo-attempts {args.max_demo_attempts}", flush=True)
 
-    # PLUMBING: what a resumed run continues from (the demos are in the saved buffer; envs start fresh episodes)
-    run.keep(q_network=q_network, target_network=target_network, optimizer=optimizer, replay_buffer=rb)
-    counters = run.resume(vector_step=0, global_step=0, gradient_steps=0, last_eval=-1)
+    # PLUMBING: what a resumed run continues from (its demos are in the saved buffer; the envs start fresh episodes)
+    run.keep(q_network=q_network, target_network=target_network, optimizer=optimizer, replay_buffer=rb)  # PLUMBING
+    counters = dict(vector_step=0, global_step=0, gradient_steps=0, last_eval=-1)
+    counters = run.resume(**counters)  # PLUMBING
     global_step, grad_steps, last_eval = counters["global_step"], counters["gradient_steps"], counters["last_eval"]
     obs, _ = envs.reset(seed=args.seed + 1 + counters["vector_step"])
     rb.start(obs)
     resetting = np.zeros(args.num_envs, dtype=bool)
 
     # TRY NOT TO MODIFY: start the game
+    start_time = time.time()
     update_time, start_grad_steps, last_success = 0.0, grad_steps, float("nan")
     num_vector_steps = args.total_timesteps // args.num_envs
     for vector_step in range(counters["vector_step"], num_vector_steps):
         # PLUMBING: periodic resume file; on USR1/TERM also stop here (and requeue under SLURM)
-        run.checkpoint(vector_step=vector_step, global_step=global_step, gradient_steps=grad_steps, last_eval=last_eval)
+        run.checkpoint(vector_step=vector_step, global_step=global_step, gradient_steps=grad_steps,  # PLUMBING
+                       last_eval=last_eval)
         global_step += args.num_envs
         # ALGO LOGIC: put action logic here (train mode, no_grad: escnn builds fresh filters from current weights)
         epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps,
                                   global_step)
         with torch.no_grad():
-            if args.compile:
-                refresh(acting_network, q_network)  # PLUMBING: the plain copy takes the updated weights
+            refresh(acting_network, q_network)  # SPEED: the plain copy takes the updated weights
             actions = greedy_actions(acting_network, obs, device)
         explore = np.random.rand(args.num_envs) < epsilon
         actions[explore] = np.random.randint(NUM_ACTIONS, size=int(explore.sum()))
@@ -518,18 +448,19 @@ if __name__ == "__main__":
         update_start = time.time()
         for _ in range(args.updates_per_step):
             data = rb.sample(args.batch_size, device)
-            for key in ("obs", "next_obs"):  # channels-last images: faster convolutions on CPUs (README "Speed")
-                data[key] = data[key].contiguous(memory_format=torch.channels_last)
+            data = channels_last(data)  # SPEED: channels-last convolutions are faster on CPUs (README "Speed")
             grad_steps += 1
-            loss, old_val = update(q_network, target_network, optimizer, args, data)
+            stats = update(q_network, target_network, optimizer, args, data)
         update_time += time.time() - update_start
         updates_per_second = (grad_steps - start_grad_steps) / max(update_time, 1e-9)
 
         if grad_steps % args.log_frequency < args.updates_per_step:
-            writer.add_scalar("losses/td_loss", loss.item(), global_step)
-            writer.add_scalar("losses/q_values", old_val.mean().item(), global_step)
+            writer.add_scalar("losses/td_loss", stats["td_loss"].item(), global_step)
+            writer.add_scalar("losses/q_values", stats["q_values"].item(), global_step)
             writer.add_scalar("charts/epsilon", epsilon, global_step)
-            writer.add_scalar("charts/SPS", int(run.sps(global_step)), global_step)
+            sps = int(global_step / (time.time() - start_time))
+            sps = int(run.sps(global_step))  # PLUMBING: the steps of this process (a resumed run counts anew)
+            writer.add_scalar("charts/SPS", sps, global_step)
             writer.add_scalar("charts/updates_per_second", updates_per_second, global_step)
             writer.add_scalar("charts/gradient_steps", grad_steps, global_step)
 
@@ -548,12 +479,13 @@ if __name__ == "__main__":
                      f"last eval success {last_success:.2f}", force=final)
 
     envs.close()
-    if args.save_model:
+    if args.save_model:  # PLUMBING: the model file, with the script's name and settings
         run.save_model(q_network=q_network.state_dict(), target_network=target_network.state_dict(),
                        global_step=global_step, gradient_steps=grad_steps)
     if args.save_model or args.capture_video:  # the final policy, greedy, on the evaluation scenes (and on video)
         result = evaluate(q_network, args, device, seed=args.seed + 10_000,
-                          video_folder=f"videos/{run.name}-eval" if args.capture_video else None, act=greedy_env_action)
+                          video_folder=f"videos/{run_name}-eval" if args.capture_video else None, act=greedy_env_action)
         print(f"final eval: {format_eval(result, args.eval_episodes, args.seed + 10_000, GREEDY)}", flush=True)
     run.finish(vector_step=max(counters["vector_step"], num_vector_steps), global_step=global_step,  # PLUMBING
                gradient_steps=grad_steps, last_eval=last_eval)
+    writer.close()

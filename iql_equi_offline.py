@@ -13,7 +13,11 @@ Reinforcement Learning") adds a temporal term (the policy's action at s_t vs at 
 vs at a perturbed s) to the advantage-weighted actor loss (`--caps-temporal-weight`, `--caps-spatial-weight`; off
 by default).
 
-With no `--dataset`, a small planner dataset of `--env-id` is built once (cached) and used, so this just works:
+The env settings are BulletArm's defaults (`BulletArmEnvArgs`: a 0.3 m workspace, pi/4 rotation steps, 50-step
+episodes), in which the datasets are collected. A dataset records the settings it was collected in; a run whose
+settings differ refuses it (with the flags to pass), and evaluates in the run's settings, which are the dataset's.
+With no `--dataset`, a small planner dataset of `--env-id` in these settings is built once (cached) and used, so
+this just works:
 
     uv run python iql_equi_offline.py
     uv run python -m cleanrl_equi.tools.make_dataset --env-id cleanrl_equi/BlockInBowl-v0 --quality expert --num-episodes 10
@@ -25,29 +29,32 @@ import copy
 import math
 import os
 import random
+import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from torch.utils.tensorboard import SummaryWriter
 
-from cleanrl_equi.compile import check_compile_flags, compiled, plain_copy, refresh
+from cleanrl_equi.checkpoints import load_checkpoint, load_state  # PLUMBING
+from cleanrl_equi.compile import channels_last, check_compile_flags, compiled, with_bf16_autocast  # SPEED
 from cleanrl_equi.datasets import default_dataset, load_dataset
-from cleanrl_equi.envs.manipulation import check_env_id, evaluate, evaluate_checkpoint, format_eval, rotate_batch
+from cleanrl_equi.envs.manipulation import BulletArmEnvArgs, evaluate, evaluate_checkpoint, format_eval, rotate_batch
 from cleanrl_equi.envs.manipulation.rollouts import tanh_of_mean
 from cleanrl_equi.equivariant import EscnnModule, TensorToField, count_parameters, enn, gspaces, planar_action_type
-from cleanrl_equi.checkpoints import load_checkpoint, load_state
+from cleanrl_equi.equivariant import plain_copy, refresh  # SPEED
 from cleanrl_equi.errors import fail, require
-from cleanrl_equi.run import Run, device_for
+from cleanrl_equi.run import Run, device_for  # PLUMBING
 
 SCRIPT = os.path.basename(__file__)[: -len(".py")]
 
 
 @dataclass
-class Args:
+class Args(BulletArmEnvArgs):
     exp_name: str = SCRIPT
     """the name of this experiment (part of the run name)"""
     seed: int = 1
@@ -66,29 +73,24 @@ class Args:
     """whether to capture videos of the final evaluation episodes (check out `videos` folder)"""
     save_model: bool = False
     """whether to save the model to `runs/{run_name}` at the end, then evaluate it"""
-    eval_checkpoint: Optional[str] = None
+    eval_checkpoint: Optional[str] = None  # PLUMBING
     """evaluate this saved model (a `.cleanrl_model` file) for `eval_episodes` episodes instead of training"""
-    run_name: Optional[str] = None
+    run_name: Optional[str] = None  # PLUMBING
     """name of the run directory under runs/ (default: {env}__{exp}__{seed}__{SLURM job id or unix time}); if it
     holds a resume file, training continues from it"""
-    checkpoint_minutes: float = 30.0
+    checkpoint_minutes: float = 30.0  # PLUMBING
     """write the resume file runs/{run_name}/resume.pt every this many minutes (0 = only on a USR1/TERM signal)"""
 
-    # Data and environment
-    env_id: str = "cleanrl_equi/BlockPulling-v0"
-    """the manipulation task, `cleanrl_equi/<Task>-v0`: the dataset's task and the evaluation env"""
+    # Data and environment: the task and its settings come from BulletArmEnvArgs (BulletArm's defaults, the offline
+    # paper's and the datasets'); they must be the dataset's, and the evaluation envs take them
     dataset: Optional[str] = None
-    """an offline dataset file (`python -m cleanrl_equi.tools.make_dataset`); default: a cached planner dataset of env_id"""
+    """an offline dataset file (`python -m cleanrl_equi.tools.make_dataset`); default: a cached planner dataset of
+    env_id in these env settings"""
     default_dataset_episodes: int = 10
     """episodes of the default planner dataset built when no --dataset is given (the paper's 10 expert demos)"""
-    image_size: int = 128
-    """observation height and width in pixels (must match the dataset)"""
-    max_steps: int = 50
-    """episode length limit of the evaluation env (the offline paper's 50, BulletArm's default; its envs also keep
-    BulletArm's 0.3 m workspace and pi/4 rotation step, the envs' defaults)"""
 
     # Networks
-    model: str = "equi"
+    model: Literal["equi", "cnn"] = "equi"
     """`equi`: C_N-equivariant actor and invariant critic (escnn); `cnn`: plain CNNs of a similar parameter count"""
     group_order: int = 8
     """N of the rotation group C_N (the paper's C8); `cnn` uses it only to match the parameter count"""
@@ -137,27 +139,22 @@ class Args:
     """parallel environments used by evaluation"""
     log_frequency: int = 100
     """write the loss scalars every this many gradient steps"""
-    progress_interval: float = 30.0
+    progress_interval: float = 30.0  # PLUMBING
     """seconds between progress lines on stdout"""
-    compile: bool = False
+    compile: bool = False  # SPEED
     """torch.compile the update step (value, critic, actor, target update) and the evaluation's acting: the same
     algorithm. escnn layers cannot be traced (they run eagerly between the compiled parts of the update); the
     equivariant actor acts through a plain-torch copy"""
-    cudagraphs: bool = False
+    cudagraphs: bool = False  # SPEED
     """like --compile, and replay each step as a recorded CUDA graph (torch.compile "reduce-overhead" mode; GPU only)"""
-    bf16: bool = False
+    bf16: bool = False  # SPEED
     """run the networks' forward passes in the updates in bfloat16 mixed precision (torch.autocast; weights,
     optimizer state, log-probabilities, Q values and losses stay float32); CPUs with AVX512-BF16/AMX and recent GPUs"""
 
 
 def check_args(args: Args) -> None:
     """Stop at start-up, with one sentence, on settings that cannot work."""
-    check_env_id(args.env_id)
-    if args.model not in ("equi", "cnn"):
-        fail(f"--model must be 'equi' or 'cnn', not {args.model!r}.")
-    if args.image_size not in (16, 32, 64, 128, 256, 512, 1024):
-        fail(f"--image-size must be a power of two from 16 to 1024 (the encoder halves it down to 8 x 8 pixels), "
-             f"not {args.image_size}.")
+    args.check_env_settings()
     if args.group_order < 2 or (args.group_order != 2 and args.group_order % 4 != 0):
         fail(f"--group-order {args.group_order} does not contain the 90-degree turns of the pixel grid; "
              "use 4, 8, 12, 16 (or 2).")
@@ -166,17 +163,19 @@ def check_args(args: Args) -> None:
     require(args, positive=("policy_lr", "q_lr", "value_lr", "beta", "max_exp_advantage", "caps_sigma"),
             fractions=("gamma", "tau"), non_negative=("total_timesteps", "caps_temporal_weight", "caps_spatial_weight"),
             at_least_one=("batch_size", "eval_frequency", "eval_episodes", "num_eval_envs", "log_frequency",
-                          "max_steps", "default_dataset_episodes"))
+                          "default_dataset_episodes"))
     if not 0 < args.expectile < 1:
         fail(f"--expectile must lie strictly between 0 and 1 (0.5 = mean, the paper's 0.8), not {args.expectile}.")
-    check_compile_flags(args, device_for(args))
+    check_compile_flags(args, device_for(args))  # SPEED
+
 
 # ---- Networks -----------------------------------------------------------------------------------------------------
 # Symmetry: turning the world by g in C_N about the gripper axis turns the image by g, turns the best (dx, dy) by g and
 # leaves p, dz, dtheta and the value unchanged. So the encoder maps the image to regular fields of C_N (features that
 # turn along with it), the actor outputs (dx, dy) as one vector field and everything else as invariant fields, and
-# the critic pools over the group before its output, so Q is invariant. The CNN baseline is the same schedule with
-# plain convolutions; the two sit side by side so a diff of the two shows where the symmetry enters.
+# the critic and the state value pool over the group before their outputs, so Q and V are invariant. The CNN
+# baseline is the same schedule with plain convolutions; the two sit side by side so a diff of the two shows where
+# the symmetry enters.
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 
 
@@ -194,13 +193,15 @@ def layer_plan(n_hidden: int, image_size: int) -> list[tuple[int, int, bool]]:
 
 
 class EquiEncoder(EscnnModule):
-    """2 x S x S image (height, holding flag: both invariant fields) -> n regular fields of C_N at 1 x 1."""
+    """2 x S x S image (height and holding flag, both invariant fields) -> n regular fields of C_N at 1 x 1: features
+    that turn with the image."""
 
-    def __init__(self, gspace, n_hidden: int, image_size: int):
+    def __init__(self, args: Args):
         super().__init__()
+        gspace = gspaces.rot2dOnR2(args.group_order)
         self.in_type = enn.FieldType(gspace, 2 * [gspace.trivial_repr])
         layers, field_type = [], self.in_type
-        for width, padding, pool in layer_plan(n_hidden, image_size):
+        for width, padding, pool in layer_plan(args.n_hidden, args.image_size):
             out_type = enn.FieldType(gspace, width * [gspace.regular_repr])
             layers += [enn.R2Conv(field_type, out_type, 3, padding=padding), enn.ReLU(out_type, inplace=True)]
             if pool:
@@ -215,31 +216,30 @@ class EquiEncoder(EscnnModule):
 
 
 class EquiActor(EscnnModule):
-    """Equivariant Gaussian policy: a 1x1 conv from the encoder to [(dx, dy) mean as one vector field] + [means of
-    p, dz, dtheta and the five log-stds as eight invariant fields]."""
+    """Gaussian policy: a 1x1 conv from the encoder to the (dx, dy) mean as one vector field, which turns with the
+    image, and the means of p, dz, dtheta and the five log-stds as eight invariant fields."""
 
-    def __init__(self, args):
+    def __init__(self, args: Args):
         super().__init__()
-        gspace = gspaces.rot2dOnR2(args.group_order)
-        self.encoder = EquiEncoder(gspace, args.n_hidden, args.image_size)
+        self.encoder = EquiEncoder(args)
+        gspace = self.encoder.out_type.gspace
         self.head = enn.R2Conv(self.encoder.out_type, planar_action_type(gspace, 8), 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # float32 under --bf16 too: the log-probabilities and the losses are computed from these
-        out = self.head(self.encoder(x)).tensor.flatten(1).float()  # (dx, dy, p, dz, dtheta, log-std x 5)
-        mean = torch.cat([out[:, 2:3], out[:, 0:2], out[:, 3:5]], dim=1)  # -> (p, dx, dy, dz, dtheta)
+        out = self.head(self.encoder(x)).tensor.flatten(1).float()  # float32 under --bf16: log-probs come from it
+        mean = torch.cat([out[:, 2:3], out[:, 0:2], out[:, 3:5]], dim=1)  # (dx, dy, p, dz, dtheta) -> (p, dx, ...)
         return mean, out[:, 5:10].clamp(LOG_STD_MIN, LOG_STD_MAX)
 
 
 class EquiCritic(EscnnModule):
-    """Twin invariant Q: one encoder; the action joins at the 1x1 bottleneck ((dx, dy) as a vector field, p, dz,
-    dtheta as invariant fields); each head is a 1x1 conv to n regular fields, ReLU, a max over the group (an
-    invariant feature per field), and a 1x1 conv to one invariant Q value."""
+    """Twin Q on one encoder: the action joins the features at 1 x 1 ((dx, dy) as a vector field, p, dz, dtheta as
+    invariant fields); each head is a 1x1 conv to n regular fields, ReLU, a max over the group (which makes Q
+    invariant) and a 1x1 conv to one Q value."""
 
-    def __init__(self, args):
+    def __init__(self, args: Args):
         super().__init__()
-        gspace = gspaces.rot2dOnR2(args.group_order)
-        self.encoder = EquiEncoder(gspace, args.n_hidden, args.image_size)
+        self.encoder = EquiEncoder(args)
+        gspace = self.encoder.out_type.gspace
         self.joint_type = self.encoder.out_type + planar_action_type(gspace, 3)  # features, (dx, dy), p, dz, dtheta
         hidden_type = enn.FieldType(gspace, args.n_hidden * [gspace.regular_repr])
         pooled_type = enn.FieldType(gspace, args.n_hidden * [gspace.trivial_repr])
@@ -258,8 +258,27 @@ class EquiCritic(EscnnModule):
         joint = enn.GeometricTensor(torch.cat([features, fields], dim=1), self.joint_type)
         return self.q1(joint).tensor.flatten().float(), self.q2(joint).tensor.flatten().float()  # float32 (--bf16)
 
-    def forward(self, x, action):
+    def forward(self, x: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.q_values(self.encode(x), action)
+
+
+class EquiValue(EscnnModule):
+    """State value on one encoder: a 1x1 conv to n regular fields, ReLU, a max over the group (which makes V
+    invariant: turning the scene cannot change it) and a 1x1 conv to one value."""
+
+    def __init__(self, args: Args):
+        super().__init__()
+        self.encoder = EquiEncoder(args)
+        gspace = self.encoder.out_type.gspace
+        hidden_type = enn.FieldType(gspace, args.n_hidden * [gspace.regular_repr])
+        pooled_type = enn.FieldType(gspace, args.n_hidden * [gspace.trivial_repr])
+        v_type = enn.FieldType(gspace, [gspace.trivial_repr])
+        self.head = enn.SequentialModule(enn.R2Conv(self.encoder.out_type, hidden_type, 1),
+                                         enn.ReLU(hidden_type, inplace=True),
+                                         enn.GroupPooling(hidden_type), enn.R2Conv(pooled_type, v_type, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x)).tensor.flatten().float()  # float32 (--bf16)
 
 
 def cnn_width_scale(group_order: int) -> float:
@@ -269,11 +288,13 @@ def cnn_width_scale(group_order: int) -> float:
 
 
 class CNNEncoder(nn.Module):
-    """The equivariant encoder's layer schedule with plain convolutions, `cnn_width_scale` x as wide."""
+    """2 x S x S image (height and holding flag) -> `cnn_width_scale` x n plain channels at 1 x 1: the equivariant
+    encoder's layer schedule with plain convolutions."""
 
-    def __init__(self, args):
+    def __init__(self, args: Args):
         super().__init__()
-        scale, layers, channels = cnn_width_scale(args.group_order), [], 2
+        scale = cnn_width_scale(args.group_order)
+        layers, channels = [], 2
         for width, padding, pool in layer_plan(args.n_hidden, args.image_size):
             out_channels = max(1, round(scale * width))
             layers += [nn.Conv2d(channels, out_channels, 3, padding=padding), nn.ReLU(inplace=True)]
@@ -283,23 +304,30 @@ class CNNEncoder(nn.Module):
         self.out_channels = channels
         self.net = nn.Sequential(*layers, nn.Flatten())
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
 class CNNActor(nn.Module):
-    def __init__(self, args):
+    """Gaussian policy: a linear layer from the encoder to the means of (p, dx, dy, dz, dtheta) and the five
+    log-stds."""
+
+    def __init__(self, args: Args):
         super().__init__()
         self.encoder = CNNEncoder(args)
         self.head = nn.Linear(self.encoder.out_channels, 10)
 
-    def forward(self, x):
-        out = self.head(self.encoder(x)).float()  # float32 under --bf16 too
-        return out[:, :5], out[:, 5:].clamp(LOG_STD_MIN, LOG_STD_MAX)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.head(self.encoder(x)).float()  # float32 under --bf16: log-probs come from it
+        mean = out[:, 0:5]  # (p, dx, dy, dz, dtheta)
+        return mean, out[:, 5:10].clamp(LOG_STD_MIN, LOG_STD_MAX)
 
 
 class CNNCritic(nn.Module):
-    def __init__(self, args):
+    """Twin Q on one encoder: the action joins the features; each head is a linear layer to `cnn_width_scale` x n
+    units, ReLU and a linear layer to one Q value."""
+
+    def __init__(self, args: Args):
         super().__init__()
         self.encoder = CNNEncoder(args)
         hidden = round(cnn_width_scale(args.group_order) * args.n_hidden)
@@ -308,46 +336,22 @@ class CNNCritic(nn.Module):
             for _ in range(2)
         ]
 
-    def encode(self, x):
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
 
-    def q_values(self, features, action):
+    def q_values(self, features: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         joint = torch.cat([features, action], dim=1)
-        return self.q1(joint).flatten().float(), self.q2(joint).flatten().float()  # float32 under --bf16 too
+        return self.q1(joint).flatten().float(), self.q2(joint).flatten().float()  # float32 (--bf16)
 
-    def forward(self, x, action):
+    def forward(self, x: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.q_values(self.encode(x), action)
 
 
-def load_actor(path: str, device: torch.device) -> tuple[nn.Module, Args]:
-    """The actor saved with --save-model and the settings it was trained with (one sentence if it does not fit)."""
-    checkpoint = load_checkpoint(path, SCRIPT)
-    saved = Args(**{k: v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__})
-    actor = EquiActor(saved) if saved.model == "equi" else CNNActor(saved)
-    load_state(actor, checkpoint["actor"], path)
-    return actor.to(device), saved
-
-# ---- State value: invariant, like Q ----------------------------------------------------------------------------------
-class EquiValue(EscnnModule):
-    """Invariant V(s): the equivariant encoder, a 1x1 conv to n regular fields, ReLU, a max over the group (one
-    invariant feature per field) and a 1x1 conv to one invariant value: turning the scene cannot change V."""
-
-    def __init__(self, args):
-        super().__init__()
-        gspace = gspaces.rot2dOnR2(args.group_order)
-        self.encoder = EquiEncoder(gspace, args.n_hidden, args.image_size)
-        hidden_type = enn.FieldType(gspace, args.n_hidden * [gspace.regular_repr])
-        pooled_type = enn.FieldType(gspace, args.n_hidden * [gspace.trivial_repr])
-        self.head = enn.SequentialModule(
-            enn.R2Conv(self.encoder.out_type, hidden_type, 1), enn.ReLU(hidden_type, inplace=True),
-            enn.GroupPooling(hidden_type), enn.R2Conv(pooled_type, enn.FieldType(gspace, [gspace.trivial_repr]), 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x)).tensor.flatten().float()  # float32 under --bf16 too
-
-
 class CNNValue(nn.Module):
-    def __init__(self, args):
+    """State value on one encoder: a linear layer to `cnn_width_scale` x n units, ReLU and a linear layer to one
+    value."""
+
+    def __init__(self, args: Args):
         super().__init__()
         self.encoder = CNNEncoder(args)
         hidden = round(cnn_width_scale(args.group_order) * args.n_hidden)
@@ -355,7 +359,17 @@ class CNNValue(nn.Module):
                                   nn.Linear(hidden, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x)).flatten().float()  # float32 under --bf16 too
+        return self.head(self.encoder(x)).flatten().float()  # float32 (--bf16)
+
+
+def load_actor(path: str, device: torch.device) -> tuple[nn.Module, Args]:  # PLUMBING: --eval-checkpoint
+    """The actor saved with --save-model and the settings it was trained with (one sentence if it does not fit); a
+    model saved before the env settings were recorded was trained in BulletArm's, the defaults of Args."""
+    checkpoint = load_checkpoint(path, SCRIPT)
+    saved = Args(**{k: v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__})
+    actor = EquiActor(saved) if saved.model == "equi" else CNNActor(saved)
+    load_state(actor, checkpoint["actor"], path)
+    return actor.to(device), saved
 
 
 # ---- Losses -------------------------------------------------------------------------------------------------------
@@ -399,27 +413,26 @@ def caps_terms(actor: nn.Module, obs: torch.Tensor, next_obs: torch.Tensor, sigm
 
 # ---- Update step ----------------------------------------------------------------------------------------------------
 def update_step(actor: nn.Module, critic: nn.Module, critic_target: nn.Module, value: nn.Module, actor_optimizer,
-                critic_optimizer, value_optimizer, args: Args, batch: dict):
+                critic_optimizer, value_optimizer, args: Args, batch: dict) -> dict[str, torch.Tensor]:
     """One gradient step of IQL on a batch: value, critic, actor, then the target critic. One function, so that
-    `--compile` compiles all of it (the three losses share the batch and the target critic's Q). Returns the losses
-    and statistics as detached tensors, without reading any value back to the host (no `.item()`)."""
+    `--compile` compiles all of it (the three losses share the batch and the target critic's Q). Returns the
+    statistics the loop logs, by their scalar names, as detached tensors, without reading any value back to the
+    host (no `.item()`)."""
     obs, next_obs, actions = batch["obs"], batch["next_obs"], batch["actions"]
 
     # Value: V(s) towards the upper expectile of the target critic's min Q(s, a) on the data's action. The
     # TD target's V(s') is taken first, so all three losses see the networks of the same step (as in IQL).
-    with torch.autocast(obs.device.type, torch.bfloat16, enabled=args.bf16):  # the forward passes only
-        with torch.no_grad():
-            target_q = torch.min(*critic_target(obs, actions))
-            next_q_value = batch["rewards"] + (1 - batch["terminated"]) * args.gamma * value(next_obs)
-        v = value(obs)
+    with torch.no_grad():
+        target_q = torch.min(*critic_target(obs, actions))
+        next_q_value = batch["rewards"] + (1 - batch["terminated"]) * args.gamma * value(next_obs)
+    v = value(obs)
     value_loss = expectile_loss(target_q, v, args.expectile)
     value_optimizer.zero_grad()
     value_loss.backward()
     value_optimizer.step()
 
     # Critic: Q(s, a) towards r + gamma V(s') (no max over actions: V already is the in-data "best")
-    with torch.autocast(obs.device.type, torch.bfloat16, enabled=args.bf16):
-        qf1_a_values, qf2_a_values = critic(obs, actions)
+    qf1_a_values, qf2_a_values = critic(obs, actions)
     qf1_loss = F.mse_loss(qf1_a_values, next_q_value)
     qf2_loss = F.mse_loss(qf2_a_values, next_q_value)
     qf_loss = qf1_loss + qf2_loss
@@ -429,15 +442,13 @@ def update_step(actor: nn.Module, critic: nn.Module, critic_target: nn.Module, v
 
     # Actor: advantage-weighted log-likelihood of the data's action, A = min Q_target(s, a) - V(s)
     advantage = target_q - v.detach()
-    with torch.autocast(obs.device.type, torch.bfloat16, enabled=args.bf16):
-        mean, log_std = actor(obs)
-        log_prob = squashed_log_prob(mean, log_std, actions)
-        actor_loss = awr_loss(log_prob, advantage, args.beta, args.max_exp_advantage)
-        caps_temporal = caps_spatial = torch.zeros((), device=obs.device)
-        if args.caps_temporal_weight > 0 or args.caps_spatial_weight > 0:  # smooth-motion prior on tanh(mean)
-            caps_temporal, caps_spatial = caps_terms(actor, obs, next_obs, args.caps_sigma, mean)
-            caps_loss = args.caps_temporal_weight * caps_temporal + args.caps_spatial_weight * caps_spatial
-            actor_loss = actor_loss + caps_loss
+    mean, log_std = actor(obs)
+    log_prob = squashed_log_prob(mean, log_std, actions)
+    actor_loss = awr_loss(log_prob, advantage, args.beta, args.max_exp_advantage)
+    caps_temporal = caps_spatial = torch.zeros((), device=obs.device)
+    if args.caps_temporal_weight > 0 or args.caps_spatial_weight > 0:  # smooth-motion prior on tanh(mean)
+        caps_temporal, caps_spatial = caps_terms(actor, obs, next_obs, args.caps_sigma, mean)
+        actor_loss = actor_loss + args.caps_temporal_weight * caps_temporal + args.caps_spatial_weight * caps_spatial
     actor_optimizer.zero_grad()
     actor_loss.backward()
     actor_optimizer.step()
@@ -445,34 +456,44 @@ def update_step(actor: nn.Module, critic: nn.Module, critic_target: nn.Module, v
     with torch.no_grad():
         for param, target_param in zip(critic.parameters(), critic_target.parameters()):
             target_param.lerp_(param, args.tau)
-    return (qf1_loss.detach(), qf2_loss.detach(), qf1_a_values.detach(), qf2_a_values.detach(), value_loss.detach(),
-            v.detach(), advantage, actor_loss.detach(), log_prob.detach(), caps_temporal.detach(),
-            caps_spatial.detach())
+    return {"qf1_values": qf1_a_values.detach(), "qf2_values": qf2_a_values.detach(),
+            "qf1_loss": qf1_loss.detach(), "qf2_loss": qf2_loss.detach(), "qf_loss": qf_loss.detach() / 2,
+            "value_loss": value_loss.detach(), "values": v.detach(), "advantage": advantage,
+            "actor_loss": actor_loss.detach(), "log_prob": log_prob.detach(), "caps_temporal": caps_temporal.detach(),
+            "caps_spatial": caps_spatial.detach()}
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    if args.eval_checkpoint is not None:
+    if args.eval_checkpoint is not None:  # PLUMBING: evaluate a saved model instead of training
         evaluate_checkpoint(*load_actor(args.eval_checkpoint, device_for(args)), args, device_for(args))
         raise SystemExit(0)
     check_args(args)
-    dataset_path = args.dataset or default_dataset(args.env_id, args.image_size, args.max_steps,
-                                                   num_episodes=args.default_dataset_episodes)
-    data = load_dataset(dataset_path, env_id=args.env_id, image_size=args.image_size)
+    dataset_path = args.dataset or default_dataset(args.env_settings(), num_episodes=args.default_dataset_episodes)
+    data = load_dataset(dataset_path, env_settings=args.env_settings())  # refuses data of other env settings
     if len(data) < args.batch_size:
         fail(f"dataset {dataset_path!r} holds {len(data)} transitions, fewer than --batch-size {args.batch_size}; "
              "lower --batch-size or collect more episodes.")
     print(f"dataset {dataset_path}: {data.num_episodes} episodes, {len(data)} transitions, "
           f"{data.metadata.get('quality', '?')} data", flush=True)
 
-    run = Run(SCRIPT, args, args.env_id.replace("/", "_"))  # PLUMBING: run dir, TensorBoard, resume file, signals
-    writer, device = run.writer, run.device
+    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run = Run(SCRIPT, args, default_name=run_name)  # PLUMBING: --run-name or the SLURM job's; resume file, signals
+    run_name = run.name  # PLUMBING
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+    run.attach(writer)  # PLUMBING: a resumed run's curves continue where its resume file left them
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     actor = (EquiActor(args) if args.model == "equi" else CNNActor(args)).to(device)
     critic = (EquiCritic(args) if args.model == "equi" else CNNCritic(args)).to(device)
@@ -485,48 +506,38 @@ if __name__ == "__main__":
           f"{count_parameters(value):,} parameters", flush=True)
 
     # PLUMBING: what a resumed run continues from
-    run.keep(actor=actor, critic=critic, critic_target=critic_target, value=value, actor_optimizer=actor_optimizer,
-             critic_optimizer=critic_optimizer, value_optimizer=value_optimizer)
-    counters = run.resume(global_step=0, best={"success_rate": -1.0, "discounted_return": -1.0})
+    run.keep(actor=actor, critic=critic, critic_target=critic_target, value=value,  # PLUMBING
+             actor_optimizer=actor_optimizer, critic_optimizer=critic_optimizer, value_optimizer=value_optimizer)
+    counters = dict(global_step=0, best={"success_rate": -1.0, "discounted_return": -1.0})
+    counters = run.resume(**counters)  # PLUMBING
     global_step, best, last_success = counters["global_step"], counters["best"], float("nan")
 
-    # PLUMBING: --compile/--cudagraphs, the same update step and evaluation policy through torch.compile (README
-    # "Speed"); dynamo cannot trace escnn's layers, so the equivariant actor acts through a plain-torch copy (export).
-    # The learning rates are constant (no schedule), so the compiled optimizer steps never recompile.
-    acting_actor = plain_copy(actor) if args.compile else actor
-    policy = compiled(tanh_of_mean, args)
-    update = compiled(update_step, args)
+    acting_actor, policy, update = actor, tanh_of_mean, update_step
+    # SPEED: bfloat16 autocast over the update; torch.compile of the update and of the evaluation's acting (the
+    # SPEED: learning rates are constant, so the compiled optimizer steps never recompile)
+    update = with_bf16_autocast(update, args, device)  # SPEED
+    acting_actor = plain_copy(actor) if args.compile else actor  # SPEED: plain-torch copy (dynamo cannot trace escnn)
+    policy, update = compiled(policy, args), compiled(update, args)  # SPEED
 
+    start_time = time.time()
     while global_step < args.total_timesteps:
         global_step += 1
         batch = data.sample(args.batch_size, device)
         if args.augment:  # one random turn per transition, for both models (the paper augments every batch)
             batch = rotate_batch(batch, torch.rand(args.batch_size, device=device) * 2 * math.pi)
-        for key in ("obs", "next_obs"):  # channels-last images: faster convolutions on CPUs (README "Speed")
-            batch[key] = batch[key].contiguous(memory_format=torch.channels_last)
-        (qf1_loss, qf2_loss, qf1_a_values, qf2_a_values, value_loss, v, advantage, actor_loss, log_prob, caps_temporal,
-         caps_spatial) = update(actor, critic, critic_target, value, actor_optimizer, critic_optimizer,
-                                value_optimizer, args, batch)
-
+        batch = channels_last(batch)  # SPEED
+        stats = update(actor, critic, critic_target, value, actor_optimizer, critic_optimizer, value_optimizer, args,
+                       batch)
         if global_step % args.log_frequency == 0:
-            writer.add_scalar("losses/qf1_values", qf1_a_values.mean().item(), global_step)
-            writer.add_scalar("losses/qf2_values", qf2_a_values.mean().item(), global_step)
-            writer.add_scalar("losses/qf1_loss", qf1_loss.item(), global_step)
-            writer.add_scalar("losses/qf2_loss", qf2_loss.item(), global_step)
-            writer.add_scalar("losses/qf_loss", (qf1_loss + qf2_loss).item() / 2.0, global_step)
-            writer.add_scalar("losses/value_loss", value_loss.item(), global_step)
-            writer.add_scalar("losses/values", v.mean().item(), global_step)
-            writer.add_scalar("losses/advantage", advantage.mean().item(), global_step)
-            writer.add_scalar("losses/actor_loss", actor_loss.item(), global_step)
-            writer.add_scalar("losses/log_prob", log_prob.mean().item(), global_step)
-            writer.add_scalar("losses/caps_temporal", caps_temporal.item(), global_step)
-            writer.add_scalar("losses/caps_spatial", caps_spatial.item(), global_step)
-            writer.add_scalar("charts/SPS", int(run.sps(global_step)), global_step)
+            for key, statistic in stats.items():
+                writer.add_scalar(f"losses/{key}", statistic.mean().item(), global_step)
+            sps = int(global_step / (time.time() - start_time))
+            sps = int(run.sps(global_step))  # PLUMBING: the steps of this process (a resumed run counts anew)
+            writer.add_scalar("charts/SPS", sps, global_step)
 
         final = global_step == args.total_timesteps
         if global_step % args.eval_frequency == 0 or final:
-            if args.compile:
-                refresh(acting_actor, actor)  # PLUMBING: the plain copy takes the updated weights
+            refresh(acting_actor, actor)  # SPEED: the plain copy takes the updated weights
             result = evaluate(acting_actor, args, device, seed=args.seed + 10_000 + global_step, act=policy)
             for key, number in result.items():
                 writer.add_scalar(f"eval/{key}", number, global_step)
@@ -536,19 +547,18 @@ if __name__ == "__main__":
             last_success = result["success_rate"]
             print(f"eval @ {global_step} gradient steps: "
                   f"{format_eval(result, args.eval_episodes, args.seed + 10_000 + global_step)}", flush=True)
-        best_text = f"best {best['success_rate']:.2f}" if best["success_rate"] >= 0 else "best -"
-        run.progress(global_step, args.total_timesteps, f"last eval success {last_success:.2f}", best_text,  # PLUMBING
-                     force=final)
+        run.progress(global_step, args.total_timesteps, f"last eval success {last_success:.2f}",  # PLUMBING
+                     f"best {best['success_rate']:.2f}" if best["success_rate"] >= 0 else "best -", force=final)
         run.checkpoint(global_step=global_step, best=best)  # PLUMBING: periodic resume file; stop on USR1/TERM
 
-    if args.save_model:
+    if args.save_model:  # PLUMBING: the model file, with the script's name and settings
         run.save_model(actor=actor.state_dict(), critic=critic.state_dict(),
                        critic_target=critic_target.state_dict(), value=value.state_dict(),
                        global_step=global_step, dataset=dataset_path)
     if args.save_model or args.capture_video:  # the final policy, greedy, on the evaluation scenes (and on video)
-        if args.compile:
-            refresh(acting_actor, actor)  # PLUMBING: the plain copy takes the updated weights
+        refresh(acting_actor, actor)  # SPEED: the plain copy takes the updated weights
         result = evaluate(acting_actor, args, device, seed=args.seed + 10_000,
-                          video_folder=f"videos/{run.name}-eval" if args.capture_video else None, act=policy)
+                          video_folder=f"videos/{run_name}-eval" if args.capture_video else None, act=policy)
         print(f"final eval: {format_eval(result, args.eval_episodes, args.seed + 10_000)}", flush=True)
     run.finish(global_step=global_step, best=best)  # PLUMBING: the resume file marks the end, for extending
+    writer.close()

@@ -13,7 +13,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -21,12 +21,14 @@ import torch.nn as nn
 import torch.optim as optim
 import tyro
 from torch.distributions.categorical import Categorical
+from torch.utils.tensorboard import SummaryWriter
 
-from cleanrl_equi.compile import check_compile_flags, compiled, learning_rate, set_learning_rate
+from cleanrl_equi.checkpoints import load_checkpoint, load_state  # PLUMBING
+from cleanrl_equi.compile import (channels_last, check_compile_flags, compiled, prepare_optimizer,  # SPEED
+                                  set_learning_rate, with_bf16_autocast)
 from cleanrl_equi.envs.atari import action_meanings, make_atari_envs, parse_atari_env_id, playfield_symmetry
-from cleanrl_equi.checkpoints import load_checkpoint, load_state
 from cleanrl_equi.errors import fail, require
-from cleanrl_equi.run import Run, device_for
+from cleanrl_equi.run import Run, device_for  # PLUMBING
 
 SCRIPT = os.path.basename(__file__)[: -len(".py")]
 
@@ -51,19 +53,19 @@ class Args:
     """whether to capture videos of the agent performances (check out `videos` folder); uses the gym back-end"""
     save_model: bool = False
     """whether to save the model to `runs/{run_name}` at the end, then evaluate it"""
-    eval_checkpoint: Optional[str] = None
+    eval_checkpoint: Optional[str] = None  # PLUMBING
     """evaluate this saved model (a `.cleanrl_model` file) for `eval_episodes` games instead of training"""
     eval_episodes: int = 10
     """the number of full games played by the evaluation"""
-    run_name: Optional[str] = None
+    run_name: Optional[str] = None  # PLUMBING
     """name of the run directory under runs/ (default: {env}__{exp}__{seed}__{SLURM job id or unix time}); if it holds a resume file, training continues from it"""
-    checkpoint_minutes: float = 30.0
+    checkpoint_minutes: float = 30.0  # PLUMBING
     """write the resume file runs/{run_name}/resume.pt every this many minutes of wall time (0 = only when a USR1/TERM signal says the job is about to stop)"""
 
     # Algorithm specific arguments
     env_id: str = "BreakoutNoFrameskip-v4"
     """the id of the environment: <Game>NoFrameskip-v4, or ALE/<Game>-v5 for sticky actions"""
-    env_backend: str = "ale"
+    env_backend: Literal["ale", "gym"] = "ale"
     """`ale`: ale-py's native multi-threaded vector env; `gym`: CleanRL's wrappers in gymnasium's vector env"""
     async_envs: bool = False
     """with the gym back-end, run each env in its own process (gymnasium's AsyncVectorEnv)"""
@@ -102,16 +104,16 @@ class Args:
     """the maximum norm for the gradient clipping"""
     target_kl: Optional[float] = None
     """the target KL divergence threshold (stop the epochs of an update early once it is passed)"""
-    progress_interval: float = 30.0
+    progress_interval: float = 30.0  # PLUMBING
     """seconds between progress lines on stdout"""
-    compile: bool = False
+    compile: bool = False  # SPEED
     """torch.compile the acting step and the update step (loss, backward, optimizer step): the same algorithm"""
-    cudagraphs: bool = False
+    cudagraphs: bool = False  # SPEED
     """like --compile, and replay each step as a recorded CUDA graph (torch.compile "reduce-overhead" mode; GPU only)"""
-    bf16: bool = False
+    bf16: bool = False  # SPEED
     """run the network's forward passes in bfloat16 mixed precision (torch.autocast; weights, optimizer state,
     log-probabilities and losses stay float32); CPUs with AVX512-BF16/AMX and recent GPUs"""
-    channels_last: bool = True
+    channels_last: bool = True  # SPEED
     """feed the update's minibatches to the convolutions in channels-last memory order (the same numbers, a faster
     convolution kernel on CPUs)"""
 
@@ -130,8 +132,6 @@ def check_args(args: Args) -> None:
         parse_atari_env_id(args.env_id)
     except ValueError as exc:
         fail(str(exc))
-    if args.env_backend not in ("ale", "gym"):
-        fail(f"--env-backend must be 'ale' or 'gym', not {args.env_backend!r}.")
     if args.mirror_crop:
         try:
             playfield_symmetry(args.env_id)
@@ -142,13 +142,11 @@ def check_args(args: Args) -> None:
             at_least_one=("num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes"))
     batch_size = args.num_envs * args.num_steps
     if batch_size % args.num_minibatches != 0:
-        fail(
-            f"the batch of {args.num_envs} envs x {args.num_steps} steps = {batch_size} does not split into "
-            f"{args.num_minibatches} minibatches; choose --num-minibatches dividing {batch_size}."
-        )
+        fail(f"the batch of {args.num_envs} envs x {args.num_steps} steps = {batch_size} does not split into "
+             f"{args.num_minibatches} minibatches; choose --num-minibatches dividing {batch_size}.")
     if args.total_timesteps < batch_size:
         fail(f"--total-timesteps {args.total_timesteps} is less than one rollout of {batch_size} steps.")
-    check_compile_flags(args, device_for(args))
+    check_compile_flags(args, device_for(args))  # SPEED
 
 
 def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
@@ -160,8 +158,9 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 class Agent(nn.Module):
     """Nature-CNN actor-critic with a shared trunk (Mnih et al. 2015)."""
 
-    def __init__(self, args: Args, n_actions: int):
+    def __init__(self, args: Args):
         super().__init__()
+        n_actions = len(action_meanings(args.env_id))
         self.network = nn.Sequential(
             layer_init(nn.Conv2d(4, 32, 8, stride=4)),
             nn.ReLU(),
@@ -189,17 +188,10 @@ class Agent(nn.Module):
         return action, probs.log_prob(action), probs.entropy(), self.critic(hidden).float()
 
 
-def act(agent: Agent, obs: torch.Tensor):
-    """The acting step (under no_grad): actions sampled from the policy, their log-probabilities, the values."""
-    action, logprob, _, value = agent.get_action_and_value(obs)
-    return action, logprob, value.flatten()
-
-
-def update_step(agent: Agent, optimizer, args: Args, obs, actions, logprobs, advantages, returns, values):
+def update_step(agent: Agent, optimizer, args: Args, obs, actions, logprobs, advantages, returns, values) -> dict:
     """One gradient step of the clipped PPO loss on a minibatch (loss, backward, optimizer step, in one function so
-    that `--compile` compiles all of it); returns the statistics as tensors (no host sync)."""
-    with torch.autocast(obs.device.type, torch.bfloat16, enabled=args.bf16):  # the forward pass only
-        _, newlogprob, entropy, newvalue = agent.get_action_and_value(obs, actions)
+    that `--compile` compiles all of it); returns the statistics as detached tensors (no host sync)."""
+    _, newlogprob, entropy, newvalue = agent.get_action_and_value(obs, actions)
     logratio = newlogprob - logprobs
     ratio = logratio.exp()
 
@@ -222,14 +214,9 @@ def update_step(agent: Agent, optimizer, args: Args, obs, actions, logprobs, adv
     newvalue = newvalue.view(-1)
     if args.clip_vloss:
         v_loss_unclipped = (newvalue - returns) ** 2
-        v_clipped = values + torch.clamp(
-            newvalue - values,
-            -args.clip_coef,
-            args.clip_coef,
-        )
+        v_clipped = values + torch.clamp(newvalue - values, -args.clip_coef, args.clip_coef)
         v_loss_clipped = (v_clipped - returns) ** 2
-        v_loss_max = torch.max(v_loss_unclipped, v_loss_clipped)
-        v_loss = 0.5 * v_loss_max.mean()
+        v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
     else:
         v_loss = 0.5 * ((newvalue - returns) ** 2).mean()
 
@@ -240,19 +227,14 @@ def update_step(agent: Agent, optimizer, args: Args, obs, actions, logprobs, adv
     loss.backward()
     nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
     optimizer.step()
-    return old_approx_kl, approx_kl, clipfrac, pg_loss.detach(), v_loss.detach(), entropy_loss.detach()
-
-
-def build_agent(args: Args) -> Agent:
-    return Agent(args, len(action_meanings(args.env_id)))
+    return {"value_loss": v_loss.detach(), "policy_loss": pg_loss.detach(), "entropy": entropy_loss.detach(),
+            "old_approx_kl": old_approx_kl, "approx_kl": approx_kl, "clipfrac": clipfrac}
 
 
 def evaluate(agent: Agent, args: Args, device: torch.device, run_name: str, capture_video: bool = False) -> list[float]:
-    """Play `args.eval_episodes` full games with actions sampled from the policy; return their raw scores."""
-    num_envs = min(args.eval_episodes, 8)
-    backend = "gym" if capture_video else args.env_backend
-    envs = make_atari_envs(args.env_id, num_envs, backend, capture_video, f"{run_name}-eval",
-                           playfield_crop=args.mirror_crop)
+    """Play `args.eval_episodes` full games with actions sampled from the policy; print and return their raw scores."""
+    envs = make_atari_envs(args.env_id, min(args.eval_episodes, 8), "gym" if capture_video else args.env_backend,
+                           capture_video, f"{run_name}-eval", playfield_crop=args.mirror_crop)
     obs, _ = envs.reset(seed=args.seed + 10_000)
     agent.eval()
     scores: list[float] = []
@@ -263,27 +245,28 @@ def evaluate(agent: Agent, args: Args, device: torch.device, run_name: str, capt
         if "_episode" in infos:
             scores.extend(float(r) for r in infos["episode"]["r"][infos["_episode"]])
     envs.close()
-    return scores[: args.eval_episodes]
+    scores = scores[: args.eval_episodes]
+    print(f"{args.env_id}: mean score {np.mean(scores):.1f} +- {np.std(scores):.1f} over {len(scores)} games "
+          f"(actions sampled from the policy, evaluation seed {args.seed + 10_000})", flush=True)
+    return scores
 
 
-def run_evaluation(args: Args) -> None:
+def run_evaluation(args: Args) -> None:  # PLUMBING: --eval-checkpoint
     """The `--eval-checkpoint` path: rebuild the saved agent and report its mean score."""
     require(args, at_least_one=("eval_episodes",))
     checkpoint = load_checkpoint(args.eval_checkpoint, SCRIPT)
     saved = Args(**{k: v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__})
     saved.eval_episodes, saved.seed, saved.env_backend = args.eval_episodes, args.seed, args.env_backend
     device = device_for(args)
-    agent = build_agent(saved).to(device)
+    agent = Agent(saved).to(device)
     load_state(agent, checkpoint["model"], args.eval_checkpoint)
     run_name = f"{saved.env_id}__{saved.exp_name}__{saved.seed}__{int(time.time())}"
-    scores = evaluate(agent, saved, device, run_name, capture_video=args.capture_video)
-    print(f"{saved.env_id}: mean score {np.mean(scores):.1f} +- {np.std(scores):.1f} over {len(scores)} games "
-          f"(actions sampled from the policy, evaluation seed {saved.seed + 10_000})")
+    evaluate(agent, saved, device, run_name, capture_video=args.capture_video)
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    if args.eval_checkpoint is not None:
+    if args.eval_checkpoint is not None:  # PLUMBING: evaluate a saved model instead of training
         run_evaluation(args)
         raise SystemExit(0)
     check_args(args)
@@ -293,8 +276,11 @@ if __name__ == "__main__":
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = args.total_timesteps // args.batch_size
-    run = Run(SCRIPT, args, args.env_id)  # PLUMBING: run dir, TensorBoard, wandb, resume file, signals
-    writer, device = run.writer, run.device
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run = Run(SCRIPT, args, default_name=run_name)  # PLUMBING: --run-name or SLURM's; wandb, resume file, signals
+    run_name = run.name  # PLUMBING
+    writer = SummaryWriter(f"runs/{run_name}")
+    run.attach(writer)  # PLUMBING: a resumed run's curves continue where its resume file left them
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -302,17 +288,18 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
     # env setup
-    envs = make_atari_envs(args.env_id, args.num_envs, args.env_backend, args.capture_video, run.name, args.async_envs,
+    envs = make_atari_envs(args.env_id, args.num_envs, args.env_backend, args.capture_video, run_name, args.async_envs,
                            playfield_crop=args.mirror_crop)
 
-    agent = build_agent(args).to(device)
+    agent = Agent(args).to(device)
     print(f"agent: {sum(p.numel() for p in agent.parameters()):,} parameters", flush=True)
-    # PLUMBING: --compile/--cudagraphs: the same acting and update steps through torch.compile (README "Speed"); the
-    # compiled optimizer step reads the annealed learning rate and Adam's step counts from tensors on the device
-    optimizer = optim.Adam(agent.parameters(), lr=learning_rate(args.learning_rate, args, device), eps=1e-5,
-                           capturable=args.compile and device.type == "cuda")
-    policy, update = compiled(act, args), compiled(update_step, args)
+    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    policy, update = agent.get_action_and_value, update_step
+    prepare_optimizer(optimizer, args, device)  # SPEED: the learning rate and Adam's step counts as device tensors
+    policy, update = [compiled(with_bf16_autocast(step, args, device), args) for step in (policy, update)]  # SPEED
 
     # ALGO Logic: Storage setup (frames stay uint8 until the network scales them: 4x less memory for big rollouts)
     obs = torch.zeros((args.num_steps, args.num_envs) + envs.single_observation_space.shape, dtype=torch.uint8).to(device)
@@ -322,15 +309,16 @@ if __name__ == "__main__":
     dones = torch.zeros((args.num_steps, args.num_envs)).to(device)
     values = torch.zeros((args.num_steps, args.num_envs)).to(device)
 
-    # PLUMBING: what a resumed run continues from. The games are not saved: a resumed run starts fresh episodes,
-    # seeded from the seed and the iteration so that they are not the episodes the run opened with.
-    run.keep(agent=agent, optimizer=optimizer)
-    counters = run.resume(global_step=0, iteration=0)
-    global_step, start_iteration = counters["global_step"], counters["iteration"] + 1
-
     # TRY NOT TO MODIFY: start the game
-    last_return = float("nan")
-    next_obs, _ = envs.reset(seed=args.seed + args.num_envs * counters["iteration"])
+    global_step, start_iteration, last_return = 0, 1, float("nan")
+    run.keep(agent=agent, optimizer=optimizer)  # PLUMBING: what a resumed run continues from
+    counters = run.resume(global_step=global_step, iteration=start_iteration - 1)  # PLUMBING: the saved step and RNG
+    global_step, start_iteration = counters["global_step"], counters["iteration"] + 1  # PLUMBING
+    start_time, start_step = time.time(), global_step
+    if global_step == 0:  # a new run (a resumed one logged its hyperparameters when it started)
+        rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
+    next_obs, _ = envs.reset(seed=args.seed + args.num_envs * (start_iteration - 1))  # a resumed run: new games
     next_obs = torch.as_tensor(next_obs, device=device)
     next_done = torch.zeros(args.num_envs).to(device)
 
@@ -339,7 +327,8 @@ if __name__ == "__main__":
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / args.num_iterations
             lrnow = frac * args.learning_rate
-            set_learning_rate(optimizer, lrnow, args)
+            optimizer.param_groups[0]["lr"] = lrnow
+            set_learning_rate(optimizer, lrnow, args)  # SPEED: the compiled step's tensor, changed in place
 
         agent.eval()  # acting, no update until the rollout is done
         for step in range(0, args.num_steps):
@@ -348,8 +337,9 @@ if __name__ == "__main__":
             dones[step] = next_done
 
             # ALGO LOGIC: action logic
-            with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
-                action, logprob, values[step] = policy(agent, next_obs)
+            with torch.no_grad():
+                action, logprob, _, value = policy(next_obs)
+                values[step] = value.flatten()
             actions[step] = action
             logprobs[step] = logprob
 
@@ -381,13 +371,8 @@ if __name__ == "__main__":
                 advantages[t] = lastgaelam = delta + args.gamma * args.gae_lambda * nextnonterminal * lastgaelam
             returns = advantages + values
 
-        # flatten the batch
-        b_obs = obs.reshape((-1,) + envs.single_observation_space.shape)
-        b_logprobs = logprobs.reshape(-1)
-        b_actions = actions.reshape((-1,) + envs.single_action_space.shape)
-        b_advantages = advantages.reshape(-1)
-        b_returns = returns.reshape(-1)
-        b_values = values.reshape(-1)
+        batch = dict(obs=obs, actions=actions, logprobs=logprobs, advantages=advantages, returns=returns, values=values)
+        batch = {key: value.flatten(0, 1) for key, value in batch.items()}  # flatten the batch: (step, env) -> sample
 
         # Optimizing the policy and value network
         agent.train()
@@ -398,43 +383,35 @@ if __name__ == "__main__":
             for start in range(0, args.batch_size, args.minibatch_size):
                 end = start + args.minibatch_size
                 mb_inds = b_inds[start:end]
-                mb_obs = b_obs[mb_inds]
-                if args.channels_last:
-                    mb_obs = mb_obs.contiguous(memory_format=torch.channels_last)
+                minibatch = {key: value[mb_inds] for key, value in batch.items()}
+                minibatch = channels_last(minibatch, keys=("obs",)) if args.channels_last else minibatch  # SPEED
+                stats = update(agent, optimizer, args, **minibatch)
+                clipfracs.append(stats["clipfrac"])
 
-                old_approx_kl, approx_kl, clipfrac, pg_loss, v_loss, entropy_loss = update(
-                    agent, optimizer, args, mb_obs, b_actions.long()[mb_inds], b_logprobs[mb_inds],
-                    b_advantages[mb_inds], b_returns[mb_inds], b_values[mb_inds])
-                clipfracs.append(clipfrac)
-
-            if args.target_kl is not None and approx_kl > args.target_kl:
+            if args.target_kl is not None and stats["approx_kl"] > args.target_kl:
                 break
 
-        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+        y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
+        stats["clipfrac"] = torch.stack(clipfracs).mean()  # over every minibatch; the other statistics: the last one
         writer.add_scalar("charts/learning_rate", float(optimizer.param_groups[0]["lr"]), global_step)
-        writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
-        writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
-        writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
-        writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
-        writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
-        writer.add_scalar("losses/clipfrac", torch.stack(clipfracs).mean().item(), global_step)
+        for key, value in stats.items():
+            writer.add_scalar(f"losses/{key}", value.item(), global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
-        writer.add_scalar("charts/SPS", int(run.sps(global_step)), global_step)
+        writer.add_scalar("charts/SPS", int((global_step - start_step) / (time.time() - start_time)), global_step)
         run.progress(global_step, args.num_iterations * args.batch_size, f"last return {last_return:.1f}",  # PLUMBING
                      force=iteration == args.num_iterations)
         run.checkpoint(global_step=global_step, iteration=iteration)  # PLUMBING: periodic resume file; stop on signal
 
     envs.close()
     if args.save_model:
-        run.save_model(model=agent.state_dict(), global_step=global_step)
-        episodic_returns = evaluate(agent, args, device, run.name, capture_video=args.capture_video)
+        run.save_model(model=agent.state_dict(), global_step=global_step)  # PLUMBING: with the script's name and args
+        episodic_returns = evaluate(agent, args, device, run_name, capture_video=args.capture_video)
         for idx, episodic_return in enumerate(episodic_returns):
             writer.add_scalar("eval/episodic_return", episodic_return, idx)
-        print(f"eval: mean score {np.mean(episodic_returns):.1f} over {len(episodic_returns)} games (actions sampled "
-              f"from the policy, evaluation seed {args.seed + 10_000})")
 
     run.finish(global_step=global_step, iteration=max(counters["iteration"], args.num_iterations))  # PLUMBING
+    writer.close()

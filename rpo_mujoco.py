@@ -14,6 +14,7 @@ resume after a SLURM requeue.
 
 import os
 import random
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,13 +25,14 @@ import torch.nn as nn
 import torch.optim as optim
 import tyro
 from torch.distributions.normal import Normal
+from torch.utils.tensorboard import SummaryWriter
 
-from cleanrl_equi.compile import check_compile_flags, compiled, learning_rate, set_learning_rate
+from cleanrl_equi.checkpoints import load_checkpoint, load_state  # PLUMBING
+from cleanrl_equi.compile import check_compile_flags, compiled, prepare_optimizer, set_learning_rate  # SPEED
 from cleanrl_equi.envs.mujoco import (NormalizationState, check_env_id, check_rendering, restore_statistics,
                                       training_statistics)
-from cleanrl_equi.checkpoints import load_checkpoint, load_state
 from cleanrl_equi.errors import fail, require
-from cleanrl_equi.run import Run, device_for
+from cleanrl_equi.run import Run, device_for  # PLUMBING
 
 SCRIPT = os.path.basename(__file__)[: -len(".py")]
 
@@ -55,20 +57,20 @@ class Args:
     """whether to capture videos of sub-env 0 (check out `videos` folder; headless Linux renders through EGL)"""
     save_model: bool = False
     """whether to save the model and its normalisation statistics to `runs/{run_name}` at the end, then evaluate it"""
-    eval_checkpoint: Optional[str] = None
+    eval_checkpoint: Optional[str] = None  # PLUMBING
     """evaluate this saved model (a `.cleanrl_model` file) for `eval_episodes` episodes instead of training"""
     eval_episodes: int = 10
     """episodes per evaluation (deterministic mean action, frozen normalisation statistics)"""
-    run_name: Optional[str] = None
+    run_name: Optional[str] = None  # PLUMBING
     """name of the run directory under runs/ (default: {env}__{exp}__{seed}__{SLURM job id or unix time}); if it
     holds a resume file, training continues from it"""
-    checkpoint_minutes: float = 30.0
+    checkpoint_minutes: float = 30.0  # PLUMBING
     """write the resume file runs/{run_name}/resume.pt every this many minutes (0 = only on a USR1/TERM signal)"""
-    progress_interval: float = 30.0
+    progress_interval: float = 30.0  # PLUMBING
     """seconds between progress lines on stdout"""
-    compile: bool = False
+    compile: bool = False  # SPEED
     """torch.compile the acting step and the update step (loss, backward, optimizer step): the same algorithm"""
-    cudagraphs: bool = False
+    cudagraphs: bool = False  # SPEED
     """like --compile, and replay each step as a recorded CUDA graph (torch.compile "reduce-overhead" mode; GPU only)"""
 
     # Algorithm specific arguments
@@ -123,8 +125,8 @@ class Args:
 def check_args(args: Args) -> None:
     """Stop at start-up, with one sentence naming the fix, on any flag combination that cannot work."""
     require(args, at_least_one=("eval_episodes",))
-    if args.eval_checkpoint is not None:
-        return  # evaluation takes the env and the network from the checkpoint
+    if args.eval_checkpoint is not None:  # PLUMBING: evaluation takes the env and the network from the checkpoint
+        return
     check_env_id(args.env_id)
     require(args, positive=("learning_rate",), fractions=("gamma", "gae_lambda"),
             non_negative=("clip_coef", "ent_coef", "vf_coef", "max_grad_norm", "target_kl", "rpo_alpha"),
@@ -135,7 +137,7 @@ def check_args(args: Args) -> None:
              f"{args.num_minibatches} equal parts; choose a number of minibatches that divides {batch_size}.")
     if args.total_timesteps < batch_size:
         fail(f"--total-timesteps {args.total_timesteps} is less than one rollout of {batch_size} steps; raise it.")
-    check_compile_flags(args, device_for(args))
+    check_compile_flags(args, device_for(args))  # SPEED
     if args.capture_video:
         check_rendering(args.env_id)
 
@@ -204,15 +206,9 @@ class Agent(nn.Module):
         return action, probs.log_prob(action).sum(1), probs.entropy().sum(1), self.critic(x)
 
 
-def act(agent: Agent, obs: torch.Tensor):
-    """The acting step (under no_grad): actions sampled from the policy, their log-probabilities, the values."""
-    action, logprob, _, value = agent.get_action_and_value(obs)
-    return action, logprob, value.flatten()
-
-
-def update_step(agent: Agent, optimizer, args: Args, obs, actions, logprobs, advantages, returns, values):
+def update_step(agent: Agent, optimizer, args: Args, obs, actions, logprobs, advantages, returns, values) -> dict:
     """One gradient step of the clipped PPO loss on a minibatch (loss, backward, optimizer step, in one function so
-    that `--compile` compiles all of it); returns the statistics as tensors (no host sync)."""
+    that `--compile` compiles all of it); returns the statistics as detached tensors (no host sync)."""
     _, newlogprob, entropy, newvalue = agent.get_action_and_value(obs, actions)
     logratio = newlogprob - logprobs
     ratio = logratio.exp()
@@ -249,7 +245,8 @@ def update_step(agent: Agent, optimizer, args: Args, obs, actions, logprobs, adv
     loss.backward()
     nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
     optimizer.step()
-    return old_approx_kl, approx_kl, clipfrac, pg_loss.detach(), v_loss.detach(), entropy_loss.detach()
+    return {"value_loss": v_loss.detach(), "policy_loss": pg_loss.detach(), "entropy": entropy_loss.detach(),
+            "old_approx_kl": old_approx_kl, "approx_kl": approx_kl, "clipfrac": clipfrac}
 
 
 def truncation_bootstrap(agent: Agent, infos: dict, terminations, truncations, gamma: float, device) -> np.ndarray:
@@ -286,32 +283,29 @@ def evaluate(agent: Agent, env_id: str, statistics: dict, episodes: int, seed: i
         if "final_info" in infos and infos["final_info"].get("_episode", [False])[0]:
             returns.append(float(infos["final_info"]["episode"]["r"][0]))
             lengths.append(int(infos["final_info"]["episode"]["l"][0]))
+            print(f"eval episode {len(returns) - 1}: return {returns[-1]:.6f}, length {lengths[-1]}")
     envs.close()
-    for i, (episodic_return, length) in enumerate(zip(returns, lengths)):
-        print(f"eval episode {i}: return {episodic_return:.6f}, length {length}")
     print(f"eval mean return over {episodes} episodes: {np.mean(returns):.6f} +- {np.std(returns):.6f} "
           f"(deterministic mean action, frozen normalisation statistics, seed {seed})", flush=True)
     return returns, lengths
 
 
-def load_policy(path: str, device) -> tuple[Agent, dict, dict]:
+def load_policy(path: str, device) -> tuple[Agent, dict, dict]:  # PLUMBING: --eval-checkpoint
     """The agent and normalisation statistics of a checkpoint written by this script, failing with one sentence."""
     checkpoint = load_checkpoint(path, SCRIPT, map_location=device)
     missing = [key for key in ("model", "obs_rms", "return_rms", "obs_dim", "action_dim") if key not in checkpoint]
     if missing:
         fail(f"checkpoint {path!r} lacks {', '.join(missing)}; re-train with --save-model to write a complete one.")
-    saved_args = checkpoint["args"]
-    check_env_id(saved_args["env_id"])
-    agent = Agent(checkpoint["obs_dim"], checkpoint["action_dim"], saved_args["rpo_alpha"]).to(device)
+    check_env_id(checkpoint["args"]["env_id"])
+    agent = Agent(checkpoint["obs_dim"], checkpoint["action_dim"], checkpoint["args"]["rpo_alpha"]).to(device)
     load_state(agent, checkpoint["model"], path)
-    statistics = {"obs_rms": checkpoint["obs_rms"], "return_rms": checkpoint["return_rms"]}
-    return agent, statistics, saved_args
+    return agent, {"obs_rms": checkpoint["obs_rms"], "return_rms": checkpoint["return_rms"]}, checkpoint["args"]
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
-    if args.eval_checkpoint is not None:
+    if args.eval_checkpoint is not None:  # PLUMBING: evaluate a saved model instead of training
         agent, statistics, saved = load_policy(args.eval_checkpoint, device_for(args))
         video_dir = f"videos/{os.path.basename(os.path.dirname(os.path.abspath(args.eval_checkpoint)))}-eval"
         if args.capture_video:
@@ -323,8 +317,11 @@ if __name__ == "__main__":
     args.batch_size = int(args.num_envs * args.num_steps)
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = args.total_timesteps // args.batch_size
-    run = Run(SCRIPT, args, args.env_id)  # PLUMBING: run dir, TensorBoard, wandb, resume file, signals
-    writer, device = run.writer, run.device
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run = Run(SCRIPT, args, default_name=run_name)  # PLUMBING: --run-name or SLURM's; wandb, resume file, signals
+    run_name = run.name  # PLUMBING
+    writer = SummaryWriter(f"runs/{run_name}")
+    run.attach(writer)  # PLUMBING: a resumed run's curves continue where its resume file left them
 
     # TRY NOT TO MODIFY: seeding
     random.seed(args.seed)
@@ -332,22 +329,21 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
     # env setup
-    envs = gym.vector.SyncVectorEnv(
-        [make_env(args.env_id, i, args.capture_video, f"videos/{run.name}", args.gamma) for i in range(args.num_envs)],
-        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
-    )
+    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, i, args.capture_video, f"videos/{run_name}", args.gamma)
+                                     for i in range(args.num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     assert isinstance(envs.single_action_space, gym.spaces.Box), "only continuous action space is supported"
     obs_dim = int(np.prod(envs.single_observation_space.shape))
     action_dim = int(np.prod(envs.single_action_space.shape))
 
     agent = Agent(obs_dim, action_dim, args.rpo_alpha).to(device)
     print(f"agent: {sum(p.numel() for p in agent.parameters()):,} parameters", flush=True)
-    # PLUMBING: --compile/--cudagraphs: the same acting and update steps through torch.compile (README "Speed"); the
-    # compiled optimizer step reads the annealed learning rate and Adam's step counts from tensors on the device
-    optimizer = optim.Adam(agent.parameters(), lr=learning_rate(args.learning_rate, args, device), eps=1e-5,
-                           capturable=args.compile and device.type == "cuda")
-    policy, update = compiled(act, args), compiled(update_step, args)
+    optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    policy, update = agent.get_action_and_value, update_step
+    prepare_optimizer(optimizer, args, device)  # SPEED: the learning rate and Adam's step counts as device tensors
+    policy, update = compiled(policy, args), compiled(update, args)  # SPEED: torch.compile (README "Speed")
 
     # ALGO Logic: Storage setup
     obs = torch.zeros((args.num_steps, args.num_envs) + envs.single_observation_space.shape).to(device)
@@ -357,15 +353,16 @@ if __name__ == "__main__":
     dones = torch.zeros((args.num_steps, args.num_envs)).to(device)
     values = torch.zeros((args.num_steps, args.num_envs)).to(device)
 
-    # PLUMBING: what a resumed run continues from, the normalisers' statistics included. The simulations are not
-    # saved: a resumed run starts fresh episodes, seeded from the seed and the iteration.
-    run.keep(agent=agent, optimizer=optimizer, normalization=NormalizationState(envs))
-    counters = run.resume(global_step=0, iteration=0)
-    global_step, start_iteration = counters["global_step"], counters["iteration"] + 1
-
     # TRY NOT TO MODIFY: start the game
-    last_return = float("nan")
-    next_obs, _ = envs.reset(seed=args.seed + args.num_envs * counters["iteration"])
+    global_step, start_iteration, last_return = 0, 1, float("nan")
+    run.keep(agent=agent, optimizer=optimizer, normalization=NormalizationState(envs))  # PLUMBING: normalisers too
+    counters = run.resume(global_step=global_step, iteration=start_iteration - 1)  # PLUMBING: the saved step and RNG
+    global_step, start_iteration = counters["global_step"], counters["iteration"] + 1  # PLUMBING
+    start_time, start_step = time.time(), global_step
+    if global_step == 0:  # a new run (a resumed one logged its hyperparameters when it started)
+        rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
+    next_obs, _ = envs.reset(seed=args.seed + args.num_envs * (start_iteration - 1))  # a resumed run: new episodes
     next_obs = torch.Tensor(next_obs).to(device)
     next_done = torch.zeros(args.num_envs).to(device)
 
@@ -373,7 +370,9 @@ if __name__ == "__main__":
         # Annealing the rate if instructed to do so.
         if args.anneal_lr:
             frac = 1.0 - (iteration - 1.0) / args.num_iterations
-            set_learning_rate(optimizer, frac * args.learning_rate, args)
+            lrnow = frac * args.learning_rate
+            optimizer.param_groups[0]["lr"] = lrnow
+            set_learning_rate(optimizer, lrnow, args)  # SPEED: the compiled step's tensor, changed in place
 
         for step in range(0, args.num_steps):
             global_step += args.num_envs
@@ -382,7 +381,8 @@ if __name__ == "__main__":
 
             # ALGO LOGIC: action logic
             with torch.no_grad():
-                action, logprob, values[step] = policy(agent, next_obs)
+                action, logprob, _, value = policy(next_obs)
+                values[step] = value.flatten()
             actions[step] = action
             logprobs[step] = logprob
 
@@ -416,13 +416,8 @@ if __name__ == "__main__":
                 advantages[t] = lastgaelam = delta + args.gamma * args.gae_lambda * nextnonterminal * lastgaelam
             returns = advantages + values
 
-        # flatten the batch
-        b_obs = obs.reshape((-1,) + envs.single_observation_space.shape)
-        b_logprobs = logprobs.reshape(-1)
-        b_actions = actions.reshape((-1,) + envs.single_action_space.shape)
-        b_advantages = advantages.reshape(-1)
-        b_returns = returns.reshape(-1)
-        b_values = values.reshape(-1)
+        batch = dict(obs=obs, actions=actions, logprobs=logprobs, advantages=advantages, returns=returns, values=values)
+        batch = {key: value.flatten(0, 1) for key, value in batch.items()}  # flatten the batch: (step, env) -> sample
 
         # Optimizing the policy and value network
         b_inds = np.arange(args.batch_size)
@@ -432,41 +427,36 @@ if __name__ == "__main__":
             for start in range(0, args.batch_size, args.minibatch_size):
                 end = start + args.minibatch_size
                 mb_inds = b_inds[start:end]
+                stats = update(agent, optimizer, args, **{key: value[mb_inds] for key, value in batch.items()})
+                clipfracs.append(stats["clipfrac"])
 
-                old_approx_kl, approx_kl, clipfrac, pg_loss, v_loss, entropy_loss = update(
-                    agent, optimizer, args, b_obs[mb_inds], b_actions[mb_inds], b_logprobs[mb_inds],
-                    b_advantages[mb_inds], b_returns[mb_inds], b_values[mb_inds])
-                clipfracs.append(clipfrac)
-
-            if args.target_kl is not None and approx_kl > args.target_kl:
+            if args.target_kl is not None and stats["approx_kl"] > args.target_kl:
                 break
 
-        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
+        y_pred, y_true = batch["values"].cpu().numpy(), batch["returns"].cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
+        stats["clipfrac"] = torch.stack(clipfracs).mean()  # over every minibatch; the other statistics: the last one
         writer.add_scalar("charts/learning_rate", float(optimizer.param_groups[0]["lr"]), global_step)
-        writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
-        writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
-        writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
-        writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
-        writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
-        writer.add_scalar("losses/clipfrac", torch.stack(clipfracs).mean().item(), global_step)
+        for key, value in stats.items():
+            writer.add_scalar(f"losses/{key}", value.item(), global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
-        writer.add_scalar("charts/SPS", int(run.sps(global_step)), global_step)
+        writer.add_scalar("charts/SPS", int((global_step - start_step) / (time.time() - start_time)), global_step)
         run.progress(global_step, args.num_iterations * args.batch_size, f"last return {last_return:.1f}",  # PLUMBING
                      force=iteration == args.num_iterations)
         run.checkpoint(global_step=global_step, iteration=iteration)  # PLUMBING: periodic resume file; stop on signal
 
     if args.save_model:  # the normalisation statistics, merged over the sub-envs, go with the weights
         statistics = training_statistics(envs)
-        run.save_model(model=agent.state_dict(), **statistics, obs_dim=obs_dim, action_dim=action_dim,
+        run.save_model(model=agent.state_dict(), **statistics, obs_dim=obs_dim, action_dim=action_dim,  # PLUMBING
                        global_step=global_step)
         eval_returns, _ = evaluate(agent, args.env_id, statistics, args.eval_episodes, args.seed, args.gamma, device,
-                                   f"videos/{run.name}-eval" if args.capture_video else None)
+                                   f"videos/{run_name}-eval" if args.capture_video else None)
         for idx, episodic_return in enumerate(eval_returns):
             writer.add_scalar("eval/episodic_return", episodic_return, idx)
 
     envs.close()
     run.finish(global_step=global_step, iteration=max(counters["iteration"], args.num_iterations))  # PLUMBING
+    writer.close()

@@ -137,7 +137,7 @@ def main():
     if not runs:
         raise SystemExit(f"no runs with evaluations under {opts.runs_dir}/runs")
     subprocess.run([sys.executable, "-m", "cleanrl_equi.tools.plot_runs", opts.runs_dir, "--out", path,
-                    "--group-by", "model"], cwd=REPO, check=True)
+                    "--group-by", "model", "--overwrite"], cwd=REPO, check=True)
     summary = {}
     for experiment, seeds in sorted(runs.items()):
         summary[experiment] = {

@@ -139,7 +139,8 @@ def main():
     if not opts.collect_only:
         run_all(opts, build_datasets(opts, image_size), extra)
     subprocess.run([sys.executable, "-m", "cleanrl_equi.tools.plot_runs", os.path.join(opts.runs_dir, "runs"),
-                    "--out", out, "--tags", "eval/success_rate", "eval/discounted_return", "--points", "50"],
+                    "--out", out, "--tags", "eval/success_rate", "eval/discounted_return", "--points", "50",
+                    "--overwrite"],
                    check=True, cwd=REPO)
     machine = machine_info(opts.device)
     hardware = opts.hardware or f"{machine['cpu']} {opts.device}, {os.cpu_count()} cores" + (

@@ -1,92 +1,119 @@
-"""Anatomy of the training scripts: non-blank lines, and how many of them are run plumbing rather than the algorithm.
+"""Anatomy of the training scripts: how many lines are the algorithm, and how many are marked additions to it.
 
-Plumbing, as the structure issue counts it: the Args fields of run management (run name, resume clock, progress,
-wandb, video, model saving, checkpoint evaluation) with their docstrings, the start-up validation (`check_args`),
-the `--eval-checkpoint` loaders, and every line of the main block that talks to `Run` or handles
-`--eval-checkpoint`. Everything else (imports, header docstring, the rest of Args, env setup, networks, losses, the
-loop and its logging) counts as the algorithm file a reader reads. Also: diff sizes of the equivariant vs plain
-network code where one file holds both.
+A CleanRL script here marks what it adds to the algorithm: `# PLUMBING` (run management: run name, resume file,
+signals, progress, model files, `--eval-checkpoint`) and `# SPEED` (compile, CUDA graphs, bfloat16, memory layout).
+The deletion rule, which `strip_marked` applies and tests/test_anatomy.py checks by running the result: a line whose
+comment holds either tag goes, with every following line indented deeper than it (its block, its continuation
+lines) and, for a dataclass field, the docstring under it. What is left is the eager CleanRL-style script.
 
-    uv run python benchmarks/script_anatomy.py --overwrite                     # benchmarks/results/script_anatomy.json
-    uv run python benchmarks/script_anatomy.py --commit b5f5ce1 --tag _before  # the scripts at an older commit
+Counted per script (non-blank lines): SPEED, PLUMBING, the start-up checks (`check_args`, unmarked) and the rest,
+the algorithm a reader reads; the size of the equivariant-vs-plain network diff (every `Equi*` class cut out in
+file order against every `CNN*` class, the prefixes renamed alike, as `diff | grep -c '^[<>]'` counts), and the
+diff of ppo_atari.py against ppo_atari_equi.py.
+
+    uv run python benchmarks/script_anatomy.py --overwrite                        # the working tree
+    uv run python benchmarks/script_anatomy.py --commit 61c02f7 --tag _before     # the scripts at an older commit
 """
 
 import ast
 import difflib
+import io
 import json
 import os
+import re
 import subprocess
+import tokenize
 from dataclasses import dataclass
 from datetime import date
 from typing import Optional
 
 from common import REPO, Output, cli, results_path
-SCRIPTS = ["ppo_atari.py", "ppo_atari_equi.py", "rpo_mujoco.py", "sac_equi_bullet.py", "cql_equi_offline.py",
-           "iql_equi_offline.py", "dqn_equi_bullet.py"]
-PLUMBING_FIELDS = {"track", "wandb_project_name", "wandb_entity", "capture_video", "save_model", "eval_checkpoint",
-                   "run_name", "checkpoint_minutes", "progress_interval"}
-PLUMBING_FUNCTIONS = {"check_args", "load_actor", "load_policy", "run_evaluation"}
-PLUMBING_WORDS = ("run.", "Run(", "PLUMBING", "eval_checkpoint", "device_for(", "resume", "wandb", "SummaryWriter(",
-                  "make_run_name", "StopSignal", "CheckpointClock", "clock.", "stop.", "stop_for_requeue",
-                  "save_checkpoint", "last_progress", "progress_interval", "set_rng_state", "run_dir", "run_name",
-                  "min left", "hyperparameters", "RESUME_FILE", "load_state(")
+
+SCRIPTS = ["ppo_atari.py", "ppo_atari_equi.py", "rpo_mujoco.py", "sac_equi_bullet.py", "dqn_equi_bullet.py",
+           "cql_equi_offline.py", "iql_equi_offline.py"]
+TAG = re.compile(r"#\s*(SPEED|PLUMBING)\b")
+FIELD = re.compile(r"^\s+\w+\s*:\s*[^=]+=")
 
 
-def mark_statements(statements, source: str, plumbing: set[int]) -> None:
-    """Mark a statement (all its lines) as plumbing when it mentions a plumbing word; a compound statement whose
-    header does is marked whole, otherwise its body is looked at statement by statement."""
-    for node in statements:
-        body = [getattr(node, name) for name in ("body", "orelse", "finalbody") if getattr(node, name, None)]
-        if body and not isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            header = ast.get_source_segment(source, node).split("\n")[0]
-            if any(word in header for word in PLUMBING_WORDS):
-                plumbing.update(range(node.lineno, node.end_lineno + 1))
+def indent_of(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def tagged_lines(source: str) -> dict[int, str]:
+    """Line index (from 0) -> "SPEED" or "PLUMBING", for every line whose comment carries a tag."""
+    tags = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT and (match := TAG.search(token.string)):
+            tags.setdefault(token.start[0] - 1, match.group(1))
+    return tags
+
+
+def marked_blocks(source: str) -> dict[int, str]:
+    """Every line index the deletion rule removes -> the tag that removes it."""
+    lines, removed = source.splitlines(), {}
+    for start, tag in sorted(tagged_lines(source).items()):
+        if start in removed:
+            continue
+        indent, end = indent_of(lines[start]), start + 1
+        while end < len(lines):
+            nxt = next((j for j in range(end, len(lines)) if lines[j].strip()), len(lines))
+            if nxt < len(lines) and indent_of(lines[nxt]) > indent:
+                end = nxt + 1
             else:
-                for block in body:
-                    mark_statements(block, source, plumbing)
-        elif any(word in ast.get_source_segment(source, node) for word in PLUMBING_WORDS):
-            plumbing.update(range(node.lineno, node.end_lineno + 1))
+                break
+        if FIELD.match(lines[start]) and end < len(lines) and lines[end].strip().startswith('"""'):
+            closing = end if lines[end].strip().count('"""') >= 2 else next(
+                j for j in range(end + 1, len(lines)) if '"""' in lines[j])
+            end = closing + 1
+        for i in range(start, end):
+            removed.setdefault(i, tag)
+    return removed
+
+
+def strip_marked(source: str) -> str:
+    """The script with every `# SPEED` and `# PLUMBING` addition deleted (the rule above)."""
+    removed = marked_blocks(source)
+    return "\n".join(line for i, line in enumerate(source.splitlines()) if i not in removed) + "\n"
 
 
 def anatomy(source: str) -> dict:
     lines = source.splitlines()
-    plumbing: set[int] = set()
+    removed = marked_blocks(source)
+    checks = set()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef) and node.name == "check_args":
+            checks.update(range(node.lineno - 1, node.end_lineno))
+    counts = {"SPEED": 0, "PLUMBING": 0, "checks": 0, "algorithm": 0}
+    for i, line in enumerate(lines):
+        if line.strip():
+            counts[removed.get(i) or ("checks" if i in checks else "algorithm")] += 1
+    non_blank = sum(counts.values())
+    return {"lines": len(lines), "non_blank": non_blank, "speed": counts["SPEED"], "plumbing": counts["PLUMBING"],
+            "checks": counts["checks"], "algorithm": counts["algorithm"],
+            "algorithm_share": round(counts["algorithm"] / non_blank, 3),
+            "speed_share": round(counts["SPEED"] / non_blank, 3),
+            "plumbing_share": round(counts["PLUMBING"] / non_blank, 3),
+            "checks_share": round(counts["checks"] / non_blank, 3),
+            "speed_tags": sum(1 for t in tagged_lines(source).values() if t == "SPEED"),
+            "plumbing_tags": sum(1 for t in tagged_lines(source).values() if t == "PLUMBING")}
+
+
+def changed_lines(a: list[str], b: list[str]) -> int:
+    return sum(1 for line in difflib.unified_diff(a, b, lineterm="", n=0)
+               if line[:1] in "+-" and not line.startswith(("+++", "---")))
+
+
+def network_pair_diff(source: str) -> dict | None:
+    """Cut every `Equi*` class and every `CNN*` class out (file order), rename both prefixes to `X`, and diff."""
     tree = ast.parse(source)
+    equi, cnn = [], []
     for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "Args":
-            body = node.body
-            for i, item in enumerate(body):
-                if isinstance(item, ast.AnnAssign) and item.target.id in PLUMBING_FIELDS:
-                    end = body[i + 1].end_lineno if i + 1 < len(body) and isinstance(body[i + 1], ast.Expr) \
-                        else item.end_lineno
-                    plumbing.update(range(item.lineno, end + 1))
-        elif isinstance(node, ast.FunctionDef) and node.name in PLUMBING_FUNCTIONS:
-            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
-            plumbing.update(range(start, node.end_lineno + 1))
-        elif isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
-            mark_statements(node.body, source, plumbing)
-    non_blank = [n for n, line in enumerate(lines, 1) if line.strip()]
-    plumbing_lines = [n for n in non_blank if n in plumbing]
-    return {"lines": len(lines), "non_blank": len(non_blank), "plumbing": len(plumbing_lines),
-            "plumbing_share": round(len(plumbing_lines) / len(non_blank), 3),
-            "algorithm_share": round(1 - len(plumbing_lines) / len(non_blank), 3)}
-
-
-def network_diff(source: str) -> dict | None:
-    """Lines that differ between the equivariant and the plain versions of each network in one file."""
-    tree = ast.parse(source)
-    classes = {node.name: ast.get_source_segment(source, node) for node in tree.body if isinstance(node, ast.ClassDef)}
-    pairs = [(name, "CNN" + name[len("Equi"):]) for name in classes if name.startswith("Equi")]
-    pairs = [(a, b) for a, b in pairs if b in classes]
-    if not pairs:
+        if isinstance(node, ast.ClassDef) and node.name.startswith(("Equi", "CNN")):
+            text = re.sub(r"\b(Equi|CNN)(?=[A-Z])", "X", ast.get_source_segment(source, node)).splitlines()
+            (equi if node.name.startswith("Equi") else cnn).extend(text + [""])
+    if not equi or not cnn:
         return None
-    out = {}
-    for equi, cnn in pairs:
-        diff = difflib.unified_diff(classes[cnn].splitlines(), classes[equi].splitlines(), lineterm="", n=0)
-        changed = [line for line in diff if line[:1] in "+-" and not line.startswith(("+++", "---"))]
-        out[f"{equi} vs {cnn}"] = {"equi_lines": len(classes[equi].splitlines()),
-                                   "cnn_lines": len(classes[cnn].splitlines()), "diff_lines": len(changed)}
-    return out
+    return {"equi_lines": len(equi), "cnn_lines": len(cnn), "diff_lines": changed_lines(cnn, equi)}
 
 
 @dataclass
@@ -112,12 +139,9 @@ def main(opts: Args) -> None:
             with open(os.path.join(opts.repo, script)) as f:
                 source = f.read()
         sources[script] = source
-        results["scripts"][script] = {**anatomy(source), "networks": network_diff(source),
-                                      "R2Conv_lines": source.count("R2Conv(")}
-    plain, equi = sources["ppo_atari.py"].splitlines(), sources["ppo_atari_equi.py"].splitlines()
-    results["ppo_atari_vs_equi_diff_lines"] = sum(  # as `diff ppo_atari.py ppo_atari_equi.py | grep -c '^[<>]'`
-        1 for line in difflib.unified_diff(plain, equi, lineterm="", n=0)
-        if line[:1] in "+-" and not line.startswith(("+++", "---")))
+        results["scripts"][script] = {**anatomy(source), "network_pair": network_pair_diff(source)}
+    results["ppo_atari_vs_equi_diff_lines"] = changed_lines(sources["ppo_atari.py"].splitlines(),
+                                                            sources["ppo_atari_equi.py"].splitlines())
     text = json.dumps(results, indent=1)
     print(text)
     with open(out, "w") as f:

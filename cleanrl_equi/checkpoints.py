@@ -60,15 +60,17 @@ def save_checkpoint(path: str, script: str, args: Any, **state: Any) -> None:
 
 
 def load_checkpoint(path: str, script: str, map_location: str | torch.device = "cpu",
-                    fix: str = "evaluate it with that script") -> dict:
-    """Read a checkpoint written by `save_checkpoint` for `script`, failing with one sentence if it cannot be used."""
+                    fix: str = "evaluate it with that script", unreadable_fix: str = "") -> dict:
+    """Read a checkpoint written by `save_checkpoint` for `script`, failing with one sentence if it cannot be used
+    (`unreadable_fix`: what to do about a corrupt file, where there is something to do)."""
     refuse_folder(path, "checkpoint", ".cleanrl_model")
     if not os.path.isfile(path):
         fail(f"checkpoint {path!r} does not exist; pass the path of a file written with --save-model.")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # any unpickling problem means the file is not a usable checkpoint
-        fail(f"checkpoint {path!r} could not be read ({type(exc).__name__}); it is corrupt or not a checkpoint.")
+        fix = f"; {unreadable_fix}" if unreadable_fix else ""
+        fail(f"checkpoint {path!r} could not be read ({type(exc).__name__}); it is corrupt or not a checkpoint{fix}.")
     if not isinstance(payload, dict) or "script" not in payload:
         fail(f"checkpoint {path!r} was not written by a cleanrl-equi script.")
     if payload["script"] != script:
@@ -83,6 +85,29 @@ def load_state(module: Any, state: dict, path: str) -> None:
     except (RuntimeError, KeyError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         fail(f"checkpoint {path!r} does not fit this network ({first[:160]}); it has other shapes or settings.")
+
+
+def saved_weights(payload: dict, key: str, path: str) -> dict:
+    """The state dict `key` ("actor", "model", ...) of a model file or of a resume file (which keeps the same
+    weights under "state"), with one sentence when the file holds no such network."""
+    if key in payload:
+        return payload[key]
+    if key in payload.get("state", {}):
+        return payload["state"][key]
+    fail(f"checkpoint {path!r} holds no {key} weights; pass a model file written with --save-model or a run's "
+         f"{RESUME_FILE}.")
+
+
+def saved_args(payload: dict, args_class: type, path: str, required: tuple[str, ...] = ()) -> Any:
+    """The settings a checkpoint was trained with, as `args_class` (flags added since then take their defaults).
+    `required` names settings whose defaults have changed since older files were written: a file without them is
+    refused with one sentence rather than evaluated under settings it was not trained with."""
+    missing = [name for name in required if name not in payload["args"]]
+    if missing:
+        fail(f"checkpoint {path!r} was written before {', '.join(missing)} were recorded, so the env it was trained "
+             "in is unknown; train it again with this version.")
+    known = {f.name for f in fields(args_class)}
+    return args_class(**{k: v for k, v in payload["args"].items() if k in known})
 
 
 def rng_state() -> dict[str, Any]:
@@ -110,8 +135,12 @@ def load_resume(run_dir: str, script: str, args: Any) -> dict | None:
     path = os.path.join(run_dir, RESUME_FILE)
     if not os.path.exists(path):
         return None
-    payload = load_checkpoint(path, script, fix="this run directory belongs to that script; pick another --run-name")
-    saved, now = payload["args"], dict(vars(args))
+    payload = load_checkpoint(path, script, fix="this run directory belongs to that script; pick another --run-name",
+                              unreadable_fix="delete it to start the run over, or pick another --run-name")
+    now = dict(vars(args))
+    # a flag added since the file was written counts as its default there (the run had no other choice then)
+    defaults = {f.name: f.default for f in fields(args)} if is_dataclass(args) else {}
+    saved = {**{k: v for k, v in defaults.items() if k not in payload["args"]}, **payload["args"]}
     free = RESUMABLE_CHANGES + derived_fields(args)
     changed = sorted(k for k in set(saved) | set(now) if k not in free and saved.get(k) != now.get(k))
     if changed:

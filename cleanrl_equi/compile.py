@@ -1,29 +1,19 @@
 """What the compiled path (`--compile`, `--cudagraphs`) needs besides torch.compile: the choice of eager, compiled or
-CUDA-graphed functions, a learning rate that can change without recompiling, and for the equivariant scripts a
-plain-torch copy of an escnn network to act through.
+CUDA-graphed functions, an optimizer whose learning rate can change without recompiling, bfloat16 autocast around a
+whole step, and channels-last batches. (The plain-torch copy that an equivariant network acts through on the compiled
+path is made where those networks are: `plain_copy` and `refresh` in `cleanrl_equi.equivariant`.)
 
-Why a copy: torch.compile (dynamo) cannot trace escnn's layers. Every escnn module's forward asserts that its input
-has the expected `FieldType` (a comparison of Python objects that hold NumPy arrays), and the basis expansion that
-builds a filter from its coefficients calls `.item()` and NumPy; dynamo splits the graph there and runs each escnn
-layer eagerly, so compiling an escnn network as it is gains nothing. In eval mode
-an escnn layer is only a convolution with a fixed, already expanded filter, which is what escnn's own
-`EquivariantModule.export()` turns it into (`R2Conv` -> `nn.Conv2d`, `ReLU` -> `nn.ReLU`, ...). `plain_copy` builds
-that copy of a whole network once; `refresh` copies the current filters into it (in place, so the compiled graph
-stays valid) after each update. The copy computes exactly what the escnn network computes in eval mode.
-
-The update step cannot go through a copy (its gradients must reach escnn's basis coefficients), so it is compiled
-as it is: the loss, backward and optimizer step are compiled and the escnn layers in between run eagerly. On a CPU
-that is slower than eager (benchmarks/results/compile_speed_cpu_*.csv): `--compile` pays for the plain networks.
+A script applies these on lines of their own, tagged `# SPEED` (`update = compiled(update, args)  # SPEED`), so that
+deleting those lines leaves the eager algorithm.
 """
 
 from __future__ import annotations
 
 import atexit
-import copy
+import weakref
 from typing import Any, Callable
 
 import torch
-from torch import nn
 from torch.utils._pytree import tree_map
 
 from cleanrl_equi.errors import fail
@@ -93,111 +83,35 @@ def learning_rate(lr: float, args: Any, device: torch.device) -> float | torch.T
     return torch.tensor(lr, device=device) if args.compile else lr
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float, args: Any) -> None:
-    """Set every parameter group's learning rate: in place on the compiled path (see `learning_rate`; a resumed
-    optimizer state may bring the other kind, which is converted here)."""
-    for group in optimizer.param_groups:
-        if not args.compile:
-            group["lr"] = float(lr)
-        elif isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = torch.tensor(lr, device=group["params"][0].device)
-
-
-class PlainField:
-    """Stands in for escnn's GeometricTensor in a plain copy: it carries the tensor as `.tensor` and nothing else,
-    so the network's own forward code (`...(x).tensor`) runs unchanged on the copy."""
-
-    __slots__ = ("tensor",)
-
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor = tensor
-
-
-class _Exported(nn.Module):
-    """An escnn module's export (plain torch), taking and returning `PlainField`s."""
-
-    def __init__(self, plain: nn.Module):
-        super().__init__()
-        self.plain = plain
-
-    def forward(self, field: PlainField) -> PlainField:
-        return PlainField(self.plain(field.tensor))
-
-
-class _ToPlainField(nn.Module):
-    def forward(self, x: torch.Tensor) -> PlainField:
-        return PlainField(x)
-
-
-def plain_copy(network: nn.Module) -> nn.Module:
-    """A copy of `network` (an EscnnModule) for acting under no_grad: each escnn child replaced by its plain-torch
-    export, the TensorToField boundary by a `PlainField` wrapper, at any depth (an actor's encoder is a child module
-    holding escnn layers); the network's own methods run on it unchanged. A network without escnn layers is returned
-    as it is (it compiles as it is). The global RNG is left as it was (the exported layers are built with a random
-    initialisation that `refresh` overwrites)."""
-    from cleanrl_equi.equivariant import enn  # here: the plain scripts need not import escnn
-
-    if not any(isinstance(m, enn.EquivariantModule) for m in network.modules()):
-        return network
-    training = network.training
-    twin = copy.deepcopy(network)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        _export_children(twin, network)
-    network.train(training)  # export() left the escnn layers in eval mode
-    nn.Module.train(twin, False)
-    refresh(twin, network)
-    return twin.requires_grad_(False)
-
-
-def _holds_escnn(module: nn.Module) -> bool:
-    from cleanrl_equi.equivariant import enn
-
-    return any(isinstance(m, enn.EquivariantModule) for m in module.modules())
-
-
-def _export_children(twin: nn.Module, network: nn.Module) -> None:
-    from cleanrl_equi.equivariant import TensorToField, enn
-
-    for name, child in list(network.named_children()):
-        if isinstance(child, enn.EquivariantModule):
-            setattr(twin, name, _Exported(child.export()))
-        elif isinstance(child, TensorToField):
-            setattr(twin, name, _ToPlainField())
-        elif _holds_escnn(child):
-            _export_children(getattr(twin, name), child)
-
-
-def refresh(twin: nn.Module, network: nn.Module) -> None:
-    """Copy the current weights of `network` into its plain copy `twin` (or a torch.compile of it) in place: each
-    R2Conv's filter and bias, expanded from its coefficients as escnn does in eval mode. In either mode of
-    `network`; call it after each update."""
-    twin = getattr(twin, "_orig_mod", twin)
-    if twin is network:
+def prepare_optimizer(optimizer: torch.optim.Optimizer, args: Any, device: torch.device) -> None:
+    """Make a freshly built optimizer what the compiled steps need (eager: nothing changes): each group's learning
+    rate a 0-d tensor on the device (`learning_rate`), and on a GPU Adam's step counts kept on the device as well
+    (`capturable`), so that a compiled or CUDA-graphed optimizer step never reads them back to the host."""
+    if not args.compile:
         return
-    with torch.no_grad():
-        _refresh_children(twin, network)
+    for group in optimizer.param_groups:
+        if "capturable" in group and device.type == "cuda":
+            group["capturable"] = True
+    set_learning_rate(optimizer, optimizer.param_groups[0]["lr"], args)
 
 
-def _refresh_children(twin: nn.Module, network: nn.Module) -> None:
-    from cleanrl_equi.equivariant import TensorToField, enn
+# optimizer -> the 0-d learning-rate tensor of each of its groups on the compiled path (see `set_learning_rate`)
+_LR_TENSORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    for name, child in network.named_children():
-        if isinstance(child, enn.EquivariantModule):
-            plain = getattr(twin, name).plain
-            for path, module in child.named_modules():
-                if isinstance(module, enn.R2Conv):
-                    conv = plain.get_submodule(path) if path else plain
-                    weight, bias = module.expand_parameters()
-                    conv.weight.copy_(weight)
-                    if bias is not None:
-                        conv.bias.copy_(bias)
-                elif any(True for _ in module.parameters(recurse=False)):
-                    raise NotImplementedError(f"refresh copies R2Conv weights only, not {type(module).__name__}'s")
-        elif isinstance(child, TensorToField):
-            continue
-        elif _holds_escnn(child):
-            _refresh_children(getattr(twin, name), child)
-        else:
-            getattr(twin, name).load_state_dict(child.state_dict())
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float | torch.Tensor, args: Any) -> None:
+    """Set every parameter group's learning rate. On the compiled path each group keeps one 0-d tensor for its whole
+    life, filled in place, whatever the group holds when this is called: the float that CleanRL's line
+    `optimizer.param_groups[0]["lr"] = lrnow` has just put there, or a resumed optimizer state's own value. A new
+    float would recompile the compiled optimizer step, and a new tensor would make a CUDA graph record itself again."""
+    lr = float(lr)
+    if not args.compile:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return
+    tensors = _LR_TENSORS.setdefault(optimizer, {})
+    for index, group in enumerate(optimizer.param_groups):
+        if index not in tensors:
+            held, device = group["lr"], group["params"][0].device
+            tensors[index] = held if isinstance(held, torch.Tensor) else torch.tensor(lr, device=device)
+        group["lr"] = tensors[index].fill_(lr)

@@ -13,10 +13,12 @@ episode) and T_e transitions. Arrays in the file (N transitions, E episodes, N +
     expert           bool  (N,)         the transition came from the planner
     episode_lengths  int64 (E,)
     episode_seeds    int64 (E,)         the seed the episode's env was reset with (its scene)
-    metadata         JSON string        format version, env id and settings, quality, collecting policy, seed,
-                                        counts, success rate, mean discounted return (gamma 0.99), each episode's
-                                        smoothness and gentleness metrics with their means (`episode_metrics`,
-                                        `metric_means`), creation date, and a sha256 checksum of the arrays
+    metadata         JSON string        format version, env id, image size, episode limit, every env setting
+                                        (`env_settings`: the flags of `BulletArmEnvArgs`) and the env's kwargs
+                                        (`env_kwargs`), quality, collecting policy, seed, counts, success rate,
+                                        mean discounted return (gamma 0.99), each episode's smoothness and
+                                        gentleness metrics with their means (`episode_metrics`, `metric_means`),
+                                        creation date, and a sha256 checksum of the arrays
 
 Transition t of the flat arrays leaves observation row `obs_index[t]`; its next observation is row
 `obs_index[t] + 1`. Images stay uint8 (16 KiB per 128x128 observation before compression; the height maps are
@@ -31,9 +33,14 @@ both, `--expert-fraction` of the episodes from the planner.
     uv run python -m cleanrl_equi.tools.make_dataset --quality medium --checkpoint runs/<run>/sac_equi_bullet.cleanrl_model
     uv run python -m cleanrl_equi.tools.make_dataset --info datasets/block_pulling_expert.npz
 
-The training scripts read a dataset with `load_dataset(path, env_id, image_size)` and draw batches with
-`dataset.sample(batch_size, device)`; without a path they use `default_dataset(...)`, a small planner dataset built
-once and cached under `$CLEANRL_EQUI_DATA` (default `~/.cache/cleanrl_equi/datasets/`).
+Datasets are collected in BulletArm's env setting by default (`BulletArmEnvArgs`: 0.3 m workspace, pi/4 rotation
+step, 50 steps); any other setting is recorded in `env_settings`. A file written before the settings were recorded
+was collected with BulletArm's defaults (its image size and episode limit are in its metadata).
+
+The training scripts read a dataset with `load_dataset(path, env_settings=args.env_settings())`, which refuses a
+dataset collected in other env settings than the run's, and draw batches with `dataset.sample(batch_size, device)`;
+without a path they use `default_dataset(args.env_settings(), ...)`, a small planner dataset built once and cached
+under `$CLEANRL_EQUI_DATA` (default `~/.cache/cleanrl_equi/datasets/`).
 """
 
 from __future__ import annotations
@@ -52,9 +59,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from cleanrl_equi.envs.manipulation import check_env_id
+from cleanrl_equi.envs.manipulation import BulletArmEnvArgs, check_env_id
 from cleanrl_equi.envs.manipulation.metrics import EPISODE_METRICS
-from cleanrl_equi.errors import fail, refuse_folder
+from cleanrl_equi.errors import fail, flag, refuse_folder
 
 FORMAT_VERSION = 1
 GAMMA = 0.99  # the discount of the papers' metric (discounted return = gamma^(T-1) for success at step T)
@@ -188,15 +195,70 @@ def task_label(env_id: str) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", task).lower()
 
 
-def dataset_filename(env_id: str, quality: str, num_episodes: int, image_size: int, max_steps: int, seed: int) -> str:
-    return f"{task_label(env_id)}_{quality}_{num_episodes}ep_{image_size}px_{max_steps}steps_seed{seed}.npz"
+def collection_settings(env_id: str, image_size: int, max_steps: int,
+                        env_settings: Optional[dict] = None) -> BulletArmEnvArgs:
+    """The env settings of a collection: `env_settings` (a `ManipulationEnvArgs.env_settings()` dict; None: BulletArm's
+    defaults) for the task `env_id` at `image_size` px with `max_steps`-step episodes."""
+    settings = BulletArmEnvArgs(**{**(env_settings or {}), "env_id": env_id, "image_size": image_size,
+                                   "max_steps": max_steps})
+    for name, value in (env_settings or {}).items():
+        if getattr(settings, name) != value:
+            raise ValueError(f"env_settings has {name}={value!r}, but {getattr(settings, name)!r} was passed")
+    return settings
 
 
-def collect_command(env_id: Optional[str], out: str, image_size: Optional[int] = None) -> str:
-    """The CLI line that makes an expert dataset at `out` (quoted in error messages)."""
+def recorded_env_settings(metadata: dict) -> dict:
+    """The env settings a dataset was collected with: its `env_settings`; a file written before they were recorded
+    was collected with BulletArm's defaults, at the image size and episode limit in its metadata."""
+    settings = BulletArmEnvArgs(env_id=metadata.get("env_id"), image_size=metadata.get("image_size"),
+                                max_steps=metadata.get("max_steps", BulletArmEnvArgs.max_steps)).env_settings()
+    recorded = metadata.get("env_settings")
+    if isinstance(recorded, dict):
+        settings.update({name: value for name, value in recorded.items() if name in settings})
+    return settings
+
+
+def changed_settings(env_settings: dict, skip: tuple[str, ...] = ("env_id", "image_size", "max_steps")) -> list[str]:
+    """The settings (other than `skip`) that differ from BulletArm's defaults, the datasets' own."""
+    defaults = BulletArmEnvArgs().env_settings()
+    return [name for name, value in env_settings.items() if name not in skip and value != defaults.get(name)]
+
+
+def env_flags(env_settings: dict, names) -> str:
+    """The command-line flags that set `names` to their values in `env_settings` (`--workspace-size 0.4
+    --no-paper-tasks`)."""
+    words = []
+    for name in names:
+        value = env_settings[name]
+        if isinstance(value, bool):
+            words.append(flag(name) if value else f"--no-{name.replace('_', '-')}")
+        else:
+            words.append(f"{flag(name)} {value}")
+    return " ".join(words)
+
+
+def dataset_filename(env_id: str, quality: str, num_episodes: int, image_size: int, max_steps: int, seed: int,
+                     env_settings: Optional[dict] = None) -> str:
+    """`block_pulling_expert_10ep_128px_50steps_seed0.npz`; settings other than BulletArm's add a short hash of
+    them (`..._seed0_env1a2b3c4d.npz`), so datasets of two settings never share a name."""
+    changed = changed_settings(env_settings or {})
+    suffix = ""
+    if changed:
+        text = json.dumps({name: env_settings[name] for name in changed}, sort_keys=True)
+        suffix = "_env" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    return (f"{task_label(env_id)}_{quality}_{num_episodes}ep_{image_size}px_{max_steps}steps_seed{seed}"
+            f"{suffix}.npz")
+
+
+def collect_command(env_id: Optional[str], out: str, image_size: Optional[int] = None,
+                    env_settings: Optional[dict] = None) -> str:
+    """The CLI line that makes an expert dataset at `out` (quoted in error messages), in the env settings
+    `env_settings` where given (the flags of those that differ from BulletArm's defaults)."""
     size = f" --image-size {image_size}" if image_size else ""
+    changed = changed_settings(env_settings or {}, skip=("env_id", "image_size"))
+    settings = f" {env_flags(env_settings, changed)}" if changed else ""
     return (f"`uv run python -m cleanrl_equi.tools.make_dataset --env-id {env_id or 'cleanrl_equi/<Task>-v0'} "
-            f"--quality expert{size} --out {out}`")
+            f"--quality expert{size}{settings} --out {out}`")
 
 
 def save_dataset(path: str, dataset: OfflineDataset) -> None:
@@ -253,23 +315,33 @@ def _check_consistent(path: str, arrays: dict[str, np.ndarray], metadata: dict) 
         corrupt("the metadata counts other episodes or transitions than the arrays hold")
     if metadata.get("image_size") != heights.shape[-1]:
         corrupt(f"the metadata says {metadata.get('image_size')} px but the images are {heights.shape[-1]} px")
+    recorded = metadata.get("env_settings", {})
+    if not isinstance(recorded, dict) or any(recorded.get(key, metadata.get(key)) != metadata.get(key)
+                                             for key in ("env_id", "image_size", "max_steps")):
+        corrupt("its recorded env settings disagree with its env id, image size or episode limit")
     if checksum(arrays) != metadata.get("checksum"):
         corrupt("its checksum does not match its content")
 
 
-def load_dataset(path: str, env_id: Optional[str] = None, image_size: Optional[int] = None) -> OfflineDataset:
+def load_dataset(path: str, env_id: Optional[str] = None, image_size: Optional[int] = None,
+                 env_settings: Optional[dict] = None) -> OfflineDataset:
     """Read a dataset written by `save_dataset`, check it, and return it. Fails with one sentence (exit status 2)
     when the file is missing, unreadable or corrupt, or holds another task than `env_id` or another image size than
-    `image_size` (None: accept any)."""
+    `image_size` (None: accept any), or was collected in other env settings than `env_settings` (a
+    `ManipulationEnvArgs.env_settings()` dict, which also gives env_id and image_size; None: accept any)."""
+    if env_settings is not None:
+        env_id, image_size = env_id or env_settings["env_id"], image_size or env_settings["image_size"]
     refuse_folder(path, "dataset", ".npz")
     if not os.path.isfile(path):
-        fail(f"dataset {path!r} does not exist; make one with {collect_command(env_id, path, image_size)}.")
+        fail(f"dataset {path!r} does not exist; make one with "
+             f"{collect_command(env_id, path, image_size, env_settings)}.")
     try:
         with np.load(path, allow_pickle=False) as file:
             missing = [name for name in (*ARRAYS, "metadata") if name not in file.files]
             if missing:
                 fail(f"dataset {path!r} lacks the arrays {', '.join(missing)}; it is not a cleanrl-equi dataset (or "
-                     f"is corrupt), so collect it again with {collect_command(env_id, path, image_size)}.")
+                     f"is corrupt), so collect it again with "
+                     f"{collect_command(env_id, path, image_size, env_settings)}.")
             arrays = {name: file[name] for name in ARRAYS}
             metadata = json.loads(str(file["metadata"]))
         if not isinstance(metadata, dict):
@@ -278,36 +350,51 @@ def load_dataset(path: str, env_id: Optional[str] = None, image_size: Optional[i
         raise
     except Exception as exc:  # a truncated or garbled file fails in zipfile, zlib, numpy or json: all mean corrupt
         fail(f"dataset {path!r} could not be read ({type(exc).__name__}: {str(exc)[:100]}); it is corrupt or not a "
-             f"cleanrl-equi dataset, so collect it again with {collect_command(env_id, path, image_size)}.")
+             f"cleanrl-equi dataset, so collect it again with "
+             f"{collect_command(env_id, path, image_size, env_settings)}.")
     if metadata.get("format_version") != FORMAT_VERSION:
         fail(f"dataset {path!r} has format version {metadata.get('format_version')!r}, but this code reads version "
              f"{FORMAT_VERSION}; collect it again with {collect_command(metadata.get('env_id'), path)}.")
     _check_consistent(path, arrays, metadata)
     if env_id is not None and metadata.get("env_id") != env_id:
         fail(f"dataset {path!r} holds {metadata.get('env_id')} episodes, not {env_id}; pass a dataset of {env_id} "
-             f"or collect one with {collect_command(env_id, 'datasets/<name>.npz', image_size)}.")
+             f"or collect one with {collect_command(env_id, 'datasets/<name>.npz', image_size, env_settings)}.")
     if image_size is not None and metadata["image_size"] != image_size:
         fail(f"dataset {path!r} has {metadata['image_size']}x{metadata['image_size']} images, not the "
              f"{image_size}x{image_size} asked for; pass --image-size {metadata['image_size']} or collect a "
-             f"{image_size}-px dataset with {collect_command(env_id, 'datasets/<name>.npz', image_size)}.")
+             f"{image_size}-px dataset with "
+             f"{collect_command(env_id, 'datasets/<name>.npz', image_size, env_settings)}.")
+    if env_settings is not None:
+        recorded = recorded_env_settings(metadata)
+        differing = [name for name, value in env_settings.items() if name in recorded and recorded[name] != value]
+        if differing:
+            fail(f"dataset {path!r} was collected with {env_flags(recorded, differing)}, not "
+                 f"{env_flags(env_settings, differing)} as set here; pass {env_flags(recorded, differing)} to use "
+                 f"it, or collect a dataset in these settings with "
+                 f"{collect_command(env_id, 'datasets/<name>.npz', image_size, env_settings)}.")
     return OfflineDataset(**arrays, metadata=metadata)
 
 
 # ---- Collection -----------------------------------------------------------------------------------------------------
-def make_env(env_id: str, image_size: int, max_steps: int, env_kwargs: Optional[dict] = None) -> gym.Env:
-    """One manipulation env, failing with one sentence on an unknown task or an impossible setting."""
-    check_env_id(env_id)
+def make_env(settings: BulletArmEnvArgs) -> gym.Env:
+    """One manipulation env in the env settings `settings` (their `env_kwargs`, with the physics metrics measured),
+    failing with one sentence on an unknown task or an impossible setting."""
+    check_env_id(settings.env_id)
     try:
-        return gym.make(env_id, image_size=image_size, max_steps=max_steps, **(env_kwargs or {}))
+        return gym.make(settings.env_id, **settings.env_kwargs())
     except (ValueError, TypeError) as exc:
-        fail(f"cannot make {env_id} with image_size={image_size}, max_steps={max_steps}: {exc}")
+        names = ["image_size", "max_steps", *changed_settings(settings.env_settings())]
+        fail(f"cannot make {settings.env_id} with {env_flags(settings.env_settings(), names)}: {exc}")
 
 
 def collect_episodes(env_id: str, num_episodes: int, seed: int, image_size: int, max_steps: int, policy: Policy,
                      *, quality: Optional[str] = None, policy_info: Optional[dict] = None,
-                     env_kwargs: Optional[dict] = None, num_envs: Optional[int] = None,
+                     env_settings: Optional[dict] = None, num_envs: Optional[int] = None,
                      progress_interval: Optional[float] = None) -> OfflineDataset:
     """Run `num_episodes` whole episodes; episode i starts from `reset(seed=seed + i)`.
+
+    The envs take the env settings `env_settings` (a `ManipulationEnvArgs.env_settings()` dict, whose env_id,
+    image_size and max_steps must be the ones passed; None: BulletArm's defaults), and the metadata records them.
 
     `policy` is "planner" (the env's `expert_action()`, transitions flagged expert) or a callable mapping a uint8
     observation batch (B, 2, S, S) to actions (B, 5); a callable is fed `num_envs` envs at once (default 8). Each
@@ -320,7 +407,8 @@ def collect_episodes(env_id: str, num_episodes: int, seed: int, image_size: int,
     if planner and policy != "planner":
         fail(f"policy must be 'planner' or a callable, not {policy!r}.")
     num_envs = min(num_episodes, num_envs or (1 if planner else 8))
-    envs = [make_env(env_id, image_size, max_steps, env_kwargs) for _ in range(num_envs)]
+    settings = collection_settings(env_id, image_size, max_steps, env_settings)
+    envs = [make_env(settings) for _ in range(num_envs)]
     episodes: list[Optional[dict]] = [None] * num_episodes
     slots: list[Optional[dict]] = [None] * num_envs  # the episode each env is running
     next_episode, done, start, last_report = 0, 0, time.time(), time.time()
@@ -374,23 +462,26 @@ def collect_episodes(env_id: str, num_episodes: int, seed: int, image_size: int,
         truncations=np.concatenate([e["truncations"] for e in episodes]),
         expert=np.full(sum(len(e["actions"]) for e in episodes), planner),
         episode_lengths=[len(e["actions"]) for e in episodes], episode_seeds=seed + np.arange(num_episodes))
-    dataset.metadata = _metadata(env_id, image_size, max_steps, env_kwargs, quality or ("expert" if planner else
-                                 "medium"), policy_info or ({"type": "planner"} if planner else {"type": "callable"}),
+    dataset.metadata = _metadata(settings, quality or ("expert" if planner else "medium"),
+                                 policy_info or ({"type": "planner"} if planner else {"type": "callable"}),
                                  seed, dataset, {key: [e["metrics"][key] for e in episodes]
                                                  for key in episodes[0]["metrics"]})
     return dataset
 
 
-def _metadata(env_id, image_size, max_steps, env_kwargs, quality, policy_info, seed, dataset,
+def _metadata(settings: BulletArmEnvArgs, quality, policy_info, seed, dataset,
               episode_metrics: Optional[dict] = None) -> dict:
     """`episode_metrics`: {metric: one value per episode, in episode order} (the smoothness and gentleness metrics
-    of cleanrl_equi/envs/manipulation/metrics.py, from each episode's last info); their means go beside them."""
+    of cleanrl_equi/envs/manipulation/metrics.py, from each episode's last info); their means go beside them.
+    `env_settings` are the flags the data was collected with, `env_kwargs` what `gym.make` took (as JSON keeps
+    them: tuples become lists), which a Minari export records to rebuild the env."""
     metrics = {}
     if episode_metrics:
         metrics = {"episode_metrics": episode_metrics,
                    "metric_means": {key: float(np.mean(values)) for key, values in episode_metrics.items()}}
-    return {"format_version": FORMAT_VERSION, "env_id": env_id, "image_size": image_size, "max_steps": max_steps,
-            "env_kwargs": {"image_size": image_size, "max_steps": max_steps, **(env_kwargs or {})},
+    return {"format_version": FORMAT_VERSION, "env_id": settings.env_id, "image_size": settings.image_size,
+            "max_steps": settings.max_steps, "env_settings": settings.env_settings(),
+            "env_kwargs": json.loads(json.dumps(settings.env_kwargs())),
             "quality": quality, "policy": policy_info, "seed": seed, **summarise(dataset), **metrics,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "created_by": "cleanrl_equi.datasets"}
@@ -404,13 +495,12 @@ def concatenate(datasets: list[OfflineDataset], quality: str, policy_info: dict,
         **{name: np.concatenate([getattr(d, name) for d in datasets])
            for name in ("actions", "rewards", "terminations", "truncations", "expert", "episode_lengths",
                         "episode_seeds")})
-    env_kwargs = {k: v for k, v in first["env_kwargs"].items() if k not in ("image_size", "max_steps")}
     metrics = None
     if all("episode_metrics" in d.metadata for d in datasets):  # kept only if every part has them
         keys = set.intersection(*(set(d.metadata["episode_metrics"]) for d in datasets))
         metrics = {key: [v for d in datasets for v in d.metadata["episode_metrics"][key]] for key in sorted(keys)}
-    dataset.metadata = _metadata(first["env_id"], first["image_size"], first["max_steps"], env_kwargs, quality,
-                                 policy_info, seed, dataset, metrics)
+    dataset.metadata = _metadata(BulletArmEnvArgs(**recorded_env_settings(first)), quality, policy_info, seed,
+                                 dataset, metrics)
     return dataset
 
 
@@ -426,15 +516,21 @@ def data_dir() -> str:
                                                                "datasets")
 
 
-def default_dataset(env_id: str, image_size: int, max_steps: int, num_episodes: int = 10, seed: int = 0) -> str:
-    """The path of the embedded default dataset: `num_episodes` planner episodes, built (one printed line) the first
+def default_dataset(env_settings: dict, num_episodes: int = 10, seed: int = 0) -> str:
+    """The path of the embedded default dataset in the env settings `env_settings` (a
+    `ManipulationEnvArgs.env_settings()` dict): `num_episodes` planner episodes, built (one printed line) the first
     time and cached under `data_dir()`. Two processes building it at once each write a temporary file and rename
     it into place; both produce the same episodes, and neither ever sees a half-written file."""
-    path = os.path.join(data_dir(), dataset_filename(env_id, "expert", num_episodes, image_size, max_steps, seed))
+    env_id, image_size, max_steps = env_settings["env_id"], env_settings["image_size"], env_settings["max_steps"]
+    path = os.path.join(data_dir(), dataset_filename(env_id, "expert", num_episodes, image_size, max_steps, seed,
+                                                     env_settings))
     if not os.path.isfile(path):
+        changed = changed_settings(env_settings)
+        other = f", {env_flags(env_settings, changed)}" if changed else ""
         print(f"building the default dataset ({num_episodes} planner episodes of {env_id}, {image_size} px, "
-              f"max {max_steps} steps, seed {seed}) at {path}", flush=True)
-        save_dataset(path, collect_expert(env_id, num_episodes, seed, image_size, max_steps))
+              f"max {max_steps} steps{other}, seed {seed}) at {path}", flush=True)
+        save_dataset(path, collect_expert(env_id, num_episodes, seed, image_size, max_steps,
+                                          env_settings=env_settings))
     return path
 
 

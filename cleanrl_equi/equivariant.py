@@ -1,5 +1,6 @@
 """escnn building blocks for the equivariant scripts: the tensor-to-field boundary, field types of actions, and the
-module base that owns escnn's train/eval rules.
+module base that owns escnn's train/eval rules, and the plain-torch copy of an escnn network that the compiled path
+(`--compile`) acts through (`plain_copy`, `refresh`; see "Plain-torch copies" below).
 
 Conventions (escnn's, checked in tests): for a gspace on the plane, the last tensor axis (image columns) is +x
 and the second-to-last axis, read upwards, is +y; positive rotations are counter-clockwise on screen.
@@ -12,6 +13,7 @@ about 10 s of the 18 s needed to build the C8 actor and critic of the manipulati
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections import Counter, defaultdict
@@ -127,6 +129,111 @@ def planar_action_type(gspace: gspaces.GSpace2D, n_invariant: int) -> enn.FieldT
 def count_parameters(module: nn.Module) -> int:
     """Trainable parameters (for escnn layers: the basis coefficients, not the expanded filters)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+# ---- Plain-torch copies for the compiled path -------------------------------------------------------------------------
+# Why a copy: torch.compile (dynamo) cannot trace escnn's layers. Every escnn module's forward asserts that its input
+# has the expected `FieldType` (a comparison of Python objects that hold NumPy arrays), and the basis expansion that
+# builds a filter from its coefficients calls `.item()` and NumPy; dynamo splits the graph there and runs each escnn
+# layer eagerly, so compiling an escnn network as it is gains nothing. In eval mode an escnn layer is only a
+# convolution with a fixed, already expanded filter, which is what escnn's own `EquivariantModule.export()` turns it
+# into (`R2Conv` -> `nn.Conv2d`, `ReLU` -> `nn.ReLU`, ...). `plain_copy` builds that copy of a whole network once;
+# `refresh` copies the current filters into it (in place, so the compiled graph stays valid) after each update. The
+# copy computes exactly what the escnn network computes in eval mode.
+#
+# The update step cannot go through a copy (its gradients must reach escnn's basis coefficients), so it is compiled
+# as it is: the loss, backward and optimizer step are compiled and the escnn layers in between run eagerly. On a CPU
+# that is slower than eager (benchmarks/results/compile_speed_cpu_*.csv): `--compile` pays for the plain networks.
+
+
+class PlainField:
+    """Stands in for escnn's GeometricTensor in a plain copy: it carries the tensor as `.tensor` and nothing else,
+    so the network's own forward code (`...(x).tensor`) runs unchanged on the copy."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
+class _Exported(nn.Module):
+    """An escnn module's export (plain torch), taking and returning `PlainField`s."""
+
+    def __init__(self, plain: nn.Module):
+        super().__init__()
+        self.plain = plain
+
+    def forward(self, field: PlainField) -> PlainField:
+        return PlainField(self.plain(field.tensor))
+
+
+class _ToPlainField(nn.Module):
+    def forward(self, x: torch.Tensor) -> PlainField:
+        return PlainField(x)
+
+
+def plain_copy(network: nn.Module) -> nn.Module:
+    """A copy of `network` (an EscnnModule) for acting under no_grad: each escnn child replaced by its plain-torch
+    export, the TensorToField boundary by a `PlainField` wrapper, at any depth (an actor's encoder is a child module
+    holding escnn layers); the network's own methods run on it unchanged. A network without escnn layers is returned
+    as it is (it compiles as it is). The global RNG is left as it was (the exported layers are built with a random
+    initialisation that `refresh` overwrites)."""
+    if not _holds_escnn(network):
+        return network
+    training = network.training
+    twin = copy.deepcopy(network)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        _export_children(twin, network)
+    network.train(training)  # export() left the escnn layers in eval mode
+    nn.Module.train(twin, False)
+    refresh(twin, network)
+    return twin.requires_grad_(False)
+
+
+def _holds_escnn(module: nn.Module) -> bool:
+    return any(isinstance(m, enn.EquivariantModule) for m in module.modules())
+
+
+def _export_children(twin: nn.Module, network: nn.Module) -> None:
+    for name, child in list(network.named_children()):
+        if isinstance(child, enn.EquivariantModule):
+            setattr(twin, name, _Exported(child.export()))
+        elif isinstance(child, TensorToField):
+            setattr(twin, name, _ToPlainField())
+        elif _holds_escnn(child):
+            _export_children(getattr(twin, name), child)
+
+
+def refresh(twin: nn.Module, network: nn.Module) -> None:
+    """Copy the current weights of `network` into its plain copy `twin` (or a torch.compile of it) in place: each
+    R2Conv's filter and bias, expanded from its coefficients as escnn does in eval mode. In either mode of
+    `network`; call it after each update."""
+    twin = getattr(twin, "_orig_mod", twin)
+    if twin is network:
+        return
+    with torch.no_grad():
+        _refresh_children(twin, network)
+
+
+def _refresh_children(twin: nn.Module, network: nn.Module) -> None:
+    for name, child in network.named_children():
+        if isinstance(child, enn.EquivariantModule):
+            plain = getattr(twin, name).plain
+            for path, module in child.named_modules():
+                if isinstance(module, enn.R2Conv):
+                    conv = plain.get_submodule(path) if path else plain
+                    weight, bias = module.expand_parameters()
+                    conv.weight.copy_(weight)
+                    if bias is not None:
+                        conv.bias.copy_(bias)
+                elif any(True for _ in module.parameters(recurse=False)):
+                    raise NotImplementedError(f"refresh copies R2Conv weights only, not {type(module).__name__}'s")
+        elif isinstance(child, TensorToField):
+            continue
+        elif _holds_escnn(child):
+            _refresh_children(getattr(twin, name), child)
+        else:
+            getattr(twin, name).load_state_dict(child.state_dict())
 
 
 # ---- Fast weight initialisation ---------------------------------------------------------------------------------------

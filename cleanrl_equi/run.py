@@ -23,8 +23,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from cleanrl_equi.checkpoints import RESUME_FILE, load_checkpoint, load_resume, load_state, save_checkpoint, save_resume
-from cleanrl_equi.checkpoints import set_rng_state
+from cleanrl_equi.checkpoints import RESUME_FILE, load_resume, load_state, save_checkpoint, save_resume, set_rng_state
 from cleanrl_equi.errors import fail, write_error
 
 OWNER_FILE = "run.json"  # which script made a run directory, so another script never writes into it
@@ -35,34 +34,43 @@ def device_for(args: Any) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
 
-def make_run_name(run_name: str | None, env_label: str, exp_name: str, seed: int) -> str:
-    """`--run-name` if given; under SLURM `{env}__{exp}__{seed}__slurm{job}` (array task: `{array_job}_{task}`),
-    which a requeued job finds again; otherwise CleanRL's `{env}__{exp}__{seed}__{unix time}`."""
+def make_run_name(run_name: str | None, env_label: str, exp_name: str, seed: int,
+                  default_name: str | None = None) -> str:
+    """`--run-name` if given (a plain folder name: it may not leave runs/); under SLURM
+    `{env}__{exp}__{seed}__slurm{job}` (array task: `{array_job}_{task}`), which a requeued job finds again;
+    otherwise CleanRL's `{env}__{exp}__{seed}__{unix time}` (`default_name`, where the script made it)."""
     if run_name:
+        if run_name in (".", "..") or os.sep in run_name or "/" in run_name or not run_name.strip():
+            fail(f"--run-name {run_name!r} must be a plain folder name inside runs/ (no '/', not '..').")
         return run_name
     array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     if array_job and task:
         return f"{env_label}__{exp_name}__{seed}__slurm{array_job}_{task}"
     if os.environ.get("SLURM_JOB_ID"):
         return f"{env_label}__{exp_name}__{seed}__slurm{os.environ['SLURM_JOB_ID']}"
-    return f"{env_label}__{exp_name}__{seed}__{int(time.time())}"
+    return default_name or f"{env_label}__{exp_name}__{seed}__{int(time.time())}"
 
 
 class StopSignal:
     """Remembers that SLURM (or anyone) asked the job to stop: USR1 (the wall-time warning), TERM (preemption,
     scancel) or INT (Ctrl-C). The training loop checks `requested` at a step boundary, where a checkpoint is
-    consistent. A second Ctrl-C stops at once, without a resume file (any earlier one stays)."""
+    consistent. A second Ctrl-C (a second later or more: a wrapper may forward one interrupt twice at once) stops at
+    once, without a resume file (any earlier one stays)."""
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)):
         self.received: int | None = None
+        self.first_int = 0.0
         for signum in signals:
             signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT:
+            if self.received == signal.SIGINT and time.time() - self.first_int < 1.0:
+                return  # one interrupt delivered twice (a wrapper such as `uv run` or `timeout` forwarding it)
             if self.received == signal.SIGINT:
                 print("\nsecond Ctrl-C: stopping now, without a new resume file", file=sys.stderr, flush=True)
                 raise SystemExit(128 + signum)
+            self.first_int = time.time()
             print("\nCtrl-C: stopping after this step with a resume file (Ctrl-C again to stop at once)",
                   file=sys.stderr, flush=True)
         self.received = signum
@@ -126,9 +134,13 @@ class Run:
     resume file, and wandb continues the run of the same name.
     """
 
-    def __init__(self, script: str, args: Any, env_label: str):
+    def __init__(self, script: str, args: Any, env_label: str | None = None, default_name: str | None = None):
         self.script, self.args = script, args
-        self.name = make_run_name(args.run_name, env_label, args.exp_name, args.seed)
+        if default_name is not None:  # the script's own CleanRL name {env}__{exp}__{seed}__{unix time}
+            env_label, exp_name, seed = default_name.split("__")[:3]
+        else:
+            exp_name, seed = args.exp_name, args.seed
+        self.name = make_run_name(args.run_name, env_label, exp_name, seed, default_name)
         self.dir = os.path.join("runs", self.name)
         self.resume_path = os.path.join(self.dir, RESUME_FILE)
         self.device = device_for(args)
@@ -146,19 +158,39 @@ class Run:
                      "wandb`, or leave out --track.")
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                        config=vars(args), name=self.name, save_code=True, resume="allow", id=self.name)
-        from torch.utils.tensorboard import SummaryWriter
-
-        try:
-            self.writer = SummaryWriter(self.dir, purge_step=self.saved["global_step"] + 1 if self.saved else None)
-        except OSError as exc:
-            write_error(self.dir, exc)
-        if self.saved is None:
-            rows = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-            self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
+        self._writer = None
         self.stop, self.clock = StopSignal(), CheckpointClock(args.checkpoint_minutes)
         self.start_time, self.start_step, self.last_progress = time.time(), 0, 0.0
         what = f"resuming {self.dir} from global step {self.saved['global_step']}" if self.saved else f"run {self.dir}"
         print(f"{what} on {self.device}", flush=True)
+
+    def attach(self, writer) -> None:
+        """Adopt the script's own SummaryWriter (on runs/{run.name}). On resume it first marks the step after the
+        resume file as a restart, so TensorBoard hides what the interrupted run logged after it (a SummaryWriter's
+        `purge_step`, written into the open event file) and the curves continue without repeated steps."""
+        if self.saved is not None:
+            from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+            step = self.saved["global_step"] + 1
+            writer.file_writer.add_event(Event(step=step, file_version="brain.Event:2"))
+            writer.file_writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
+        self._writer = writer
+
+    @property
+    def writer(self):
+        """The run's SummaryWriter: the script's (`attach`), or one made here with the hyperparameters as text."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            try:
+                writer = SummaryWriter(self.dir)
+            except OSError as exc:
+                write_error(self.dir, exc)
+            if self.saved is None:
+                rows = "\n".join(f"|{key}|{value}|" for key, value in vars(self.args).items())
+                writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
+            self.attach(writer)
+        return self._writer
 
     def _check_owner(self) -> None:
         """A run directory belongs to the script that made it (run.json): another script never writes into it."""
@@ -248,6 +280,8 @@ class Run:
     def finish(self, **counters: Any) -> None:
         """The end of training: the resume file now says where the run ended (so raising --total-timesteps extends
         it from there, never from an older file), and the logs are closed."""
+        if self.saved is not None and counters["global_step"] == self.start_step:
+            print(f"{self.dir} had already finished at global step {self.start_step}: nothing to do (raise "
+                  "--total-timesteps to train it further)", flush=True)
         self._save_resume(counters)
         self.writer.close()
-    

@@ -119,7 +119,7 @@ def _real_frames(env_id, n=6, steps=40):
 def test_equi_agent_is_exactly_equivariant_on_real_frames(game):
     env_id = f"{game}NoFrameskip-v4"
     torch.manual_seed(0)
-    agent = ppo_atari_equi.build_agent(ppo_atari_equi.Args(env_id=env_id))
+    agent = ppo_atari_equi.Agent(ppo_atari_equi.Args(env_id=env_id))
     symmetry = mirror_symmetry(env_id)
     permutation = symmetry.action_permutation(action_meanings(env_id))
     frames = _real_frames(env_id)
@@ -147,12 +147,10 @@ def test_equi_agent_is_exactly_equivariant_on_real_frames(game):
 
 
 def test_trunk_sizes_match_the_nature_cnn():
-    meanings = action_meanings("BreakoutNoFrameskip-v4")
-    plain = sum(p.numel() for p in ppo_atari.Agent(ppo_atari.Args(), len(meanings)).parameters())
-    args = ppo_atari_equi.Args(trunk="params")
-    equi = ppo_atari_equi.build_agent(args)
+    plain = sum(p.numel() for p in ppo_atari.Agent(ppo_atari.Args(env_id="BreakoutNoFrameskip-v4")).parameters())
+    equi = ppo_atari_equi.Agent(ppo_atari_equi.Args(env_id="BreakoutNoFrameskip-v4", trunk="params"))
     assert abs(sum(p.numel() for p in equi.parameters()) / plain - 1) < 0.05
-    channel_matched = ppo_atari_equi.build_agent(ppo_atari_equi.Args(trunk="channels"))
+    channel_matched = ppo_atari_equi.Agent(ppo_atari_equi.Args(trunk="channels"))
     widths = [m.out_type.size for m in channel_matched.network if hasattr(m, "kernel_size")]
     assert widths == [32, 64, 64, 512]
 
@@ -284,11 +282,26 @@ def test_episode_scalars_are_logged(workdir):
         ("ppo_atari.py", ["--num-minibatches", "3"], "does not split into 3 minibatches"),
         ("ppo_atari.py", ["--eval-checkpoint", "missing.cleanrl_model"], "does not exist"),
         ("ppo_atari_equi.py", ["--env-id", "FreewayNoFrameskip-v4"], "no known mirror symmetry"),
-        ("ppo_atari_equi.py", ["--trunk", "wide"], "--trunk must be"),
     ],
 )
 def test_bad_input_stops_with_one_sentence(script, args, message, workdir):
     script_fails_with(run_script(script, *args, cwd=workdir, check=False), message)
+
+
+@pytest.mark.parametrize(
+    "script, flag, value, choices",
+    [
+        ("ppo_atari.py", "--env-backend", "envpool", ["ale", "gym"]),
+        ("ppo_atari_equi.py", "--env-backend", "envpool", ["ale", "gym"]),
+        ("ppo_atari_equi.py", "--trunk", "wide", ["channels", "params"]),
+    ],
+)
+def test_a_choice_outside_the_list_is_refused_with_the_choices(script, flag, value, choices, workdir):
+    """Enumerated flags are `Literal`s: tyro refuses another value before the script starts, naming the choices."""
+    proc = run_script(script, flag, value, cwd=workdir, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert flag in proc.stderr and all(choice in proc.stderr for choice in choices), proc.stderr
+    assert not os.path.exists(os.path.join(workdir, "runs"))
 
 
 def test_checkpoint_of_other_script_or_corrupt_is_refused(workdir):

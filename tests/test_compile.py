@@ -23,7 +23,8 @@ import torch
 import torch._dynamo
 import torch._inductor.config
 
-from cleanrl_equi.compile import compiled, learning_rate, plain_copy, refresh, set_learning_rate
+from cleanrl_equi.compile import compiled, learning_rate, prepare_optimizer, set_learning_rate, with_bf16_autocast
+from cleanrl_equi.equivariant import plain_copy, refresh
 from conftest import load_script, only_run_dir, read_scalars, run_script
 
 RTOL, ATOL = 1e-4, 1e-6
@@ -37,13 +38,18 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+def statistics(result) -> list[torch.Tensor]:
+    """An update step's statistics as a list: the values of the dict it returns (or the tensors of a tuple)."""
+    return list(result.values()) if isinstance(result, dict) else list(result)
+
+
 def run_updates(step, state: dict, batches: list, seed: int = 0) -> list[list[torch.Tensor]]:
     """Call `step(**state, **batch)` for each batch from `seed`; returns each call's outputs (detached tensors)."""
     torch.manual_seed(seed)
     outputs = []
     for batch in batches:
         result = step(**state, **batch)
-        outputs.append([t.detach().clone() for t in result])
+        outputs.append([t.detach().clone() for t in statistics(result)])
     return outputs
 
 
@@ -62,7 +68,7 @@ def assert_same_updates(step, make_state, batches, seed: int = 0) -> None:
 
 def ppo_state(module, args, **agent_kwargs):
     torch.manual_seed(1)
-    agent = module.build_agent(args) if hasattr(module, "build_agent") else module.Agent(**agent_kwargs)
+    agent = module.Agent(**agent_kwargs) if agent_kwargs else module.Agent(args)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     agent.train()
 
@@ -131,17 +137,19 @@ def test_plain_copy_acts_as_the_escnn_network():
     weights change, and through torch.compile to float tolerance; building it leaves the RNG and the mode alone."""
     module = load_script("ppo_atari_equi")
     torch.manual_seed(1)
-    agent = module.build_agent(module.Args(env_id="PongNoFrameskip-v4"))
+    agent = module.Agent(module.Args(env_id="PongNoFrameskip-v4"))
     rng = torch.random.get_rng_state()
     twin = plain_copy(agent)
     assert torch.equal(rng, torch.random.get_rng_state()) and agent.training
     obs = torch.randint(0, 256, (6, 4, 84, 84), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
-    policy = torch.compile(module.act)
+    policy = torch.compile(twin.get_action_and_value)
+    # the weight change draws from its own generator: the compiled sampler draws its seeds from the global one
+    g = torch.Generator().manual_seed(4)
     for change in range(2):
         if change:
             with torch.no_grad():
                 for p in agent.parameters():
-                    p.add_(0.05 * torch.randn_like(p))
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
         agent.eval()
         refresh(twin, agent)
         with torch.no_grad():
@@ -149,8 +157,8 @@ def test_plain_copy_acts_as_the_escnn_network():
             hidden = twin.network(twin.input(obs / 255.0)).tensor
             assert torch.equal(hidden, hidden_ref)
             assert torch.equal(twin.get_value(obs), agent.get_value(obs))
-            _, _, value = policy(twin, obs)  # the actions are sampled: compare the values, which do not depend on them
-            torch.testing.assert_close(value, agent.get_value(obs).flatten(), rtol=RTOL, atol=ATOL)
+            _, _, _, value = policy(obs)  # the actions are sampled: compare the values, which do not depend on them
+            torch.testing.assert_close(value, agent.get_value(obs), rtol=RTOL, atol=ATOL)
         agent.train()
 
 
@@ -173,32 +181,57 @@ def test_compiled_training_run_logs_scalars(workdir):
 
 
 def test_annealed_learning_rate_does_not_recompile():
-    """On the compiled path the learning rate is a tensor changed in place (`set_learning_rate`): annealing it between
+    """On the compiled path the learning rate is a tensor changed in place (`prepare_optimizer`, then the script's
+    CleanRL line `optimizer.param_groups[0]["lr"] = lrnow` followed by `set_learning_rate`): annealing it between
     updates neither recompiles the optimizer step (a float rate would, at every change) nor changes the algorithm
-    (the same losses and weights as eager with the float rate)."""
+    (the same losses and weights as eager with the float rate), and the group keeps one tensor throughout (a new
+    one would make a CUDA graph record itself again)."""
     module = load_script("ppo_atari")
     args = module.Args(env_id="BreakoutNoFrameskip-v4")
     eager_args, compiled_args = copy.copy(args), copy.copy(args)
     compiled_args.compile = True
     state = ppo_state(module, args)
     eager, fast = state(), state()
-    fast["optimizer"].param_groups[0]["lr"] = learning_rate(args.learning_rate, compiled_args, torch.device("cpu"))
+    prepare_optimizer(eager["optimizer"], eager_args, torch.device("cpu"))
+    prepare_optimizer(fast["optimizer"], compiled_args, torch.device("cpu"))
+    assert isinstance(eager["optimizer"].param_groups[0]["lr"], float)
+    lr_tensor = fast["optimizer"].param_groups[0]["lr"]
+    assert isinstance(lr_tensor, torch.Tensor) and lr_tensor.item() == pytest.approx(args.learning_rate)
     # A few steps, as in the tests above: rounding differences grow over many steps (measured: with 8-sample batches,
     # six annealed updates part some weights by 1.6e-4, while every single step, from equal weights, agrees to 1e-5)
     batches = ppo_batches(frames, lambda g, n: torch.randint(0, 4, (n,), generator=g), n=16) * 2
     step = torch.compile(module.update_step)
     for i, batch in enumerate(batches[:4]):
         lr = args.learning_rate * (1 - i / 4)
-        set_learning_rate(eager["optimizer"], lr, eager_args)
-        set_learning_rate(fast["optimizer"], lr, compiled_args)
-        assert isinstance(fast["optimizer"].param_groups[0]["lr"], torch.Tensor)
+        for optimizer, run_args in ((eager["optimizer"], eager_args), (fast["optimizer"], compiled_args)):
+            optimizer.param_groups[0]["lr"] = lr
+            set_learning_rate(optimizer, lr, run_args)
+        assert fast["optimizer"].param_groups[0]["lr"] is lr_tensor and lr_tensor.item() == pytest.approx(lr)
         expected = module.update_step(**eager, **batch)
         with torch._dynamo.config.patch(error_on_recompile=i > 1):  # the first change of a guard may specialise
             got = step(**fast, **batch)
-        for x, y in zip(expected, got):
+        for x, y in zip(statistics(expected), statistics(got)):
             torch.testing.assert_close(y, x, rtol=RTOL, atol=ATOL, msg=lambda m: f"update {i + 1}: {m}")
     for p, q in zip(eager["agent"].parameters(), fast["agent"].parameters()):
         torch.testing.assert_close(q, p, rtol=RTOL, atol=ATOL)
+
+
+def test_learning_rate_tensor_of_a_fresh_optimizer_and_of_a_resumed_one():
+    """`learning_rate` builds an optimizer with a tensor rate on the compiled path, which `set_learning_rate` then
+    fills in place; an optimizer whose state brought a float (a resumed eager run) gets a tensor at the first call."""
+    compiled_args = type("A", (), {"compile": True})()
+    weight = torch.nn.Parameter(torch.zeros(2))
+    built = torch.optim.Adam([weight], lr=learning_rate(1e-3, compiled_args, torch.device("cpu")))
+    held = built.param_groups[0]["lr"]
+    set_learning_rate(built, 5e-4, compiled_args)
+    assert built.param_groups[0]["lr"] is held and held.item() == pytest.approx(5e-4)
+    resumed = torch.optim.Adam([weight], lr=1e-3)
+    set_learning_rate(resumed, 5e-4, compiled_args)
+    first = resumed.param_groups[0]["lr"]
+    assert isinstance(first, torch.Tensor) and first.item() == pytest.approx(5e-4)
+    resumed.param_groups[0]["lr"] = 2e-4
+    set_learning_rate(resumed, 2e-4, compiled_args)
+    assert resumed.param_groups[0]["lr"] is first and first.item() == pytest.approx(2e-4)
 
 
 @pytest.mark.parametrize("name", ["ppo_atari", "ppo_atari_equi"])
@@ -211,7 +244,7 @@ def test_channels_last_minibatch_gives_the_same_update(name):
     for batch in ppo_batches(frames, lambda g, n: torch.randint(0, 4, (n,), generator=g)):
         expected = module.update_step(**plain, **batch)
         batch["obs"] = batch["obs"].contiguous(memory_format=torch.channels_last)
-        for x, y in zip(expected, module.update_step(**last, **batch)):
+        for x, y in zip(statistics(expected), statistics(module.update_step(**last, **batch))):
             torch.testing.assert_close(y, x, rtol=RTOL, atol=ATOL)
     for p, q in zip(plain["agent"].parameters(), last["agent"].parameters()):
         torch.testing.assert_close(q, p, rtol=RTOL, atol=ATOL)
@@ -219,8 +252,9 @@ def test_channels_last_minibatch_gives_the_same_update(name):
 
 @pytest.mark.parametrize("name", ["ppo_atari", "ppo_atari_equi"])
 def test_bf16_runs_the_convolutions_in_bfloat16_and_keeps_the_losses_in_float32(name):
-    """`--bf16`: the convolutions compute in bfloat16 (seen by a hook), the log-probabilities, losses, gradients and
-    weights stay float32, and the losses are those of float32 within bfloat16's rounding (8 bits of mantissa)."""
+    """`--bf16` (the update step wrapped by `with_bf16_autocast`, as the script does): the convolutions compute in
+    bfloat16 (seen by a hook), the log-probabilities, losses, gradients and weights stay float32, and the losses are
+    those of float32 within bfloat16's rounding (8 bits of mantissa)."""
     module = load_script(name)
     args = module.Args(env_id="BreakoutNoFrameskip-v4")
     bf16_args = copy.copy(args)
@@ -233,10 +267,11 @@ def test_bf16_runs_the_convolutions_in_bfloat16_and_keeps_the_losses_in_float32(
             m.register_forward_hook(lambda mod, inp, out: conv_dtypes.append(getattr(out, "tensor", out).dtype))
     half["args"] = bf16_args
     batch = ppo_batches(frames, lambda g, n: torch.randint(0, 4, (n,), generator=g))[0]
+    assert with_bf16_autocast(module.update_step, args, torch.device("cpu")) is module.update_step  # no --bf16
     expected = module.update_step(**full, **batch)
-    got = module.update_step(**half, **batch)
+    got = with_bf16_autocast(module.update_step, bf16_args, torch.device("cpu"))(**half, **batch)
     assert conv_dtypes and set(conv_dtypes) == {torch.bfloat16}
-    for x, y in zip(expected, got):
+    for x, y in zip(statistics(expected), statistics(got)):
         assert y.dtype == torch.float32
         torch.testing.assert_close(y, x, rtol=5e-2, atol=5e-3)
     assert all(p.dtype == torch.float32 for p in half["agent"].parameters())
@@ -265,7 +300,7 @@ def test_cudagraphs_wrapper_runs_the_same_update_and_hands_back_copies():
     for batch in ppo_batches(frames, lambda g, n: torch.randint(0, 4, (n,), generator=g)):
         expected = module.update_step(**eager, **batch)
         got = step(**graphed, **batch)
-        for x, y in zip(expected, got):
+        for x, y in zip(statistics(expected), statistics(got)):
             torch.testing.assert_close(y, x, rtol=RTOL, atol=ATOL)
     for p, q in zip(eager["agent"].parameters(), graphed["agent"].parameters()):
         torch.testing.assert_close(q, p, rtol=RTOL, atol=ATOL)

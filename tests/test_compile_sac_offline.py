@@ -18,7 +18,8 @@ import pytest
 import torch
 import torch._inductor.config
 
-from cleanrl_equi.compile import plain_copy, refresh
+from cleanrl_equi.compile import with_bf16_autocast
+from cleanrl_equi.equivariant import plain_copy, refresh
 from cleanrl_equi.envs.manipulation.rollouts import tanh_of_mean
 from conftest import load_script, only_run_dir, read_scalars, run_script
 from test_compile import STEPS, assert_same_updates, fresh_dynamo  # noqa: F401  (fresh_dynamo: autouse fixture)
@@ -31,11 +32,16 @@ SMALL = {"group_order": 4, "n_hidden": 8, "image_size": 32}  # the tiny networks
 N = 8  # transitions per batch
 
 
+def flat(outputs) -> tuple:
+    """An update step's statistics (a dict, as the scripts return them, or a tuple) as a tuple of tensors."""
+    return tuple(outputs.values()) if isinstance(outputs, dict) else tuple(outputs)
+
+
 def with_networks(step):
     """`step` with a first argument `networks` (every module the step changes), which it ignores: assert_same_updates
     compares the weights of the state's first entry, and so compares them all."""
     def wrapped(networks, **kwargs):
-        return step(**kwargs)
+        return flat(step(**kwargs))
     return wrapped
 
 
@@ -238,9 +244,9 @@ def assert_bf16_step(step, state: dict, args, batch: dict) -> None:
     bf16_args.bf16 = True
     dtypes = conv_output_dtypes(*(m for m in half.values() if isinstance(m, torch.nn.Module)))
     torch.manual_seed(0)
-    expected = step(**full, args=args, **batch)
+    expected = flat(step(**full, args=args, **batch))
     torch.manual_seed(0)
-    got = step(**half, args=bf16_args, **batch)
+    got = flat(with_bf16_autocast(step, bf16_args, torch.device("cpu"))(**half, args=bf16_args, **batch))
     assert dtypes and set(dtypes) == {torch.bfloat16}
     for x, y in zip(expected, got):
         assert y.dtype == torch.float32
@@ -275,10 +281,11 @@ def test_bf16_runs_the_convolutions_in_bfloat16_and_keeps_the_losses_in_float32(
     if script == "sac_equi_bullet":
         def step(actor, critic, critic_target, args, data):
             log_alpha = torch.zeros(1, requires_grad=True)
-            *losses, features = module.critic_update_step(actor, critic, critic_target, adam(critic.parameters(), 1e-3),
-                                                          log_alpha, args, data)
-            return (*losses, *module.actor_update_step(actor, critic, adam(actor.parameters(), 1e-3), log_alpha,
-                                                       adam([log_alpha], 1e-3), args, data, features))
+            critic_stats = module.critic_update_step(actor, critic, critic_target, adam(critic.parameters(), 1e-3),
+                                                     log_alpha, args, data)
+            actor_stats = module.actor_update_step(actor, critic, adam(actor.parameters(), 1e-3), log_alpha,
+                                                   adam([log_alpha], 1e-3), args, data, critic_stats["features"])
+            return {**critic_stats, **actor_stats}
         assert_bf16_step(step, state, args, {"data": batch})
     elif script == "cql_equi_offline":
         def step(actor, critic, critic_target, args, batch):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import cleanrl_equi  # noqa: F401  (registers the tasks)
+from cleanrl_equi.buffers import ReplayBuffer
 from cleanrl_equi.envs.manipulation import make_envs, obs_to_tensor
 from cleanrl_equi.envs.manipulation.scene import rotate_scene_state
 from cleanrl_equi.checkpoints import save_checkpoint
@@ -153,7 +154,8 @@ def test_discretised_planner_actions_move_the_gripper_and_keep_the_symmetry(task
 
 
 def test_replay_buffer_never_joins_episodes_and_drops_what_it_is_told():
-    rb = dqn.ReplayBuffer(capacity=12, num_envs=2, image_size=16)
+    """The shared buffer as the DQN uses it: integer action indices (stored as int16, sampled as int64)."""
+    rb = ReplayBuffer(capacity=12, num_envs=2, image_size=16, action_shape=(), action_dtype=np.int16)
 
     def frames(value0, value1):
         obs = np.zeros((2, 2, 16, 16), np.uint8)
@@ -175,6 +177,29 @@ def test_replay_buffer_never_joins_episodes_and_drops_what_it_is_told():
     assert ((batch["obs"][:, 1] == 1) == (obs_value >= 100)[:, None, None]).all()  # env 1's flag, tiled
     rb.valid[rows[:2], 0] = False  # a failed demo of env 0 is dropped
     assert len(rb) == 3 and (rb.sample(50, torch.device("cpu"))["obs"][:, 1] == 1).all()
+
+
+def test_resume_files_of_the_older_dqn_buffer_still_load():
+    """A resume file written by the DQN's own buffer before the shared one (no `keep` scalar, no `expert` flags)
+    loads into the shared buffer: the same transitions, none of them marked as demonstrations, nothing kept."""
+    rb = ReplayBuffer(capacity=12, num_envs=2, image_size=16, action_shape=(), action_dtype=np.int16)
+    obs = np.zeros((2, 2, 16, 16), np.uint8)
+    rb.start(obs)
+    for step in range(3):
+        obs[:, 0] = step + 1
+        rb.add(np.array([step, 100 + step]), np.array([1.0, 0.0]), np.array([False, True]), np.ones(2, bool), obs,
+               expert=True)
+    old_state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in rb.state_dict().items()
+                 if k not in ("keep", "expert")}
+    assert set(old_state) == {"pos", "filled", "heights", "holding", "actions", "rewards", "terminated", "valid"}
+    loaded = ReplayBuffer(capacity=12, num_envs=2, image_size=16, action_shape=(), action_dtype=np.int16)
+    loaded.load_state_dict(old_state)
+    assert (loaded.pos, loaded.filled, loaded.keep, len(loaded)) == (rb.pos, rb.filled, 0, len(rb)) == (3, 4, 0, 6)
+    for key in ("heights", "holding", "actions", "rewards", "terminated", "valid"):
+        np.testing.assert_array_equal(getattr(loaded, key), getattr(rb, key))
+    assert not loaded.expert.any()
+    batch = loaded.sample(20, torch.device("cpu"))
+    assert batch["actions"].dtype == torch.int64 and set(batch["actions"].tolist()) <= {0, 1, 2, 100, 101, 102}
 
 
 def check_scalars(cwd):
@@ -219,7 +244,6 @@ def test_short_run_writes_the_scalars_and_its_checkpoint_acts_the_same(workdir):
 @pytest.mark.parametrize("args, words", [
     (dict(env_id="cleanrl_equi/NoSuchTask-v0"), "unknown env id"),
     (dict(env_id="CartPole-v1"), "not a manipulation task"),
-    (dict(model="mlp"), "--model"),
     (dict(image_size=100), "--image-size"),
     (dict(n_hidden=12), "--n-hidden"),
     (dict(dpos=0.5), "--dpos"),
@@ -253,6 +277,15 @@ def test_bad_flag_from_the_command_line(workdir):
     proc = run_script(SCRIPT, "--dpos", "0.5", cwd=workdir, check=False)
     script_fails_with(proc, "--dpos")
     assert not os.path.exists(os.path.join(workdir, "runs"))  # stopped before making a run directory
+
+
+def test_unknown_model_is_refused_by_the_command_line(workdir):
+    """`--model` is a choice of two: tyro refuses anything else before the script starts, naming both."""
+    proc = run_script(SCRIPT, "--model", "mlp", cwd=workdir, check=False)
+    assert proc.returncode != 0
+    assert "equi" in proc.stderr and "cnn" in proc.stderr and "mlp" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(os.path.join(workdir, "runs"))
 
 
 def test_stopped_run_resumes_with_its_replay_buffer(workdir):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from cleanrl_equi.buffers import ReplayBuffer
 from cleanrl_equi.datasets import collect_expert, save_dataset
 from conftest import REPO, fails_with, load_script, read_scalars, run_script, script_fails_with, stop_with_signal
 
@@ -138,7 +139,7 @@ def test_sac_resume_file_holds_only_the_filled_buffer_and_exact_demo_count(workd
     rows = saved["filled"]
     assert rows < 20 and len(saved["heights"]) == rows  # 20000 slots / 5 envs = 4000 rows; a handful are used
     assert os.path.getsize(path) < 1_000_000  # the empty 4000-row buffer alone would be 20 MB at 32 px
-    rb = load_script("sac_equi_bullet").ReplayBuffer(20000, 5, 32)
+    rb = ReplayBuffer(20000, 5, 32)
     rb.load_state_dict(saved)
     assert len(rb) == int(saved["valid"].sum()) > 0
 
@@ -233,3 +234,85 @@ def test_learning_benchmark_skips_a_run_stopped_before_its_first_update(tmp_path
     assert proc.returncode == 0, proc.stderr
     assert "stopped before its first update" in proc.stdout
     assert (tmp_path / "curves.json").is_file()
+
+
+# ---- What a user tried on a fresh clone -----------------------------------------------------------------------------
+def test_one_interrupt_delivered_twice_at_once_still_writes_the_resume_file(workdir):
+    """`timeout -s INT` under `uv run` delivers the interrupt twice within a moment: that is one Ctrl-C (stop after
+    the step with a resume file), not "Ctrl-C again" (stop at once without one); the same command then resumes."""
+    flags = [*PPO, "--total-timesteps", str(50 * PPO_BATCH), "--run-name", "r", "--checkpoint-minutes", "0",
+             "--progress-interval", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "ppo_atari.py"), *flags], cwd=workdir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step "):
+            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr
+    assert "second Ctrl-C" not in stderr and os.path.isfile(os.path.join(workdir, "runs", "r", "resume.pt"))
+    resumed = run_script("ppo_atari.py", *flags[:-6], "--total-timesteps", str(51 * PPO_BATCH), "--run-name", "r",
+                         cwd=workdir)
+    assert "resuming runs/r from global step" in resumed.stdout
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".."])
+def test_a_run_name_cannot_leave_runs(name, workdir):
+    proc = run_script("ppo_atari.py", *PPO, "--total-timesteps", str(PPO_BATCH), "--run-name", name, cwd=workdir,
+                      check=False)
+    script_fails_with(proc, "--run-name", "plain folder name")
+    assert sorted(os.listdir(workdir)) == []  # nothing written anywhere, runs/ included
+
+
+@pytest.mark.parametrize("script, flag", [("ppo_atari.py", "--learning-rate"), ("ppo_atari_equi.py", "--ent-coef"),
+                                          ("rpo_mujoco.py", "--learning-rate"), ("sac_equi_bullet.py", "--policy-lr"),
+                                          ("dqn_equi_bullet.py", "--learning-rate"), ("cql_equi_offline.py", "--q-lr"),
+                                          ("iql_equi_offline.py", "--gamma")])
+def test_a_non_finite_hyperparameter_stops_at_start_up(script, flag, workdir):
+    """An infinite or NaN value passes every range check; it would crash minutes later inside the update."""
+    proc = run_script(script, flag, "inf" if flag != "--gamma" else "nan", cwd=workdir, check=False)
+    script_fails_with(proc, flag, "finite number")
+    assert not os.path.exists(os.path.join(workdir, "runs"))
+
+
+def test_a_finished_run_says_so_and_its_resume_file_evaluates(workdir):
+    """Re-running a finished run's command says it had finished (instead of a silent exit), a corrupt resume file
+    names the way out, and --eval-checkpoint takes the resume file as well as the model file (same weights)."""
+    flags = [*SAC, "--total-timesteps", "24", "--num-demos", "1", "--run-name", "r"]
+    first = run_script("sac_equi_bullet.py", *flags, cwd=workdir)
+    assert "pybullet build time" not in first.stdout + first.stderr  # pybullet's import chatter is kept out
+    again = run_script("sac_equi_bullet.py", *flags, cwd=workdir)
+    assert "had already finished at global step 24" in again.stdout and "raise --total-timesteps" in again.stdout
+    resume_file = os.path.join(workdir, "runs", "r", "resume.pt")
+    evaluated = run_script("sac_equi_bullet.py", "--eval-checkpoint", resume_file, "--eval-episodes", "1",
+                           "--num-eval-envs", "1", cwd=workdir)
+    assert "success" in evaluated.stdout and "Traceback" not in evaluated.stderr
+    with open(resume_file, "wb") as f:
+        f.write(b"corrupt")
+    script_fails_with(run_script("sac_equi_bullet.py", *flags, cwd=workdir, check=False), "corrupt",
+                      "delete it to start the run over")
+
+
+def test_zero_timesteps_is_refused_not_silently_done(workdir):
+    script_fails_with(run_script("sac_equi_bullet.py", "--total-timesteps", "0", cwd=workdir, check=False),
+                      "--total-timesteps")
+    assert not os.path.exists(os.path.join(workdir, "runs"))
+
+
+def test_two_video_evaluations_keep_both_folders_with_one_video_per_episode(workdir):
+    """--eval-checkpoint --capture-video writes a new folder each time (and says which), one video per episode
+    asked for, and the two evaluations report the same numbers (the same seeds)."""
+    run_script("sac_equi_bullet.py", *SAC, "--total-timesteps", "16", "--num-demos", "1", "--save-model",
+               "--run-name", "r", cwd=workdir)
+    model = os.path.join(workdir, "runs", "r", "sac_equi_bullet.cleanrl_model")
+    outputs, folders = [], []
+    for _ in range(2):
+        proc = run_script("sac_equi_bullet.py", "--eval-checkpoint", model, "--eval-episodes", "3",
+                          "--num-eval-envs", "2", "--capture-video", cwd=workdir)
+        folder = proc.stdout.split("videos of the 3 episodes in ")[1].split()[0]
+        folders.append(folder)
+        outputs.append([line for line in proc.stdout.splitlines() if "success" in line])
+        assert len([f for f in os.listdir(os.path.join(workdir, folder)) if f.endswith(".mp4")]) == 3
+    assert folders[0] != folders[1] and outputs[0] == outputs[1]

@@ -1,5 +1,6 @@
 """cleanrl_equi/datasets.py and the make_dataset tool: file format round trip, episodes as the env produced them, time-outs, sampling,
-corrupt and mismatched files, the cached default dataset, checkpoint (medium / mixed) data, and the CLI.
+corrupt and mismatched files, the env settings a dataset records (and those of older files), the cached default
+dataset, checkpoint (medium / mixed) data, and the CLI.
 
 Small on purpose: 32x32 images and 2-3 episodes, so the whole file runs in well under a minute on one core.
 """
@@ -21,11 +22,17 @@ import tyro
 import cleanrl_equi  # noqa: F401  (registers the tasks)
 from cleanrl_equi import datasets as od
 from cleanrl_equi.checkpoints import save_checkpoint
+from cleanrl_equi.envs.manipulation import BulletArmEnvArgs
 from cleanrl_equi.tools import make_dataset as tool
 from conftest import fails_with, load_script
 
 ENV_ID = "cleanrl_equi/BlockPulling-v0"
 SIZE = 32
+
+
+def settings(**changes) -> dict:
+    """Env settings as a script's Args gives them: BulletArm's defaults at SIZE px, with `changes`."""
+    return {**BulletArmEnvArgs(env_id=ENV_ID, image_size=SIZE).env_settings(), **changes}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +63,8 @@ def test_episodes_are_what_the_env_produced(expert):
     frame): replay every episode from its seed with the planner and compare every observation and action."""
     meta = expert.metadata
     assert meta["env_id"] == ENV_ID and meta["quality"] == "expert" and meta["policy"] == {"type": "planner"}
-    assert meta["env_kwargs"] == {"image_size": SIZE, "max_steps": 50} and meta["seed"] == 4
+    assert meta["env_settings"] == settings(max_steps=50) and meta["seed"] == 4  # BulletArm's defaults
+    assert meta["env_kwargs"] == BulletArmEnvArgs(image_size=SIZE, max_steps=50).env_kwargs()
     assert expert.heights.shape == (len(expert) + expert.num_episodes, SIZE, SIZE)
     np.testing.assert_array_equal(expert.episode_seeds, [4, 5, 6])
     env = gym.make(ENV_ID, image_size=SIZE, max_steps=50)
@@ -167,15 +175,94 @@ def test_bad_member_bytes_are_caught(expert_file, tmp_path, capsys):
 
 def test_default_dataset_is_built_once(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CLEANRL_EQUI_DATA", str(tmp_path / "cache"))
-    path = od.default_dataset(ENV_ID, SIZE, 50, num_episodes=2, seed=1)
+    path = od.default_dataset(settings(), num_episodes=2, seed=1)
     assert capsys.readouterr().out.count("building the default dataset") == 1
     assert os.path.dirname(path) == str(tmp_path / "cache")
     assert os.path.basename(path) == "block_pulling_expert_2ep_32px_50steps_seed1.npz"
     data = od.load_dataset(path, ENV_ID, SIZE)
     assert data.num_episodes == 2 and data.metadata["success_rate"] == 1.0
     monkeypatch.setattr(od, "collect_expert", lambda *a, **k: pytest.fail("the cached dataset was rebuilt"))
-    assert od.default_dataset(ENV_ID, SIZE, 50, num_episodes=2, seed=1) == path
+    assert od.default_dataset(settings(), num_episodes=2, seed=1) == path
     assert capsys.readouterr().out == "" and os.listdir(tmp_path / "cache") == [os.path.basename(path)]
+    # other env settings are another default dataset, under another name (the cached one is not theirs)
+    other = od.dataset_filename(ENV_ID, "expert", 2, SIZE, 50, 1, settings(workspace_size=0.4))
+    assert other.startswith("block_pulling_expert_2ep_32px_50steps_seed1_env") and other != os.path.basename(path)
+
+
+# ---- Env settings -----------------------------------------------------------------------------------------------
+def replay(dataset: od.OfflineDataset, env_kwargs: dict) -> bool:
+    """Whether the planner, replayed from every episode's seed in gym.make(ENV_ID, **env_kwargs), gives exactly the
+    dataset's observations, actions and rewards."""
+    env = gym.make(ENV_ID, **env_kwargs)
+    try:
+        for e in range(dataset.num_episodes):
+            episode = dataset.episode(e)
+            obs, _ = env.reset(seed=int(dataset.episode_seeds[e]))
+            observations, actions, rewards = [obs], [], []
+            for _ in range(len(episode["actions"])):
+                actions.append(env.unwrapped.expert_action())
+                obs, reward, _, _, _ = env.step(actions[-1])
+                observations.append(obs)
+                rewards.append(reward)
+            if not (np.array_equal(episode["observations"], np.stack(observations))
+                    and np.array_equal(episode["actions"], np.float32(actions))
+                    and np.array_equal(episode["rewards"], np.float32(rewards))):
+                return False
+        return True
+    finally:
+        env.close()
+
+
+def test_make_dataset_collects_in_its_env_settings_and_records_them(tmp_path, monkeypatch, capsys):
+    """Every env flag of BulletArmEnvArgs reaches the envs the tool collects with (the episodes replay exactly in
+    those settings, not in BulletArm's defaults), and the metadata records them all; the default file name tells
+    the settings apart."""
+    monkeypatch.chdir(tmp_path)
+    flags = ["--image-size", str(SIZE), "--max-steps", "5", "--num-episodes", "1", "--workspace-size", "0.4",
+             "--drot-n", "8", "--action-rate-penalty", "0.5"]
+    tool.main(tyro.cli(tool.Args, args=flags))
+    (name,) = os.listdir(tmp_path / "datasets")
+    assert name.startswith("block_pulling_expert_1ep_32px_5steps_seed0_env") and name.endswith(".npz")
+    path = str(tmp_path / "datasets" / name)
+    wide = settings(max_steps=5, workspace_size=0.4, drot_n=8, action_rate_penalty=0.5)
+    data = od.load_dataset(path, env_settings=wide)
+    assert data.metadata["env_settings"] == wide
+    assert data.metadata["env_kwargs"] == BulletArmEnvArgs(**wide).env_kwargs()
+    assert data.metadata["env_kwargs"]["workspace_size"] == 0.4 and data.metadata["env_kwargs"]["drot"] == np.pi / 8
+    assert (data.rewards < 0).any()  # the action-rate penalty shaped the rewards
+    assert replay(data, data.metadata["env_kwargs"])
+    assert not replay(data, BulletArmEnvArgs(image_size=SIZE, max_steps=5).env_kwargs())
+    capsys.readouterr()
+    fails_with(capsys, ["was collected with --workspace-size 0.4 --drot-n 8 --action-rate-penalty 0.5",
+                        "not --workspace-size 0.3 --drot-n 4 --action-rate-penalty 0.0",
+                        "--image-size 32", "--max-steps 5"], od.load_dataset, path, env_settings=settings(max_steps=5))
+
+
+def rewrite_metadata(path, out, change):
+    """Copy a dataset file with `change(metadata)` applied to its metadata (the arrays, and so the checksum, kept)."""
+    with np.load(path) as file:
+        arrays = {name: file[name].copy() for name in file.files}
+    metadata = json.loads(str(arrays.pop("metadata")))
+    change(metadata)
+    np.savez_compressed(out, metadata=np.array(json.dumps(metadata)), **arrays)
+    return str(out)
+
+
+def test_a_file_without_recorded_env_settings_was_collected_in_bulletarms(expert_file, tmp_path, capsys):
+    """Files written before the env settings were recorded hold the image size and episode limit only: they are taken
+    as collected with BulletArm's defaults, accepted at those settings and refused with the values to pass at others."""
+    old = rewrite_metadata(expert_file, tmp_path / "old.npz", lambda m: m.pop("env_settings"))
+    assert "env_settings" not in od.load_dataset(old).metadata
+    assert od.recorded_env_settings(od.load_dataset(old).metadata) == settings(max_steps=50)
+    assert od.load_dataset(old, env_settings=settings(max_steps=50)).num_episodes == 3
+    fails_with(capsys, ["was collected with --workspace-size 0.3 --no-paper-tasks",
+                        "pass --workspace-size 0.3 --no-paper-tasks"],
+               od.load_dataset, old, env_settings=settings(max_steps=50, workspace_size=0.4, paper_tasks=True))
+    fails_with(capsys, ["--max-steps 50", "not --max-steps 100"], od.load_dataset, old,
+               env_settings=settings(max_steps=100))
+    # recorded settings that contradict the file's own image size are a corrupt file
+    bad = rewrite_metadata(expert_file, tmp_path / "bad.npz", lambda m: m["env_settings"].update(image_size=64))
+    fails_with(capsys, ["inconsistent", "env settings"], od.load_dataset, bad)
 
 
 @pytest.fixture(scope="module")
@@ -192,13 +279,18 @@ def checkpoint(tmp_path_factory):
 
 
 def test_checkpoint_of_another_env_setting_is_refused(tmp_path, capsys):
-    """sac_equi_bullet.py trains in the ICLR paper's setting by default; the datasets use BulletArm's."""
+    """sac_equi_bullet.py trains in the ICLR paper's setting by default; the datasets use BulletArm's unless told
+    otherwise, and then the checkpoint collects in its own setting."""
     sac = load_script("sac_equi_bullet")
     args = sac.Args(env_id=ENV_ID, image_size=SIZE, model="equi", group_order=4, n_hidden=8)
     path = str(tmp_path / "paper.cleanrl_model")
     save_checkpoint(path, "sac_equi_bullet", args, actor=sac.EquiActor(args).state_dict())
     fails_with(capsys, ["another env setting", "--workspace-size 0.4", "--no-paper-tasks"], tool.collect_medium, path,
                env_id=ENV_ID, num_episodes=1, seed=0, image_size=SIZE, max_steps=4, eval_episodes=1)
+    paper = {**args.env_settings(), "max_steps": 4}
+    medium = tool.collect_medium(path, env_id=ENV_ID, num_episodes=1, seed=0, image_size=SIZE, max_steps=4,
+                                 eval_episodes=1, reward_limit=0.0, env_settings=paper)
+    assert medium.metadata["env_settings"] == paper and medium.metadata["env_settings"]["paper_tasks"]
 
 
 def test_medium_and_mixed_from_a_checkpoint(checkpoint, tmp_path, capsys):
@@ -244,8 +336,16 @@ def test_cli_collects_reports_and_refuses(tmp_path, capsys):
                         (["--quality", "medium"], "needs --checkpoint"),
                         (["--checkpoint", "x.cleanrl_model"], "only used with --quality medium"),
                         (["--num-episodes", "0"], "at least 1"),
-                        (["--env-id", "cleanrl_equi/NoSuchTask-v0", "--num-episodes", "1"], "unknown")):
+                        (["--workspace-size", "0.1"], "--workspace-size")):
         fails_with(capsys, [words], tool.main, tyro.cli(tool.Args, args=args))
+    # the task and the quality are choices: tyro refuses anything else, naming the choices
+    for args, choices in ((["--env-id", "cleanrl_equi/NoSuchTask-v0"], ["NoSuchTask", ENV_ID]),
+                          (["--quality", "best"], ["best", "expert", "medium", "mixed"])):
+        with pytest.raises(SystemExit) as raised:
+            tyro.cli(tool.Args, args=args)
+        assert raised.value.code != 0
+        err = capsys.readouterr().err
+        assert all(choice in err for choice in choices), err
     if importlib.util.find_spec("minari") is None:  # an optional extra: the export says how to get it, up front
         fails_with(capsys, ["needs the `minari` package"], tool.main, tyro.cli(tool.Args, args=["--to-minari", "x-v0"]))
 

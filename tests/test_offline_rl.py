@@ -1,16 +1,20 @@
 """cql_equi_offline.py and iql_equi_offline.py: the losses against hand-computed values, short training runs on a
-tiny dataset, resumption after a stop signal, and clear errors for bad data (the networks' symmetry is checked in
-test_networks.py)."""
+tiny dataset, resumption after a stop signal, the env settings a dataset was collected in, and clear errors for bad
+data (the networks' symmetry is checked in test_networks.py)."""
 
+import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import cleanrl_equi  # noqa: F401  (registers the tasks)
 from cleanrl_equi.datasets import collect_expert, save_dataset
-from conftest import load_script, only_run_dir, read_scalars, run_script, script_fails_with, stop_with_signal
+from conftest import (load_script, one_sentence, only_run_dir, read_scalars, run_script, script_fails_with,
+                      stop_with_signal)
 
 TINY = ["--group-order", "4", "--n-hidden", "8", "--image-size", "32", "--max-steps", "6", "--batch-size", "4",
         "--eval-episodes", "2", "--num-eval-envs", "2", "--log-frequency", "1"]
@@ -176,11 +180,65 @@ def test_bad_dataset_stops_with_one_sentence(problem, tiny_dataset, workdir):
 @pytest.mark.parametrize("flags,words", [
     (["--expectile", "1.0"], "--expectile"),
     (["--beta", "0"], "--beta"),
-    (["--model", "mlp"], "--model"),
 ])
 def test_bad_settings_stop_with_one_sentence(flags, words, workdir):
     proc = run_script("iql_equi_offline.py", *flags, cwd=workdir, check=False)
     script_fails_with(proc, words)
+
+
+@pytest.mark.parametrize("script", ["cql_equi_offline.py", "iql_equi_offline.py"])
+def test_an_unknown_model_is_refused_by_the_command_line(script, workdir):
+    """--model is a choice: tyro refuses anything else before the script starts, and names the choices."""
+    proc = run_script(script, "--model", "mlp", cwd=workdir, check=False)
+    assert proc.returncode != 0 and "mlp" in proc.stderr
+    assert "equi" in proc.stderr and "cnn" in proc.stderr
+    assert not os.path.exists(os.path.join(workdir, "runs"))
+
+
+@pytest.fixture(scope="module")
+def wide_dataset(tmp_path_factory):
+    """Two planner episodes of Block Pulling at 32 px in a 0.4 m workspace with pi/8 turns (not BulletArm's)."""
+    path = str(tmp_path_factory.mktemp("data") / "block_pulling_wide.npz")
+    settings = {**cql.Args(image_size=32, max_steps=6).env_settings(), "workspace_size": 0.4, "drot_n": 8}
+    save_dataset(path, collect_expert("cleanrl_equi/BlockPulling-v0", 2, seed=0, image_size=32, max_steps=6,
+                                      env_settings=settings))
+    return path
+
+
+@pytest.mark.parametrize("script", ["cql_equi_offline.py", "iql_equi_offline.py"])
+def test_a_dataset_of_other_env_settings_is_refused_and_its_own_are_used(script, wide_dataset, workdir):
+    """The dataset records the env settings it was collected in: a run in other settings stops with one sentence
+    that names the differing flags and the values to pass; with those flags it trains, and its run (evaluation envs
+    included) is in the dataset's settings."""
+    flags = [*TINY, "--dataset", wide_dataset, "--total-timesteps", "2", "--eval-frequency", "1000",
+             "--eval-episodes", "1", "--num-eval-envs", "1"]
+    sentence = script_fails_with(run_script(script, *flags, cwd=workdir, check=False),
+                                 "was collected with --workspace-size 0.4 --drot-n 8",
+                                 "not --workspace-size 0.3 --drot-n 4", "pass --workspace-size 0.4 --drot-n 8")
+    assert "--max-steps" not in sentence.split("; pass")[0]  # only the settings that differ
+    assert not os.path.exists(os.path.join(workdir, "runs"))
+    script_fails_with(run_script(script, *flags, "--workspace-size", "0.4", cwd=workdir, check=False),
+                      "--drot-n 8", "not --drot-n 4")
+    proc = run_script(script, *flags, "--workspace-size", "0.4", "--drot-n", "8", "--run-name", "wide", cwd=workdir)
+    assert "eval @ 2 gradient steps" in proc.stdout
+    with open(os.path.join(workdir, "runs", "wide", "run.json")) as f:
+        recorded = json.load(f)["args"]
+    assert recorded["workspace_size"] == 0.4 and recorded["drot_n"] == 8  # what evaluate() builds its envs from
+
+
+def test_the_collect_command_a_refusal_quotes_makes_a_dataset_the_run_accepts(workdir):
+    """The `make_dataset` line in the refusal collects in the run's settings: the dataset it makes is accepted."""
+    flags = [*TINY, "--workspace-size", "0.4", "--total-timesteps", "1", "--eval-frequency", "1000",
+             "--eval-episodes", "1", "--num-eval-envs", "1"]
+    proc = run_script("iql_equi_offline.py", *flags, "--dataset", os.path.join(workdir, "missing.npz"), cwd=workdir,
+                      check=False)
+    sentence = one_sentence(proc.stderr, "does not exist")
+    command = sentence[sentence.index("`") + 1:sentence.rindex("`")].split()
+    assert command[:5] == ["uv", "run", "python", "-m", "cleanrl_equi.tools.make_dataset"]
+    assert "--workspace-size" in command and "--max-steps" in command
+    subprocess.run([sys.executable, *command[3:], "--num-episodes", "2"], cwd=workdir, check=True,
+                   capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    run_script("iql_equi_offline.py", *flags, "--dataset", os.path.join(workdir, "missing.npz"), cwd=workdir)
 
 
 def test_default_dataset_is_built_once_and_used(workdir, monkeypatch):

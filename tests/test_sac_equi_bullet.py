@@ -82,35 +82,6 @@ def test_rotation_augmentation_is_the_same_turn():
     assert sac.augment(batch, 0) is batch
 
 
-def test_replay_buffer_stores_each_observation_once_and_never_joins_episodes():
-    rb = sac.ReplayBuffer(capacity=12, num_envs=2, image_size=16)
-
-    def frames(value0, value1):  # env 0 sees heights `value0` and holds nothing; env 1 sees `value1` and holds
-        obs = np.zeros((2, 2, 16, 16), np.uint8)
-        obs[0, 0], obs[1, 0], obs[1, 1] = value0, value1, 255
-        return obs
-
-    rb.start(frames(0, 100))
-    # env 0 ends its episode on step 2; the vector env resets it on step 3 (that row must never be sampled)
-    for step, done0 in ((1, False), (2, True), (3, False)):
-        next_obs = frames(step, 100 + step)
-        resetting = np.array([step == 3, False])
-        rb.add(np.full((2, 5), step / 10, np.float32), np.array([float(done0), 0.0]), np.array([done0, False]),
-               ~resetting, np.zeros(2, bool), next_obs)
-    assert len(rb) == 5
-    batch = rb.sample(200, torch.device("cpu"))
-    step_of = torch.round(batch["actions"][:, 0] * 10)
-    obs_value, next_value = batch["obs"][:, 0, 0, 0] * 255, batch["next_obs"][:, 0, 0, 0] * 255
-    torch.testing.assert_close(next_value - obs_value, torch.ones_like(obs_value), atol=1e-3, rtol=0)
-    torch.testing.assert_close(obs_value % 100, step_of - 1, atol=1e-3, rtol=0)  # obs s_{t-1}, action a_t, next s_t
-    assert ((batch["obs"][:, 1] == 1) == (obs_value >= 100)[:, None, None]).all()  # env 1's flag, tiled
-    assert not ((obs_value == 2) & (next_value == 3)).any()  # the reset row is never sampled
-    # memory: the paper's 100k-transition buffer of 2x128x128 observations
-    big = sac.ReplayBuffer(capacity=100_000, num_envs=5, image_size=128)  # np.zeros: pages are touched lazily
-    nbytes = sum(a.nbytes for a in vars(big).values() if isinstance(a, np.ndarray))
-    assert nbytes < 1.75e9, nbytes
-
-
 def test_caps_terms_zero_for_a_constant_policy_and_positive_otherwise():
     torch.manual_seed(0)
     x = obs_to_tensor(real_observations("BlockPicking")[1], "cpu")
@@ -179,7 +150,6 @@ def test_short_equi_run_writes_the_scalars_and_its_checkpoint_acts_the_same(work
 @pytest.mark.parametrize("args, words", [
     (dict(env_id="cleanrl_equi/NoSuchTask-v0"), "unknown env id"),
     (dict(env_id="CartPole-v1"), "not a manipulation task"),
-    (dict(model="mlp"), "--model"),
     (dict(image_size=100), "--image-size"),
     (dict(group_order=6), "--group-order"),
     (dict(batch_size=256, learning_starts=100), "--learning-starts"),
@@ -203,9 +173,13 @@ def test_bad_checkpoints_stop_with_one_sentence(tmp_path, capsys):
         fails_with(capsys, [words], sac.load_actor, path, "cpu")
 
 
-def test_unknown_env_id_from_the_command_line(workdir):
-    proc = run_script(SCRIPT, "--env-id", "cleanrl_equi/NoSuchTask-v0", cwd=workdir, check=False)
-    script_fails_with(proc, "unknown env id")
+@pytest.mark.parametrize("flag, value, choice", [("--env-id", "cleanrl_equi/NoSuchTask-v0", "cleanrl_equi/BlockPulling-v0"),
+                                                 ("--model", "mlp", "cnn")])
+def test_unknown_choices_from_the_command_line_name_the_choices(flag, value, choice, workdir):
+    """Enumerations are Literal types: tyro refuses another value before anything starts, listing the choices."""
+    proc = run_script(SCRIPT, flag, value, cwd=workdir, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "invalid choice" in proc.stderr and choice in proc.stderr and not os.path.exists(os.path.join(workdir, "runs"))
 
 
 def test_stopped_run_resumes_with_its_replay_buffer(workdir):

@@ -1,5 +1,6 @@
-"""MuJoCo helpers for rpo_mujoco.py: env-id checks, an early rendering check, and the observation/reward
-normalisation statistics of CleanRL's continuous-control wrappers (merge, save, restore).
+"""MuJoCo helpers for rpo_mujoco.py: env-id checks, the rendering backend for --capture-video with an early
+rendering check, and the observation/reward normalisation statistics of CleanRL's continuous-control wrappers
+(merge, save, restore).
 
 CleanRL does not save these statistics with the model, so a saved policy is evaluated behind fresh normalisers
 and acts on observations it never saw (CleanRL issues #425 and #532); rpo_mujoco.py saves and restores them.
@@ -7,6 +8,7 @@ and acts on observations it never saw (CleanRL issues #425 and #532); rpo_mujoco
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 
@@ -15,14 +17,10 @@ import numpy as np
 
 from cleanrl_equi.errors import fail
 
-# MuJoCo renders (for --capture-video) through OpenGL; a Linux machine without a display has no window system, so
-# use EGL there (it needs the libegl1 package) unless the user chose a backend with MUJOCO_GL themselves.
-if sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
-    os.environ.setdefault("MUJOCO_GL", "egl")
-
 
 def check_env_id(env_id: str) -> None:
-    """Stop with one sentence unless `env_id` names a gymnasium MuJoCo task."""
+    """Stop with one sentence unless `env_id` names a gymnasium MuJoCo task that this machine can load."""
+    check_gl_backend()
     examples = "HalfCheetah-v5, Hopper-v5, Walker2d-v5, Ant-v5 or Humanoid-v5"
     if env_id.startswith("ALE/") or "NoFrameskip" in env_id or _is_registered_atari(env_id):
         fail(f"{env_id} is an Atari game and this script trains MuJoCo tasks; use ppo_atari.py for Atari.")
@@ -49,11 +47,43 @@ def _is_registered_atari(env_id: str) -> bool:
     return env_id in gym.registry and "ale_py" in str(gym.registry[env_id].entry_point)
 
 
+def check_gl_backend() -> None:
+    """A MUJOCO_GL=egl of the user's own needs a loadable libEGL even without video: `import mujoco` reads it and,
+    without the library, stops inside PyOpenGL (AttributeError: 'NoneType' object has no attribute
+    'eglQueryString'). Say so in one sentence instead."""
+    if sys.platform.startswith("linux") and os.environ.get("MUJOCO_GL", "").strip().lower() == "egl" \
+            and not egl_loadable():
+        fail("MUJOCO_GL=egl is set but libEGL cannot be loaded on this machine; install EGL (Debian: apt-get install "
+             "libegl1 libegl-mesa0 libgl1-mesa-dri), or unset MUJOCO_GL (training needs no OpenGL without "
+             "--capture-video).")
+
+
+def egl_loadable() -> bool:
+    """Whether this process can load libEGL under one of the names PyOpenGL tries (libEGL.so, libEGL.so.9 ... .0)."""
+    for name in ["libEGL.so"] + [f"libEGL.so.{version}" for version in range(9, -1, -1)]:
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
 def check_rendering(env_id: str) -> None:
-    """Render one frame, so a machine without a working OpenGL backend fails now rather than at the first video."""
+    """Choose MuJoCo's OpenGL backend and render one frame, so a machine that cannot render fails now rather than
+    at the first video. Called only for --capture-video: training alone never asks for an OpenGL backend."""
     # torch loads triton (with its own LLVM) lazily, the first time an optimizer is built. Loaded after Mesa's
     # software EGL (which brings another LLVM), it crashes the process with a segmentation fault, so load it first.
     import torch._dynamo  # noqa: F401
+    # A Linux machine without a display has no window system for GLFW, so render through EGL there, unless the user
+    # chose a backend with MUJOCO_GL themselves. With MUJOCO_GL=egl and no loadable libEGL, `import mujoco` stops
+    # inside PyOpenGL with an AttributeError, so look for the library before asking for it.
+    if sys.platform.startswith("linux") and not os.environ.get("DISPLAY") and not os.environ.get("MUJOCO_GL"):
+        if not egl_loadable():
+            fail(f"--capture-video needs OpenGL to render {env_id} and this machine has no display and no loadable "
+                 "libEGL; install EGL (Debian: apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri) or OSMesa "
+                 "(libosmesa6, then set MUJOCO_GL=osmesa), or train without --capture-video.")
+        os.environ["MUJOCO_GL"] = "egl"
     try:
         env = gym.make(env_id, render_mode="rgb_array")
         env.reset(seed=0)
@@ -61,8 +91,8 @@ def check_rendering(env_id: str) -> None:
         env.close()
     except Exception as exc:
         fail(f"--capture-video cannot render {env_id} with MUJOCO_GL={os.environ.get('MUJOCO_GL')!r} "
-             f"({type(exc).__name__}); install EGL (Debian: libegl1 libgl1-mesa-dri) or OSMesa (libosmesa6) and set "
-             "MUJOCO_GL=egl or MUJOCO_GL=osmesa.")
+             f"({type(exc).__name__}); install EGL (Debian: libegl1 libegl-mesa0 libgl1-mesa-dri) or OSMesa "
+             "(libosmesa6) and set MUJOCO_GL=egl or MUJOCO_GL=osmesa.")
 
 
 def normalizers(env: gym.Env) -> tuple[gym.wrappers.NormalizeObservation, gym.wrappers.NormalizeReward]:

@@ -6,6 +6,10 @@
     uv run python -m cleanrl_equi.tools.make_dataset --quality medium --checkpoint runs/<run>/sac_equi_bullet.cleanrl_model
     uv run python -m cleanrl_equi.tools.make_dataset --info datasets/block_pulling_expert.npz
 
+The env settings are `BulletArmEnvArgs`' flags (`--workspace-size`, `--drot-n`, `--max-steps`, ...; BulletArm's
+defaults), the same flags as the offline scripts', and the dataset records them: a script refuses a dataset collected
+in other settings than its own.
+
 A medium dataset needs the agent's actor. The networks live in the training scripts, so the checkpoint's script
 (it records its name) is loaded from the repository and its `load_actor(path, device)` rebuilds the actor; this
 tool turns it into a policy callable for `cleanrl_equi.datasets.collect_episodes`.
@@ -24,9 +28,10 @@ import numpy as np
 import torch
 
 import cleanrl_equi
-from cleanrl_equi.datasets import (GAMMA, OfflineDataset, collect_episodes, collect_expert, concatenate,
-                                   dataset_filename, import_minari, load_dataset, save_dataset, to_minari)
-from cleanrl_equi.envs.manipulation import evaluate, obs_to_tensor
+from cleanrl_equi.datasets import (GAMMA, OfflineDataset, collect_episodes, collect_expert, collection_settings,
+                                   concatenate, dataset_filename, env_flags, import_minari, load_dataset, save_dataset,
+                                   to_minari)
+from cleanrl_equi.envs.manipulation import BulletArmEnvArgs, evaluate, obs_to_tensor
 from cleanrl_equi.errors import fail
 
 EVAL_SEED_OFFSET = 1_000_000  # a checkpoint's evaluation uses scenes far from the collected ones
@@ -61,10 +66,13 @@ def greedy_policy(actor: torch.nn.Module, device: Union[str, torch.device]) -> C
 
 def load_medium_policy(checkpoint_path: str, env_id: str, image_size: int, max_steps: int, reward_limit: float,
                        eval_episodes: int, seed: int, device: Union[str, torch.device] = "cpu",
-                       num_eval_envs: int = 5):
-    """Load a saved actor, evaluate it greedily on `eval_episodes` episodes, and refuse it (one sentence) if its
-    mean discounted return is below `reward_limit`. Returns (policy callable, policy_info for the metadata)."""
+                       num_eval_envs: int = 5, env_settings: Optional[dict] = None):
+    """Load a saved actor, evaluate it greedily on `eval_episodes` episodes in the collection's env settings
+    (`env_settings`; None: BulletArm's defaults), and refuse it (one sentence) if it was trained in another task,
+    image size or env geometry, or if its mean discounted return is below `reward_limit`. Returns (policy callable,
+    policy_info for the metadata)."""
     device = torch.device(device)
+    settings = collection_settings(env_id, image_size, max_steps, env_settings).env_settings()
     script = "sac_equi_bullet"  # the agents whose greedy roll-outs the paper calls medium data
     actor, saved = load_script(script).load_actor(checkpoint_path, device)
     if saved.env_id != env_id:
@@ -73,16 +81,18 @@ def load_medium_policy(checkpoint_path: str, env_id: str, image_size: int, max_s
     if saved.image_size != image_size:
         fail(f"checkpoint {checkpoint_path!r} was trained on {saved.image_size}-px images, not {image_size}; pass "
              f"--image-size {saved.image_size}.")
-    # the datasets (and the offline scripts that evaluate on them) use the envs' own defaults, BulletArm's setting
-    bulletarm = {"workspace_size": 0.3, "dpos": 0.05, "drot_n": 4, "paper_tasks": False}
-    other = {k: getattr(saved, k) for k, v in bulletarm.items() if getattr(saved, k, v) != v}
+    # the geometry of the task (workspace, step sizes, task sizes) must be the one the actor was trained in
+    trained = vars(saved)
+    other = [name for name in ("workspace_size", "dpos", "drot_n", "paper_tasks") if trained[name] != settings[name]]
     if other:
-        trained = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in other.items())
-        fail(f"checkpoint {checkpoint_path!r} was trained in another env setting ({trained}) than the datasets' "
-             "(BulletArm's); train it with --workspace-size 0.3 --drot-n 4 --max-steps 50 --no-paper-tasks.")
+        fail(f"checkpoint {checkpoint_path!r} was trained in another env setting ({env_flags(trained, other)}) than "
+             f"this collection's ({env_flags(settings, other)}); pass {env_flags(trained, other)} to collect in its "
+             f"setting, or train it with {env_flags(settings, other)}.")
     if eval_episodes < 1:
         fail("--eval-episodes must be at least 1: a checkpoint is evaluated before it collects data.")
-    saved.max_steps, saved.gamma = max_steps, GAMMA  # judged under the dataset's time limit and the papers' gamma
+    for name, value in settings.items():  # judged in the envs the data will come from (their time limit too)
+        setattr(saved, name, value)
+    saved.gamma = GAMMA  # and with the papers' gamma
     saved.eval_episodes, saved.num_eval_envs = eval_episodes, num_eval_envs
     result = evaluate(actor, saved, device, seed=seed + EVAL_SEED_OFFSET)
     print(f"checkpoint {checkpoint_path}: discounted return {result['discounted_return']:.4f}, success rate "
@@ -99,31 +109,34 @@ def load_medium_policy(checkpoint_path: str, env_id: str, image_size: int, max_s
 
 def collect_medium(checkpoint_path: str, env_id: str, num_episodes: int, seed: int, image_size: int = 128,
                    max_steps: int = 50, reward_limit: float = 0.4, eval_episodes: int = 100,
-                   device: Union[str, torch.device] = "cpu",
+                   device: Union[str, torch.device] = "cpu", env_settings: Optional[dict] = None,
                    **kwargs) -> OfflineDataset:
-    """Greedy roll-outs of a saved actor that first passes the `reward_limit` evaluation ("medium" quality)."""
+    """Greedy roll-outs of a saved actor that first passes the `reward_limit` evaluation ("medium" quality), in the
+    env settings `env_settings` (None: BulletArm's defaults)."""
     policy, info = load_medium_policy(checkpoint_path, env_id, image_size, max_steps, reward_limit, eval_episodes,
-                                      seed, device)
+                                      seed, device, env_settings=env_settings)
     return collect_episodes(env_id, num_episodes, seed, image_size, max_steps, policy, quality="medium",
-                            policy_info=info, **kwargs)
+                            policy_info=info, env_settings=env_settings, **kwargs)
 
 
 def collect_mixed(checkpoint_path: str, env_id: str, num_episodes: int, seed: int, image_size: int = 128,
                   max_steps: int = 50, expert_fraction: float = 0.5, reward_limit: float = 0.4,
-                  eval_episodes: int = 100, device: Union[str, torch.device] = "cpu", **kwargs) -> OfflineDataset:
+                  eval_episodes: int = 100, device: Union[str, torch.device] = "cpu",
+                  env_settings: Optional[dict] = None, **kwargs) -> OfflineDataset:
     """round(expert_fraction * num_episodes) planner episodes (seeds seed, seed+1, ...) followed by medium episodes
-    of the checkpoint (the next seeds), in one dataset ("mixed" quality)."""
+    of the checkpoint (the next seeds), in one dataset ("mixed" quality), in the env settings `env_settings`."""
     if not 0.0 <= expert_fraction <= 1.0:
         fail(f"--expert-fraction must be in [0, 1], not {expert_fraction}.")
     num_expert = int(round(expert_fraction * num_episodes))
     policy, info = load_medium_policy(checkpoint_path, env_id, image_size, max_steps, reward_limit, eval_episodes,
-                                      seed, device)
+                                      seed, device, env_settings=env_settings)
     parts = []
     if num_expert > 0:
-        parts.append(collect_episodes(env_id, num_expert, seed, image_size, max_steps, "planner", **kwargs))
+        parts.append(collect_episodes(env_id, num_expert, seed, image_size, max_steps, "planner",
+                                      env_settings=env_settings, **kwargs))
     if num_episodes - num_expert > 0:
         parts.append(collect_episodes(env_id, num_episodes - num_expert, seed + num_expert, image_size, max_steps,
-                                      policy, **kwargs))
+                                      policy, env_settings=env_settings, **kwargs))
     mixed_info = {"type": "mixed", "expert_fraction": expert_fraction, "expert_episodes": num_expert,
                   "medium_episodes": num_episodes - num_expert, "expert": {"type": "planner"}, "medium": info}
     return concatenate(parts, "mixed", mixed_info, seed)
@@ -131,21 +144,18 @@ def collect_mixed(checkpoint_path: str, env_id: str, num_episodes: int, seed: in
 
 # ---- Command line ---------------------------------------------------------------------------------------------------
 @dataclass
-class Args:
-    env_id: str = "cleanrl_equi/BlockPulling-v0"
-    """the manipulation task, `cleanrl_equi/<Task>-v0`"""
+class Args(BulletArmEnvArgs):
+    # The env: the task and its settings come from BulletArmEnvArgs (BulletArm's defaults); a time-out at
+    # --max-steps is stored as a truncation
     quality: Literal["expert", "medium", "mixed"] = "expert"
     """expert = planner episodes, medium = greedy roll-outs of --checkpoint, mixed = both"""
     num_episodes: int = 10
     """the number of whole episodes to collect"""
     seed: int = 0
     """episode i starts from reset(seed=seed + i)"""
-    image_size: int = 128
-    """observation height and width in pixels"""
-    max_steps: int = 50
-    """episode length limit; a time-out is stored as a truncation"""
     out: Optional[str] = None
-    """the output file (default: datasets/<task>_<quality>_<episodes>ep_<size>px_<steps>steps_seed<seed>.npz)"""
+    """the output file (default: datasets/<task>_<quality>_<episodes>ep_<size>px_<steps>steps_seed<seed>.npz, with
+    `_env<hash>` before `.npz` in other env settings than BulletArm's)"""
     checkpoint: Optional[str] = None
     """for medium / mixed: a sac_equi_bullet.py model saved with --save-model"""
     reward_limit: float = 0.4
@@ -186,22 +196,24 @@ def main(args: Args) -> None:
         return
     if args.num_episodes < 1:
         fail(f"--num-episodes must be at least 1, not {args.num_episodes}.")
+    args.check_env_settings()
     if args.quality == "expert" and args.checkpoint is not None:
         fail("--checkpoint is only used with --quality medium or mixed; drop it for planner data.")
     if args.quality != "expert" and args.checkpoint is None:
         fail(f"--quality {args.quality} needs --checkpoint, a sac_equi_bullet.py model saved with --save-model.")
     out = args.out or os.path.join("datasets", dataset_filename(args.env_id, args.quality, args.num_episodes,
-                                                                args.image_size, args.max_steps, args.seed))
+                                                                args.image_size, args.max_steps, args.seed,
+                                                                args.env_settings()))
     if args.to_minari is not None:
         import_minari()  # before a long collection, not after it
     if args.to_minari is not None and os.path.isfile(out):
-        to_minari(load_dataset(out, args.env_id, args.image_size), args.to_minari)
+        to_minari(load_dataset(out, env_settings=args.env_settings()), args.to_minari)
         print(f"exported {out} as Minari dataset {args.to_minari!r}")
         return
     device = "cuda" if args.cuda and torch.cuda.is_available() else "cpu"
     start = time.time()
     common = dict(env_id=args.env_id, num_episodes=args.num_episodes, seed=args.seed, image_size=args.image_size,
-                  max_steps=args.max_steps, progress_interval=30.0)
+                  max_steps=args.max_steps, env_settings=args.env_settings(), progress_interval=30.0)
     medium = dict(checkpoint_path=args.checkpoint, reward_limit=args.reward_limit, eval_episodes=args.eval_episodes,
                   device=device)
     if args.quality == "expert":

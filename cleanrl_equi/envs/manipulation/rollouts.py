@@ -9,7 +9,7 @@ deterministic action is tanh(mean).
 
 from __future__ import annotations
 
-import math
+import os
 from typing import Callable, Optional
 
 import gymnasium as gym
@@ -61,18 +61,22 @@ def rotate_batch(batch: dict[str, torch.Tensor], angles: torch.Tensor) -> dict[s
 
 # ---- Environments and evaluation ------------------------------------------------------------------------------------
 def make_envs(args, num_envs: int, asynchronous: bool = False, video_folder: Optional[str] = None,
-              physics_metrics: bool = True):
+              physics_metrics: bool = True, video_episodes: Optional[list[int]] = None):
     """Vector envs of `args.env_id` with the env settings of `args` (a `ManipulationEnvArgs`: its `env_kwargs`).
     `physics_metrics=False` skips sampling the smoothness and gentleness metrics (envs whose info nobody reads, such
-    as training envs; a force penalty samples them anyway)."""
+    as training envs; a force penalty samples them anyway). With `video_folder`, env i records its first
+    `video_episodes[i]` episodes there (default: env 0 records all of its episodes)."""
     settings = args.env_kwargs(physics_metrics)
+    if video_episodes is None:
+        video_episodes = [1 << 62] + [0] * (num_envs - 1)
 
     def thunk(idx: int):
         def make():
-            render_mode = "rgb_array" if video_folder and idx == 0 else None
+            render_mode = "rgb_array" if video_folder and video_episodes[idx] > 0 else None
             env = gym.make(args.env_id, **settings, render_mode=render_mode)
             if render_mode:
-                env = gym.wrappers.RecordVideo(env, video_folder, episode_trigger=lambda e: True)
+                env = gym.wrappers.RecordVideo(env, video_folder, name_prefix=f"env{idx}",
+                                               episode_trigger=lambda e: e < video_episodes[idx])
             return env
 
         return make
@@ -99,7 +103,7 @@ def evaluate(actor: nn.Module, args, device: torch.device, seed: int, video_fold
     reward shaping the envs add), length, and every smoothness and gentleness metric of the envs (metrics.py)."""
     num_envs = min(args.num_eval_envs, args.eval_episodes)
     quota = [args.eval_episodes // num_envs + (i < args.eval_episodes % num_envs) for i in range(num_envs)]
-    envs = make_envs(args, num_envs, video_folder=video_folder)
+    envs = make_envs(args, num_envs, video_folder=video_folder, video_episodes=list(quota))  # one video an episode
     obs, _ = envs.reset(seed=seed)
     returns, successes, lengths = [], [], []
     episode_metrics: dict[str, list[float]] = {key: [] for key in EPISODE_METRICS}
@@ -150,7 +154,20 @@ def evaluate_checkpoint(actor: nn.Module, saved, args, device: torch.device,
     if args.eval_episodes < 1 or args.num_eval_envs < 1:
         fail("--eval-episodes and --num-eval-envs must be at least 1.")
     saved.eval_episodes, saved.num_eval_envs = args.eval_episodes, args.num_eval_envs
-    video_folder = f"videos/{saved.env_id.replace('/', '_')}__{saved.exp_name}__eval" if args.capture_video else None
+    video_folder = new_folder(f"videos/{saved.env_id.replace('/', '_')}__{saved.exp_name}__eval") \
+        if args.capture_video else None
     result = evaluate(actor, saved, device, seed=saved.seed + 10_000, video_folder=video_folder, act=act)
     print(f"{saved.env_id} ({saved.model}): {format_eval(result, args.eval_episodes, saved.seed + 10_000, policy)}",
           flush=True)
+    if video_folder:
+        print(f"videos of the {args.eval_episodes} episodes in {video_folder}", flush=True)
+
+
+def new_folder(base: str) -> str:
+    """`base`, or `base-2`, `base-3`, ... : the first that does not exist yet, so a second evaluation never writes
+    into the first one's folder."""
+    folder, n = base, 1
+    while os.path.exists(folder):
+        n += 1
+        folder = f"{base}-{n}"
+    return folder

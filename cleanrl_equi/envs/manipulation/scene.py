@@ -99,13 +99,43 @@ from typing import ClassVar
 
 import gymnasium as gym
 import numpy as np
-import pybullet as pb
-import pybullet_data
 from gymnasium.envs.registration import EnvSpec, WrapperSpec
-from pybullet_utils.bullet_client import BulletClient
 from scipy.spatial import ConvexHull
 
 from cleanrl_equi.envs.manipulation.metrics import PhysicsMetrics, action_change, action_smoothness
+
+
+def _import_pybullet_quietly():
+    """pybullet's C code prints "pybullet build time: ..." to stderr when it is first imported: a stray line at the
+    top of every run's log. Import it with file descriptors 1 and 2 pointed at /dev/null (C's buffers flushed before
+    they are pointed back). A real import error still raises, with its message."""
+    if "pybullet" in sys.modules:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # no such descriptors: nothing to keep clean
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        import pybullet  # noqa: F401
+
+        ctypes.CDLL(None).fflush(None)
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
+_import_pybullet_quietly()
+import pybullet as pb  # noqa: E402
+import pybullet_data  # noqa: E402
+from pybullet_utils.bullet_client import BulletClient  # noqa: E402
 
 # ---- Fixed geometry and physics constants -----------------------------------------------------------------------
 TIME_STEP = 1.0 / 240.0

@@ -50,7 +50,7 @@ class ManipulationEnvArgs:
     action_rate_penalty: float = 0.0
     """env reward shaping: minus this times |a_t - a_t-1|^2 (normalised actions) at every step (0 = off)"""
     force_penalty: float = 0.0
-    """env reward shaping: minus this times (peak gripper contact force in the step - threshold) / threshold (0 = off)"""
+    """env reward shaping: minus this times (peak gripper contact force in a step - threshold) / threshold (0 = off)"""
     force_threshold: float = 20.0
     """newtons of gripper contact force the force penalty tolerates"""
     gripper_force: float = 150.0

@@ -26,9 +26,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pybullet as pb
 
-from cleanrl_equi.envs.manipulation.scene import (
+from cleanrl_equi.envs.manipulation.scene import (  # first: it imports pybullet without its build-time line
     FINGER_HALF,
     Z_RANGE,
     ManipulationEnv,
@@ -37,6 +36,7 @@ from cleanrl_equi.envs.manipulation.scene import (
     wrap_angle,
     yaw_quaternion,
 )
+from cleanrl_equi.envs.manipulation.scene import pb
 
 TASK_NAMES = ("BlockPulling", "BlockPushing", "BlockPicking", "DrawerOpening", "BlockInBowl", "BlockStacking",
               "HouseBuilding", "CornerPicking")
