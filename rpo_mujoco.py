@@ -29,7 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from cleanrl_equi.checkpoints import load_checkpoint, load_state  # PLUMBING
 from cleanrl_equi.compile import check_compile_flags, compiled, prepare_optimizer, set_learning_rate  # SPEED
-from cleanrl_equi.envs.mujoco import (NormalizationState, check_env_id, check_rendering, restore_statistics,
+from cleanrl_equi.envs.mujoco import (NormalizationState, check_env_id, check_rendering, evaluate_policy,
                                       training_statistics)
 from cleanrl_equi.errors import fail, require
 from cleanrl_equi.run import Run, device_for  # PLUMBING
@@ -268,26 +268,10 @@ def truncation_bootstrap(agent: Agent, infos: dict, terminations, truncations, g
 
 def evaluate(agent: Agent, env_id: str, statistics: dict, episodes: int, seed: int, gamma: float, device,
              video_dir: Optional[str] = None) -> tuple[list[float], list[int]]:
-    """Returns and lengths of `episodes` episodes of the deterministic mean action behind the saved, frozen
-    normalisation statistics. One env seeded once with `seed` then autoresetting: the same inputs give the same
-    episodes."""
-    envs = gym.vector.SyncVectorEnv([make_env(env_id, 0, video_dir is not None, video_dir, gamma, episodes)],
-                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-    restore_statistics(envs.envs[0], statistics)
-    obs, _ = envs.reset(seed=seed)
-    returns, lengths = [], []
-    while len(returns) < episodes:
-        with torch.no_grad():
-            action = agent.actor_mean(torch.as_tensor(obs, dtype=torch.float32, device=device))
-        obs, _, _, _, infos = envs.step(action.cpu().numpy())
-        if "final_info" in infos and infos["final_info"].get("_episode", [False])[0]:
-            returns.append(float(infos["final_info"]["episode"]["r"][0]))
-            lengths.append(int(infos["final_info"]["episode"]["l"][0]))
-            print(f"eval episode {len(returns) - 1}: return {returns[-1]:.6f}, length {lengths[-1]}")
-    envs.close()
-    print(f"eval mean return over {episodes} episodes: {np.mean(returns):.6f} +- {np.std(returns):.6f} "
-          f"(deterministic mean action, frozen normalisation statistics, seed {seed})", flush=True)
-    return returns, lengths
+    """Returns and lengths of `episodes` episodes of the deterministic mean action, in this script's wrappers behind
+    the saved, frozen normalisation statistics (same inputs, same episodes)."""
+    env = make_env(env_id, 0, video_dir is not None, video_dir, gamma, episodes)
+    return evaluate_policy(agent.actor_mean, env, statistics, episodes, seed, device)
 
 
 def load_policy(path: str, device) -> tuple[Agent, dict, dict]:  # PLUMBING: --eval-checkpoint

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cleanrl_equi.buffers import ReplayBuffer
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from common import Output, cli, companion, cpu_model, load_script, machine_info, results_path  # noqa: E402
@@ -89,14 +91,14 @@ def make_setup(args, device, seed=0):
     actor, critic, critic_target = actor.to(device), critic.to(device), critic_target.to(device)
     critic_target.load_state_dict(critic.state_dict())
     critic_target.requires_grad_(False)
-    rb = sac.ReplayBuffer(4096, 1, args.image_size)
+    rb = ReplayBuffer(4096, 1, args.image_size)
     rng = np.random.default_rng(seed)
     obs = rng.integers(0, 120, (1, 2, args.image_size, args.image_size), dtype=np.uint8)
     rb.start(obs)
     for _ in range(1000):
         obs = rng.integers(0, 120, (1, 2, args.image_size, args.image_size), dtype=np.uint8)
         rb.add(rng.uniform(-1, 1, (1, 5)).astype(np.float32), rng.integers(0, 2, 1).astype(np.float32),
-               rng.integers(0, 2, 1).astype(bool), np.ones(1, bool), rng.integers(0, 2, 1).astype(bool), obs)
+               rng.integers(0, 2, 1).astype(bool), np.ones(1, bool), obs, expert=rng.integers(0, 2, 1).astype(bool))
     return {
         "actor": actor, "critic": critic, "critic_target": critic_target, "rb": rb,
         "actor_opt": torch.optim.Adam(actor.parameters(), lr=1e-3),

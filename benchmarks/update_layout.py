@@ -23,6 +23,8 @@ from typing import Literal
 
 import torch
 
+from cleanrl_equi.compile import with_bf16_autocast
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Output, cli, fail, load_average, load_script, machine_info, results_path  # noqa: E402
 
@@ -59,7 +61,7 @@ def ppo_case(name: str, device):
     args = module.Args(env_id="BreakoutNoFrameskip-v4")
     n = args.num_envs * args.num_steps // args.num_minibatches
     torch.manual_seed(0)
-    agent = module.build_agent(args).to(device).train()
+    agent = module.Agent(args).to(device).train()
     batch = {"obs": images(n, 4, 84, device, uint8=True), "actions": torch.randint(0, 4, (n,), device=device),
              "logprobs": -torch.rand(n, device=device) - 1, "advantages": torch.randn(n, device=device),
              "returns": torch.randn(n, device=device), "values": torch.randn(n, device=device)}
@@ -69,7 +71,8 @@ def ppo_case(name: str, device):
         run_args = copy.copy(args)
         run_args.bf16 = bf16
         optimizer = torch.optim.Adam(a.parameters(), lr=args.learning_rate, eps=1e-5)
-        return lambda b: module.update_step(a, optimizer, run_args, **b)
+        step = with_bf16_autocast(module.update_step, run_args, device)
+        return lambda b: step(a, optimizer, run_args, **b)
     return make, batch, f"minibatch {n} of 4 x 84 x 84 frames"
 
 
@@ -89,7 +92,8 @@ def dqn_case(model: str, device):
         q = copy.deepcopy(q_network)
         target = copy.deepcopy(q).requires_grad_(False)
         optimizer = torch.optim.Adam(q.parameters(), lr=args.learning_rate)
-        return lambda b: module.update_step(q, target, optimizer, run_args, **b)
+        step = with_bf16_autocast(module.update_step, run_args, device)
+        return lambda b: step(q, target, optimizer, run_args, **b)
     return make, batch, f"batch {n} of 2 x {s} x {s}, n_hidden 16"
 
 
@@ -115,19 +119,22 @@ def actor_critic_case(name: str, model: str, device):
         log_alpha = torch.zeros(1, device=device, requires_grad=True)
         alpha_optimizer = torch.optim.Adam([log_alpha])
         if name == "sac_equi_bullet":
+            critic_step = with_bf16_autocast(module.critic_update_step, args, device)
+            actor_step = with_bf16_autocast(module.actor_update_step, args, device)
+
             def step(b):
-                *_, features = module.critic_update_step(state["actor"], state["critic"], state["critic_target"],
-                                                         adam["critic"], log_alpha, args, b)
-                return module.actor_update_step(state["actor"], state["critic"], adam["actor"], log_alpha,
-                                                alpha_optimizer, args, b, features)
+                features = critic_step(state["actor"], state["critic"], state["critic_target"], adam["critic"],
+                                       log_alpha, args, b)["features"]
+                return actor_step(state["actor"], state["critic"], adam["actor"], log_alpha, alpha_optimizer, args, b,
+                                  features)
             return step
         if name == "cql_equi_offline":
             log_cql_alpha = torch.zeros(1, device=device, requires_grad=True)
             cql_alpha_optimizer = torch.optim.Adam([log_cql_alpha])
-            return lambda b: module.update_step(
+            return lambda b: with_bf16_autocast(module.update_step, args, device)(
                 state["actor"], state["critic"], state["critic_target"], adam["actor"], adam["critic"], log_alpha,
                 alpha_optimizer, log_cql_alpha, cql_alpha_optimizer, args, b)
-        return lambda b: module.update_step(
+        return lambda b: with_bf16_autocast(module.update_step, args, device)(
             state["actor"], state["critic"], state["critic_target"], state["value"], adam["actor"], adam["critic"],
             adam["value"], args, b)
     batch = transitions if name != "sac_equi_bullet" else {**transitions, "expert": torch.zeros(n, dtype=torch.bool,

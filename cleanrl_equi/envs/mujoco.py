@@ -157,3 +157,27 @@ class NormalizationState:
             raise ValueError(f"{len(state)} sub-envs were saved, {len(self.envs.envs)} are running")
         for env, statistics in zip(self.envs.envs, state):
             restore_statistics(env, statistics, freeze=False)
+
+
+def evaluate_policy(act, make_env, statistics: dict, episodes: int, seed: int, device) -> tuple[list[float], list[int]]:
+    """Returns and lengths of `episodes` episodes of `act(obs)` (a deterministic action) in the env `make_env()`
+    builds (its wrappers, normalisers included), behind the saved normalisation statistics, frozen. One env seeded
+    once with `seed` then autoresetting: the same inputs give the same episodes."""
+    import torch
+
+    envs = gym.vector.SyncVectorEnv([make_env], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    restore_statistics(envs.envs[0], statistics)
+    obs, _ = envs.reset(seed=seed)
+    returns, lengths = [], []
+    while len(returns) < episodes:
+        with torch.no_grad():
+            action = act(torch.as_tensor(obs, dtype=torch.float32, device=device))
+        obs, _, _, _, infos = envs.step(action.cpu().numpy())
+        if "final_info" in infos and infos["final_info"].get("_episode", [False])[0]:
+            returns.append(float(infos["final_info"]["episode"]["r"][0]))
+            lengths.append(int(infos["final_info"]["episode"]["l"][0]))
+            print(f"eval episode {len(returns) - 1}: return {returns[-1]:.6f}, length {lengths[-1]}")
+    envs.close()
+    print(f"eval mean return over {episodes} episodes: {np.mean(returns):.6f} +- {np.std(returns):.6f} "
+          f"(deterministic mean action, frozen normalisation statistics, seed {seed})", flush=True)
+    return returns, lengths
