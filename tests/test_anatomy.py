@@ -71,3 +71,24 @@ def test_stripped_sac_trains_eagerly_and_evaluates(tmp_path):
     scalars = read_scalars(run_dir)
     assert {"losses/qf1_loss", "losses/actor_loss", "eval/success_rate", "charts/SPS"} <= set(scalars)
     assert not os.path.exists(os.path.join(run_dir, "resume.pt"))
+
+
+MANIPULATION_HYPERPARAMETERS = '''    writer.add_text(
+        "hyperparameters",
+        "|param|value|\\n|-|-|\\n%s" % ("\\n".join([f"|{key}|{value}|" for key, value in vars(args).items()])),
+    )
+'''
+PPO_HYPERPARAMETERS = '''    if global_step == 0:  # a new run (a resumed one logged its hyperparameters when it started)
+        rows = "\\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\\n|-|-|\\n{rows}")
+'''
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_copied_hyperparameter_table_stays_the_same_in_every_script(script):
+    """CleanRL writes the hyperparameter table in each script; the copies are deliberate and must not drift."""
+    with open(os.path.join(REPO, script)) as f:
+        source = f.read()
+    expected = PPO_HYPERPARAMETERS if script in ("ppo_atari.py", "ppo_atari_equi.py", "rpo_mujoco.py") \
+        else MANIPULATION_HYPERPARAMETERS
+    assert source.count(expected) == 1
