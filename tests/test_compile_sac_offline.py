@@ -285,6 +285,7 @@ def test_bf16_runs_the_convolutions_in_bfloat16_and_keeps_the_losses_in_float32(
                                                      log_alpha, args, data)
             actor_stats = module.actor_update_step(actor, critic, adam(actor.parameters(), 1e-3), log_alpha,
                                                    adam([log_alpha], 1e-3), args, data, critic_stats["features"])
+            critic_stats.pop("features")  # the encoder's output handed to the actor step (bfloat16 under --bf16)
             return {**critic_stats, **actor_stats}
         assert_bf16_step(step, state, args, {"data": batch})
     elif script == "cql_equi_offline":
