@@ -491,7 +491,7 @@ if __name__ == "__main__":
           f"{data.metadata.get('quality', '?')} data", flush=True)
 
     run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run = Run(SCRIPT, args, default_name=run_name)  # PLUMBING: --run-name or the SLURM job's; resume file, signals
+    run = Run(SCRIPT, args, run_name)  # PLUMBING: --run-name or the SLURM job's; resume file, signals
     run_name = run.name  # PLUMBING
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text(

@@ -277,7 +277,7 @@ if __name__ == "__main__":
     args.minibatch_size = int(args.batch_size // args.num_minibatches)
     args.num_iterations = args.total_timesteps // args.batch_size
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run = Run(SCRIPT, args, default_name=run_name)  # PLUMBING: --run-name or SLURM's; wandb, resume file, signals
+    run = Run(SCRIPT, args, run_name)  # PLUMBING: --run-name or SLURM's; wandb, resume file, signals
     run_name = run.name  # PLUMBING
     writer = SummaryWriter(f"runs/{run_name}")
     run.attach(writer)  # PLUMBING: a resumed run's curves continue where its resume file left them

@@ -34,21 +34,21 @@ def device_for(args: Any) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
 
-def make_run_name(run_name: str | None, env_label: str, exp_name: str, seed: int,
-                  default_name: str | None = None) -> str:
-    """`--run-name` if given (a plain folder name: it may not leave runs/); under SLURM
-    `{env}__{exp}__{seed}__slurm{job}` (array task: `{array_job}_{task}`), which a requeued job finds again;
-    otherwise CleanRL's `{env}__{exp}__{seed}__{unix time}` (`default_name`, where the script made it)."""
+def make_run_name(run_name: str | None, default_name: str) -> str:
+    """`--run-name` if given (a plain folder name: it may not leave runs/); under SLURM the script's CleanRL name
+    `{env}__{exp}__{seed}__{unix time}` with `slurm{job}` (array task: `slurm{array_job}_{task}`) in place of the
+    time, which a requeued job finds again; otherwise `default_name` itself."""
     if run_name:
         if run_name in (".", "..") or os.sep in run_name or "/" in run_name or not run_name.strip():
             fail(f"--run-name {run_name!r} must be a plain folder name inside runs/ (no '/', not '..').")
         return run_name
+    prefix = default_name.rsplit("__", 1)[0]
     array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     if array_job and task:
-        return f"{env_label}__{exp_name}__{seed}__slurm{array_job}_{task}"
+        return f"{prefix}__slurm{array_job}_{task}"
     if os.environ.get("SLURM_JOB_ID"):
-        return f"{env_label}__{exp_name}__{seed}__slurm{os.environ['SLURM_JOB_ID']}"
-    return default_name or f"{env_label}__{exp_name}__{seed}__{int(time.time())}"
+        return f"{prefix}__slurm{os.environ['SLURM_JOB_ID']}"
+    return default_name
 
 
 class StopSignal:
@@ -116,7 +116,8 @@ def format_minutes(seconds: float) -> str:
 class Run:
     """The plumbing of one training run, so the script keeps to its algorithm. In a script:
 
-        run = Run(SCRIPT, args, env_label)         # run dir, device, writer, wandb; reads a resume file if present
+        run = Run(SCRIPT, args, run_name)          # run dir, device, wandb; reads a resume file if present
+        run.attach(writer)                         # the script's SummaryWriter on runs/{run.name}
         run.keep(actor=actor, optimizer=opt, ...)  # the resumable state, listed once (state_dict/load_state_dict,
                                                    # or tensors)
         step = run.resume(global_step=0, ...)      # the loop's counters: saved values on resume, else these;
@@ -134,13 +135,9 @@ class Run:
     resume file, and wandb continues the run of the same name.
     """
 
-    def __init__(self, script: str, args: Any, env_label: str | None = None, default_name: str | None = None):
+    def __init__(self, script: str, args: Any, default_name: str):
         self.script, self.args = script, args
-        if default_name is not None:  # the script's own CleanRL name {env}__{exp}__{seed}__{unix time}
-            env_label, exp_name, seed = default_name.split("__")[:3]
-        else:
-            exp_name, seed = args.exp_name, args.seed
-        self.name = make_run_name(args.run_name, env_label, exp_name, seed, default_name)
+        self.name = make_run_name(args.run_name, default_name)
         self.dir = os.path.join("runs", self.name)
         self.resume_path = os.path.join(self.dir, RESUME_FILE)
         self.device = device_for(args)
@@ -178,18 +175,9 @@ class Run:
 
     @property
     def writer(self):
-        """The run's SummaryWriter: the script's (`attach`), or one made here with the hyperparameters as text."""
+        """The script's SummaryWriter, once `attach` has adopted it."""
         if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            try:
-                writer = SummaryWriter(self.dir)
-            except OSError as exc:
-                write_error(self.dir, exc)
-            if self.saved is None:
-                rows = "\n".join(f"|{key}|{value}|" for key, value in vars(self.args).items())
-                writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{rows}")
-            self.attach(writer)
+            raise RuntimeError("Run.attach(writer) must come before the run logs, checkpoints or finishes")
         return self._writer
 
     def _check_owner(self) -> None:
