@@ -18,7 +18,7 @@ warnings.filterwarnings("ignore", message=".*py3nj", category=UserWarning)
 
 def _wigner_d_needs_lie_learn(*args, **kwargs):
     raise ImportError("this escnn code computes SO(3) Wigner D-matrices, which need the `lie_learn` package; "
-                      "cleanrl-equi uses 2-D groups only and does not install it (its wheels need NumPy 1.x)")
+                      "cleanrl-equi uses 2-D groups only and does not install it (its wheels need NumPy 1.x and Python <= 3.12)")
 
 
 # `import escnn` imports lie_learn's Wigner D-matrices for its 3-D groups (SO(3), O(3)), which no script here uses,
