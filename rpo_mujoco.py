@@ -27,12 +27,12 @@ import tyro
 from torch.distributions.normal import Normal
 from torch.utils.tensorboard import SummaryWriter
 
-from cleanrl_equi.checkpoints import load_checkpoint, load_state  # PLUMBING
+from cleanrl_equi.checkpoints import load_checkpoint, load_state, saved_weights  # PLUMBING
 from cleanrl_equi.compile import check_compile_flags, compiled, prepare_optimizer, set_learning_rate  # SPEED
 from cleanrl_equi.envs.mujoco import (NormalizationState, check_env_id, check_rendering, evaluate_policy,
-                                      training_statistics)
+                                      merged_saved_statistics, training_statistics)
 from cleanrl_equi.errors import fail, require
-from cleanrl_equi.run import Run, device_for  # PLUMBING
+from cleanrl_equi.run import Run, device_for, new_folder  # PLUMBING
 
 SCRIPT = os.path.basename(__file__)[: -len(".py")]
 
@@ -275,15 +275,22 @@ def evaluate(agent: Agent, env_id: str, statistics: dict, episodes: int, seed: i
 
 
 def load_policy(path: str, device) -> tuple[Agent, dict, dict]:  # PLUMBING: --eval-checkpoint
-    """The agent and normalisation statistics of a checkpoint written by this script, failing with one sentence."""
+    """The agent and normalisation statistics of a model file or a resume file written by this script (a resume file
+    keeps each sub-env's statistics: they are merged as --save-model merges them), failing with one sentence."""
     checkpoint = load_checkpoint(path, SCRIPT, map_location=device)
-    missing = [key for key in ("model", "obs_rms", "return_rms", "obs_dim", "action_dim") if key not in checkpoint]
-    if missing:
-        fail(f"checkpoint {path!r} lacks {', '.join(missing)}; re-train with --save-model to write a complete one.")
+    weights = saved_weights(checkpoint, "model", path, in_resume="agent")
+    if "obs_rms" in checkpoint and "return_rms" in checkpoint:
+        statistics = {"obs_rms": checkpoint["obs_rms"], "return_rms": checkpoint["return_rms"]}
+    elif "normalization" in checkpoint.get("state", {}):
+        statistics = merged_saved_statistics(checkpoint["state"]["normalization"])
+    else:
+        fail(f"checkpoint {path!r} holds no normalisation statistics; pass a model file written with --save-model "
+             "or a run's resume.pt.")
     check_env_id(checkpoint["args"]["env_id"])
-    agent = Agent(checkpoint["obs_dim"], checkpoint["action_dim"], checkpoint["args"]["rpo_alpha"]).to(device)
-    load_state(agent, checkpoint["model"], path)
-    return agent, {"obs_rms": checkpoint["obs_rms"], "return_rms": checkpoint["return_rms"]}, checkpoint["args"]
+    obs_dim, action_dim = weights["critic.0.weight"].shape[1], weights["actor_logstd"].shape[1]
+    agent = Agent(obs_dim, action_dim, checkpoint["args"]["rpo_alpha"]).to(device)
+    load_state(agent, weights, path)
+    return agent, statistics, checkpoint["args"]
 
 
 if __name__ == "__main__":
@@ -291,11 +298,13 @@ if __name__ == "__main__":
     check_args(args)
     if args.eval_checkpoint is not None:  # PLUMBING: evaluate a saved model instead of training
         agent, statistics, saved = load_policy(args.eval_checkpoint, device_for(args))
-        video_dir = f"videos/{os.path.basename(os.path.dirname(os.path.abspath(args.eval_checkpoint)))}-eval"
+        run_dir = os.path.basename(os.path.dirname(os.path.abspath(args.eval_checkpoint)))
+        video_dir = new_folder(f"videos/{run_dir}-eval")
         if args.capture_video:
             check_rendering(saved["env_id"])
+            print(f"videos of the {args.eval_episodes} episodes in {video_dir}", flush=True)
         print(f"evaluating {args.eval_checkpoint} on {saved['env_id']} for {args.eval_episodes} episodes", flush=True)
-        evaluate(agent, saved["env_id"], statistics, args.eval_episodes, args.seed, saved["gamma"], device_for(args),
+        evaluate(agent, saved["env_id"], statistics, args.eval_episodes, args.seed + 10_000, saved["gamma"], device_for(args),
                  video_dir if args.capture_video else None)
         raise SystemExit(0)
     args.batch_size = int(args.num_envs * args.num_steps)
@@ -428,7 +437,8 @@ if __name__ == "__main__":
             writer.add_scalar(f"losses/{key}", value.item(), global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
         writer.add_scalar("charts/SPS", int((global_step - start_step) / (time.time() - start_time)), global_step)
-        run.progress(global_step, args.num_iterations * args.batch_size, f"last return {last_return:.1f}",  # PLUMBING
+        ended = f"last return {last_return:.1f}" if not np.isnan(last_return) else "no episode ended yet"  # PLUMBING
+        run.progress(global_step, args.num_iterations * args.batch_size, ended,  # PLUMBING
                      force=iteration == args.num_iterations)
         run.checkpoint(global_step=global_step, iteration=iteration)  # PLUMBING: periodic resume file; stop on signal
 
@@ -436,7 +446,7 @@ if __name__ == "__main__":
         statistics = training_statistics(envs)
         run.save_model(model=agent.state_dict(), **statistics, obs_dim=obs_dim, action_dim=action_dim,  # PLUMBING
                        global_step=global_step)
-        eval_returns, _ = evaluate(agent, args.env_id, statistics, args.eval_episodes, args.seed, args.gamma, device,
+        eval_returns, _ = evaluate(agent, args.env_id, statistics, args.eval_episodes, args.seed + 10_000, args.gamma, device,
                                    f"videos/{run_name}-eval" if args.capture_video else None)
         for idx, episodic_return in enumerate(eval_returns):
             writer.add_scalar("eval/episodic_return", episodic_return, idx)

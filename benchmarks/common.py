@@ -10,8 +10,8 @@ with `cli`. The flags several benchmarks have are the dataclasses here, which a 
 A benchmark that starts training runs passes the flags after `--` on to every run (`cli(..., passthrough=True)`).
 
 Results are committed. `results_path` therefore never replaces an existing results file or folder unless told to:
-the default path (benchmarks/results/<name><tag>.<ext>) may exist only with --overwrite, and any path may exist when
---out names it. Otherwise the benchmark stops at once, before it measures anything, with one sentence (exit 2).
+the default path (benchmarks/results/<name><tag>.<ext>) or the one --out names may exist only with --overwrite.
+Otherwise the benchmark stops at once, before it measures anything, with one sentence (exit 2).
 
 Runs. `run_jobs` starts a list of `Job`s (a command, its working folder, extra environment variables, a log file),
 at most `parallel` at a time, prints a progress line when a job starts and ends, and at the end names every job that
@@ -56,11 +56,11 @@ class Output:
     """Where the results go."""
 
     out: Optional[str] = None
-    """results path (default: the benchmark's name in benchmarks/results/ with --tag); may name an existing one"""
+    """results path (default: the benchmark's name in benchmarks/results/ with --tag)"""
     tag: str = ""
     """suffix of the default results name, e.g. '_gpu' (not used with --out)"""
     overwrite: bool = False
-    """replace existing default results (committed: without this or --out naming them, the benchmark stops)"""
+    """replace existing results (without it, the benchmark stops before it measures anything)"""
 
 
 @dataclass
@@ -126,19 +126,22 @@ def results_path(args: Output, default_name: str, companions: Sequence[str] = ()
     before its extension (`default_name` is e.g. "sac_learning.json"; a folder name has no extension).
 
     `companions` are the extensions of the files written next to it under the same name (e.g. (".csv", ".png")).
-    An existing default result (the file, a companion, or the folder) is refused unless --overwrite is given: the
-    benchmark stops with one sentence, before it runs. A path named with --out may exist. Creates the parent folder.
+    An existing result (the file, a companion, or a non-empty folder), at the default path or at --out, is refused
+    unless --overwrite is given: the benchmark stops with one sentence, before it runs. Creates the parent folder.
     """
     if args.out:
         path = os.path.abspath(args.out)
+        stem = path if folder else os.path.splitext(path)[0]
     else:
         stem, ext = (default_name, "") if folder else os.path.splitext(default_name)
         path = os.path.join(RESULTS, f"{stem}{args.tag}{ext}")
         stem = path if folder else os.path.splitext(path)[0]
-        existing = [p for p in [path, *(stem + c for c in companions)] if os.path.exists(p)]
-        if existing and not args.overwrite:
-            fail(f"{os.path.relpath(existing[0])} exists (committed results); pass --overwrite to replace it, "
-                 "or --out <path> to write somewhere else.")
+    existing = [p for p in [path, *(stem + c for c in companions)]
+                if os.path.isfile(p) or (os.path.isdir(p) and os.listdir(p))]
+    if existing and not args.overwrite:
+        where = "committed results" if not args.out else "from an earlier run"
+        fail(f"{os.path.relpath(existing[0])} exists ({where}); pass --overwrite to replace it, "
+             "or --out <path> to write somewhere else.")
     os.makedirs(path if folder else (os.path.dirname(path) or "."), exist_ok=True)
     return path
 

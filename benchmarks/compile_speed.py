@@ -132,12 +132,12 @@ def measure(script: str, variant: str, args: Args, extra: list[str]) -> dict:
 
 def prepare(script: str, args: Args, extra: list[str]) -> None:
     """An offline script's default dataset is built on its first run and cached: a run of 0 gradient steps builds it
-    here, so that no measured run's first update includes building it."""
+    here (with one gradient step), so that no measured run's first update includes building it."""
     if script in OFFLINE:
         import subprocess
 
         command = [sys.executable, os.path.join(REPO, f"{script}.py"), *SETTINGS[script], *device_flags(args.device),
-                   *extra, "--total-timesteps", "0"]
+                   *extra, "--total-timesteps", "1"]
         with tempfile.TemporaryDirectory(prefix=f"compile_speed_{script}_") as workdir:
             subprocess.run(command, cwd=workdir, env={**os.environ, **thread_env(args.threads)}, check=True,
                            capture_output=True)

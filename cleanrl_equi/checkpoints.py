@@ -87,13 +87,14 @@ def load_state(module: Any, state: dict, path: str) -> None:
         fail(f"checkpoint {path!r} does not fit this network ({first[:160]}); it has other shapes or settings.")
 
 
-def saved_weights(payload: dict, key: str, path: str) -> dict:
+def saved_weights(payload: dict, key: str, path: str, in_resume: str | None = None) -> dict:
     """The state dict `key` ("actor", "model", ...) of a model file or of a resume file (which keeps the same
-    weights under "state"), with one sentence when the file holds no such network."""
+    weights under "state", as `in_resume` where the script keeps them under another name than its model file),
+    with one sentence when the file holds no such network."""
     if key in payload:
         return payload[key]
-    if key in payload.get("state", {}):
-        return payload["state"][key]
+    if (in_resume or key) in payload.get("state", {}):
+        return payload["state"][in_resume or key]
     fail(f"checkpoint {path!r} holds no {key} weights; pass a model file written with --save-model or a run's "
          f"{RESUME_FILE}.")
 

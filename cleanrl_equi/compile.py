@@ -10,6 +10,7 @@ deleting those lines leaves the eager algorithm.
 from __future__ import annotations
 
 import atexit
+import logging
 import weakref
 from typing import Any, Callable
 
@@ -28,6 +29,7 @@ def compiled(fn: Callable, args: Any) -> Callable:
     are cloned before they are handed back: a caller may keep them (PPO keeps each minibatch's statistics)."""
     if args.compile or args.cudagraphs:
         atexit.register(_drop_compiled_code)
+        _quiet_compile_warnings()
     if args.cudagraphs:
         graph = torch.compile(fn, mode="reduce-overhead")
 
@@ -37,6 +39,14 @@ def compiled(fn: Callable, args: Any) -> Callable:
         replay._orig_mod = fn  # what `refresh` writes into when `fn` is a plain copy
         return replay
     return torch.compile(fn) if args.compile else fn
+
+
+def _quiet_compile_warnings() -> None:
+    """Two warnings torch.compile prints on CPU runs, neither about anything the user can act on: a CUDA toolkit found
+    on a machine without a GPU (inductor looks for one), and the profiler markers in the optimizer's step, which
+    dynamo leaves out (they only label the step for a profiler). Errors still show."""
+    for name in ("torch.utils.cpp_extension", "torch._dynamo.variables.ctx_manager", "torch._dynamo.variables.torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _drop_compiled_code() -> None:

@@ -253,12 +253,17 @@ def dataset_filename(env_id: str, quality: str, num_episodes: int, image_size: i
 def collect_command(env_id: Optional[str], out: str, image_size: Optional[int] = None,
                     env_settings: Optional[dict] = None) -> str:
     """The CLI line that makes an expert dataset at `out` (quoted in error messages), in the env settings
-    `env_settings` where given (the flags of those that differ from BulletArm's defaults)."""
+    `env_settings` where given (the flags of those that differ from BulletArm's defaults). A path that is no `.npz`
+    (a model or resume file passed as a dataset) is never the target: following the hint would replace it. An
+    existing `.npz` (corrupt, or of an old format) is replaced only with `--overwrite`, which the line then says."""
+    if not out.endswith(".npz"):
+        out = "datasets/<name>.npz"
+    replace = " --overwrite" if os.path.isfile(out) else ""
     size = f" --image-size {image_size}" if image_size else ""
     changed = changed_settings(env_settings or {}, skip=("env_id", "image_size"))
     settings = f" {env_flags(env_settings, changed)}" if changed else ""
     return (f"`uv run python -m cleanrl_equi.tools.make_dataset --env-id {env_id or 'cleanrl_equi/<Task>-v0'} "
-            f"--quality expert{size}{settings} --out {out}`")
+            f"--quality expert{size}{settings} --out {out}{replace}`")
 
 
 def save_dataset(path: str, dataset: OfflineDataset) -> None:

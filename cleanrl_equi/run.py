@@ -51,6 +51,27 @@ def make_run_name(run_name: str | None, default_name: str) -> str:
     return default_name
 
 
+def new_folder(base: str) -> str:
+    """`base`, or `base-2`, `base-3`, ... : the first that does not exist yet, so a second evaluation (or a resumed
+    run) never writes its videos into an earlier folder (gymnasium's RecordVideo numbers its files from 0 again)."""
+    folder, n = base, 1
+    while os.path.exists(folder):
+        n += 1
+        folder = f"{base}-{n}"
+    return folder
+
+
+def keep_earlier_videos(run_name: str, global_step: int) -> None:
+    """On resume, the videos the interrupted part recorded (`videos/{run_name}`, `videos/{run_name}-eval`, the
+    folders the scripts name) move aside to `...-before-step-{global_step}`: the resumed part records into the same
+    names from episode 0 again, which would replace them."""
+    for folder in (f"videos/{run_name}", f"videos/{run_name}-eval"):
+        if os.path.isdir(folder) and os.listdir(folder):
+            kept = new_folder(f"{folder}-before-step-{global_step}")
+            os.replace(folder, kept)
+            print(f"the earlier part's videos are kept in {kept}", flush=True)
+
+
 class StopSignal:
     """Remembers that SLURM (or anyone) asked the job to stop: USR1 (the wall-time warning), TERM (preemption,
     scancel) or INT (Ctrl-C). The training loop checks `requested` at a step boundary, where a checkpoint is
@@ -157,7 +178,9 @@ class Run:
                        config=vars(args), name=self.name, save_code=True, resume="allow", id=self.name)
         self._writer = None
         self.stop, self.clock = StopSignal(), CheckpointClock(args.checkpoint_minutes)
-        self.start_time, self.start_step, self.last_progress = time.time(), 0, 0.0
+        self.start_time, self.start_step, self.last_progress, self._hinted = time.time(), 0, 0.0, False
+        if self.saved is not None:
+            keep_earlier_videos(self.name, self.saved["global_step"])
         what = f"resuming {self.dir} from global step {self.saved['global_step']}" if self.saved else f"run {self.dir}"
         print(f"{what} on {self.device}", flush=True)
 
@@ -257,6 +280,11 @@ class Run:
         left = format_minutes((total - global_step) / sps) if sps > 0 else "?"
         line = " | ".join([f"step {global_step}/{total}", f"SPS {sps:.1f}", *fields, f"{left} left"])
         print(line, flush=True)
+        if sps > 0 and (total - global_step) / sps > 6 * 3600 and self.device.type == "cpu" and not self._hinted:
+            self._hinted = True  # the defaults are the papers' GPU-scale runs: say once where the small ones are
+            print(f"(more than 6 h left on a CPU: {self.script}'s defaults are the paper-scale GPU run; the README's "
+                  "'First run' and docs/ give CPU presets that finish in minutes, with OMP_NUM_THREADS=1 per run)",
+                  flush=True)
 
     def save_model(self, **state: Any) -> str:
         """`--save-model`: write runs/{run}/{exp_name}.cleanrl_model (with the script name and args); its path."""

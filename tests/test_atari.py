@@ -248,6 +248,7 @@ def test_script_trains_saves_and_evaluates(script, workdir):
     stem = script[:-3]
     trained = run_script(script, *TINY, "--save-model", "--eval-episodes", "2", cwd=workdir)
     assert "over 2 games (actions sampled from the policy, evaluation seed 10001)" in trained.stdout
+    assert "nan" not in trained.stdout  # before the first game ends the progress line says so, not "last return nan"
     run_dir = only_run_dir(workdir)
     scalars = read_scalars(run_dir)
     for tag in SCALARS:
@@ -255,14 +256,29 @@ def test_script_trains_saves_and_evaluates(script, workdir):
     assert len(scalars["eval/episodic_return"]) == 2
     assert all(0 <= value < 100 for _, value in scalars["eval/episodic_return"])
     model = os.path.join(run_dir, f"{stem}.cleanrl_model")
-    evaluation = run_script(script, "--eval-checkpoint", model, "--eval-episodes", "1", cwd=workdir)
-    assert "BreakoutNoFrameskip-v4: mean score" in evaluation.stdout and "evaluation seed 10001" in evaluation.stdout
+    evaluations = [run_script(script, "--eval-checkpoint", model, "--eval-episodes", "2", cwd=workdir).stdout
+                   for _ in range(2)]
+    assert "BreakoutNoFrameskip-v4: mean score" in evaluations[0] and "evaluation seed 10001" in evaluations[0]
+    # the actions are sampled: the same command must sample the same ones (each game's score and length)
+    resumable = os.path.join(run_dir, "resume.pt")  # the same weights: the same games
+    evaluations.append(run_script(script, "--eval-checkpoint", resumable, "--eval-episodes", "2", cwd=workdir).stdout)
+    games = [[line for line in stdout.splitlines() if line.startswith("eval game ")] for stdout in evaluations]
+    assert len(games[0]) == 2 and games[0] == games[1] == games[2]
 
 
 def test_capture_video(workdir):
-    run_script("ppo_atari.py", *TINY, "--capture-video", cwd=workdir)
-    videos = glob.glob(os.path.join(workdir, "videos", "*", "*.mp4"))
-    assert videos and all(os.path.getsize(v) > 1000 for v in videos)
+    """Videos are written; extending the run (which records from episode 0 again into the same folder name) keeps
+    the first part's videos aside instead of replacing them."""
+    run_script("ppo_atari.py", *TINY, "--capture-video", "--run-name", "v", cwd=workdir)
+    first = sorted(glob.glob(os.path.join(workdir, "videos", "v", "*.mp4")))
+    assert first and all(os.path.getsize(v) > 1000 for v in first)
+    sizes = [os.path.getsize(v) for v in first]
+    longer = [flag if flag != "256" else "512" for flag in TINY]
+    extended = run_script("ppo_atari.py", *longer, "--capture-video", "--run-name", "v", cwd=workdir)
+    kept = os.path.join(workdir, "videos", "v-before-step-256")
+    assert "kept in videos/v-before-step-256" in extended.stdout
+    assert [os.path.getsize(os.path.join(kept, os.path.basename(v))) for v in first] == sizes
+    assert glob.glob(os.path.join(workdir, "videos", "v", "*.mp4"))
 
 
 def test_episode_scalars_are_logged(workdir):

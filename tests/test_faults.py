@@ -295,9 +295,10 @@ def test_a_finished_run_says_so_and_its_resume_file_evaluates(workdir):
                       "delete it to start the run over")
 
 
-def test_zero_timesteps_is_refused_not_silently_done(workdir):
-    script_fails_with(run_script("sac_equi_bullet.py", "--total-timesteps", "0", cwd=workdir, check=False),
-                      "--total-timesteps")
+@pytest.mark.parametrize("script", ["sac_equi_bullet.py", "dqn_equi_bullet.py", "cql_equi_offline.py",
+                                    "iql_equi_offline.py"])
+def test_zero_timesteps_is_refused_not_silently_done(script, workdir):
+    script_fails_with(run_script(script, "--total-timesteps", "0", cwd=workdir, check=False), "--total-timesteps")
     assert not os.path.exists(os.path.join(workdir, "runs"))
 
 
@@ -316,3 +317,25 @@ def test_two_video_evaluations_keep_both_folders_with_one_video_per_episode(work
         outputs.append([line for line in proc.stdout.splitlines() if "success" in line])
         assert len([f for f in os.listdir(os.path.join(workdir, folder)) if f.endswith(".mp4")]) == 3
     assert folders[0] != folders[1] and outputs[0] == outputs[1]
+
+
+def test_a_paper_scale_run_on_a_cpu_points_to_the_cpu_presets(workdir):
+    """The defaults are the papers' GPU-scale runs: on a CPU the progress line's days-long estimate comes with one
+    line that says where the minute-scale presets are."""
+    output = stop_with_signal("ppo_atari.py", *PPO, "--progress-interval", "0", "--no-cuda", cwd=workdir,
+                              at="(more than 6 h left on a CPU")
+    assert "CPU presets" in output and "OMP_NUM_THREADS=1" in output and output.count("more than 6 h") == 1
+
+
+def test_dqn_evaluates_its_resume_file_like_its_model_file(workdir):
+    """--eval-checkpoint takes a run's resume.pt (the same Q network) as well as the --save-model file."""
+    flags = ["--n-hidden", "8", "--image-size", "16", "--batch-size", "8", "--learning-starts", "8", "--num-envs", "2",
+             "--num-demos", "0", "--max-steps", "6", "--buffer-size", "200", "--total-timesteps", "16",
+             "--eval-frequency", "1000", "--eval-episodes", "2", "--num-eval-envs", "2", "--run-name", "q"]
+    run_script("dqn_equi_bullet.py", *flags, "--save-model", cwd=workdir)
+    lines = []
+    for name in ("dqn_equi_bullet.cleanrl_model", "resume.pt"):
+        proc = run_script("dqn_equi_bullet.py", "--eval-checkpoint", os.path.join(workdir, "runs", "q", name),
+                          "--eval-episodes", "2", "--num-eval-envs", "2", cwd=workdir)
+        lines.append([line for line in proc.stdout.splitlines() if "success" in line])
+    assert lines[0] and lines[0] == lines[1]

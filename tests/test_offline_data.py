@@ -365,3 +365,24 @@ def test_export_to_minari_keeps_every_episode(expert, tmp_path, monkeypatch):
     env = exported.recover_environment()
     assert env.unwrapped.image_size == SIZE
     env.close()
+
+
+def test_an_existing_file_is_never_replaced_unasked(tmp_path, capsys):
+    """make_dataset refuses an --out that exists (a real second command), replaces it only with --overwrite; the
+    hint of a dataset error never names a model or resume file as the place to collect into."""
+    flags = ["--image-size", str(SIZE), "--num-episodes", "1", "--max-steps", "5", "--out", "data.npz"]
+    assert run_cli(*flags, cwd=tmp_path).returncode == 0
+    before = (tmp_path / "data.npz").read_bytes()
+    again = run_cli(*flags, "--seed", "7", cwd=tmp_path)
+    assert again.returncode != 0 and "already exists; pass --overwrite" in again.stderr
+    assert "Traceback" not in again.stderr and (tmp_path / "data.npz").read_bytes() == before
+    assert run_cli(*flags, "--seed", "7", "--overwrite", cwd=tmp_path).returncode == 0
+    assert (tmp_path / "data.npz").read_bytes() != before
+    model = tmp_path / "sac_equi_bullet.cleanrl_model"
+    model.write_bytes(b"weights")
+    capsys.readouterr()
+    fails_with(capsys, ["could not be read", "--out datasets/<name>.npz`"], od.load_dataset, str(model))
+    assert model.read_bytes() == b"weights"
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"garbage")
+    fails_with(capsys, [f"--out {corrupt} --overwrite`"], od.load_dataset, str(corrupt))

@@ -108,6 +108,10 @@ def test_short_run_writes_the_scalars_and_a_usable_model(script, model, scalars,
     proc = run_script(script, "--eval-checkpoint", model_file, "--eval-episodes", "2", "--num-eval-envs", "1",
                       cwd=workdir)
     assert "success" in proc.stdout and "over 2 episodes" in proc.stdout
+    resumable = run_script(script, "--eval-checkpoint", os.path.join(run_dir, "resume.pt"), "--eval-episodes", "2",
+                           "--num-eval-envs", "1", cwd=workdir)  # the resume file holds the same actor
+    assert [line for line in resumable.stdout.splitlines() if "success" in line] == \
+        [line for line in proc.stdout.splitlines() if "success" in line]
 
 
 def final_weights(run_dir: str, script: str) -> dict:

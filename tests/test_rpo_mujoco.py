@@ -88,6 +88,11 @@ def test_saved_policy_evaluates_like_the_in_memory_agent(trained):
                       "--seed", str(SEED), cwd=trained["cwd"])
     assert eval_lines(proc.stdout) == in_memory
     assert f"eval mean return over {EVAL_EPISODES} episodes" in proc.stdout
+    # the resume file: the same weights, and the sub-envs' statistics merged as --save-model merges them
+    resumable = run_script(SCRIPT, "--eval-checkpoint", os.path.join(trained["run_dir"], "resume.pt"),
+                           "--eval-episodes", str(EVAL_EPISODES), "--seed", str(SEED), cwd=trained["cwd"])
+    assert eval_lines(resumable.stdout) == in_memory
+    assert f"evaluation seed {SEED + 10_000})" in resumable.stdout  # the evaluation scenes, as the other scripts say
     logged = [value for _, value in sorted(read_scalars(trained["run_dir"])["eval/episodic_return"])]
     np.testing.assert_allclose(logged, [float(r) for _, r, _ in in_memory], rtol=1e-6)
 
@@ -112,13 +117,13 @@ def test_checkpoint_restores_and_freezes_the_statistics(trained, rpo):
     assert reward_norm.return_rms.count == statistics["return_rms"]["count"]
     envs.close()
 
-    restored, _ = rpo.evaluate(agent, "Hopper-v5", statistics, EVAL_EPISODES, SEED, 0.99, "cpu")
+    restored, _ = rpo.evaluate(agent, "Hopper-v5", statistics, EVAL_EPISODES, SEED + 10_000, 0.99, "cpu")
     np.testing.assert_allclose(restored, [float(r) for _, r, _ in eval_lines(trained["stdout"])], rtol=1e-6)
     # The same policy behind a fresh normaliser acts differently: evaluation is sensitive to the restoration.
     dim = len(obs_rms["mean"])
     fresh = {"obs_rms": {"mean": np.zeros(dim), "var": np.ones(dim), "count": 1e-4},
              "return_rms": {"mean": 0.0, "var": 1.0, "count": 1e-4}}
-    unrestored, _ = rpo.evaluate(agent, "Hopper-v5", fresh, EVAL_EPISODES, SEED, 0.99, "cpu")
+    unrestored, _ = rpo.evaluate(agent, "Hopper-v5", fresh, EVAL_EPISODES, SEED + 10_000, 0.99, "cpu")
     assert not np.allclose(unrestored, restored)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from types import SimpleNamespace
 
 import gymnasium as gym
 import numpy as np
@@ -122,6 +123,15 @@ def merged_statistics(rms_list) -> dict:
     return {"mean": mean, "var": var, "count": count}
 
 
+def merged_saved_statistics(state: list[dict]) -> dict:
+    """`training_statistics` of the sub-envs' statistics as a resume file keeps them (`NormalizationState`)."""
+    def tracker(saved: dict):
+        return SimpleNamespace(mean=np.asarray(saved["mean"]), var=np.asarray(saved["var"]), count=float(saved["count"]))
+
+    return {name: merged_statistics([tracker(env_state[name]) for env_state in state])
+            for name in ("obs_rms", "return_rms")}
+
+
 def training_statistics(envs: gym.vector.SyncVectorEnv) -> dict:
     """The normalisation statistics of all sub-envs, merged: what a saved policy needs to see as it saw in training."""
     pairs = [normalizers(env) for env in envs.envs]
@@ -179,5 +189,5 @@ def evaluate_policy(act, make_env, statistics: dict, episodes: int, seed: int, d
             print(f"eval episode {len(returns) - 1}: return {returns[-1]:.6f}, length {lengths[-1]}")
     envs.close()
     print(f"eval mean return over {episodes} episodes: {np.mean(returns):.6f} +- {np.std(returns):.6f} "
-          f"(deterministic mean action, frozen normalisation statistics, seed {seed})", flush=True)
+          f"(deterministic mean action, frozen normalisation statistics, evaluation seed {seed})", flush=True)
     return returns, lengths

@@ -170,6 +170,8 @@ class Args(BulletArmEnvArgs):
     """print this dataset's metadata and array shapes instead of collecting"""
     to_minari: Optional[str] = None
     """also export the dataset at --out (collected first if the file does not exist) as this Minari dataset id"""
+    overwrite: bool = False
+    """replace the --out file if it exists (without this flag an existing file is never replaced)"""
 
 
 def print_info(path: str) -> None:
@@ -210,6 +212,10 @@ def main(args: Args) -> None:
         to_minari(load_dataset(out, env_settings=args.env_settings()), args.to_minari)
         print(f"exported {out} as Minari dataset {args.to_minari!r}")
         return
+    if not out.endswith(".npz"):
+        fail(f"--out {out} must end in .npz (datasets are NumPy .npz archives).")
+    if os.path.exists(out) and not args.overwrite:
+        fail(f"{out} already exists; pass --overwrite to replace it, or another --out.")
     device = "cuda" if args.cuda and torch.cuda.is_available() else "cpu"
     start = time.time()
     common = dict(env_id=args.env_id, num_episodes=args.num_episodes, seed=args.seed, image_size=args.image_size,

@@ -9,7 +9,6 @@ deterministic action is tanh(mean).
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional
 
 import gymnasium as gym
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 import cleanrl_equi
 from cleanrl_equi.envs.manipulation.metrics import EPISODE_METRICS, action_smoothness
 from cleanrl_equi.errors import fail
+from cleanrl_equi.run import new_folder
 
 __all__ = ["action_smoothness", "check_env_id", "evaluate", "evaluate_checkpoint", "format_eval", "make_envs",
            "obs_to_tensor", "rotate_batch"]
@@ -163,11 +163,3 @@ def evaluate_checkpoint(actor: nn.Module, saved, args, device: torch.device,
         print(f"videos of the {args.eval_episodes} episodes in {video_folder}", flush=True)
 
 
-def new_folder(base: str) -> str:
-    """`base`, or `base-2`, `base-3`, ... : the first that does not exist yet, so a second evaluation never writes
-    into the first one's folder."""
-    folder, n = base, 1
-    while os.path.exists(folder):
-        n += 1
-        folder = f"{base}-{n}"
-    return folder
