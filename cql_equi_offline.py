@@ -39,13 +39,14 @@ import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from cleanrl_equi.checkpoints import load_checkpoint, load_state  # PLUMBING
+from cleanrl_equi.checkpoints import load_checkpoint, load_state, saved_weights  # PLUMBING
 from cleanrl_equi.compile import channels_last, check_compile_flags, compiled, with_bf16_autocast  # SPEED
 from cleanrl_equi.datasets import default_dataset, load_dataset
 from cleanrl_equi.envs.manipulation import BulletArmEnvArgs, evaluate, evaluate_checkpoint, format_eval, rotate_batch
 from cleanrl_equi.envs.manipulation.rollouts import tanh_of_mean
 from cleanrl_equi.equivariant import EscnnModule, TensorToField, count_parameters, enn, gspaces, planar_action_type
 from cleanrl_equi.equivariant import plain_copy, refresh  # SPEED
+from cleanrl_equi.traceable import through_traced  # SPEED
 from cleanrl_equi.errors import fail, require
 from cleanrl_equi.run import Run, device_for  # PLUMBING
 
@@ -172,9 +173,9 @@ def check_args(args: Args) -> None:
     require(args, positive=("policy_lr", "q_lr", "alpha", "alpha_lr", "cql_temperature", "cql_lagrange_lr",
                             "caps_sigma"),
             fractions=("gamma", "tau"),
-            non_negative=("total_timesteps", "cql_weight", "caps_temporal_weight", "caps_spatial_weight"),
-            at_least_one=("batch_size", "cql_num_actions", "eval_frequency", "eval_episodes", "num_eval_envs",
-                          "log_frequency", "default_dataset_episodes"))
+            non_negative=("cql_weight", "caps_temporal_weight", "caps_spatial_weight"),
+            at_least_one=("total_timesteps", "batch_size", "cql_num_actions", "eval_frequency", "eval_episodes",
+                          "num_eval_envs", "log_frequency", "default_dataset_episodes"))
     check_compile_flags(args, device_for(args))  # SPEED
 
 
@@ -352,7 +353,7 @@ def load_actor(path: str, device: torch.device) -> tuple[nn.Module, Args]:  # PL
     checkpoint = load_checkpoint(path, SCRIPT)
     saved = Args(**{k: v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__})
     actor = EquiActor(saved) if saved.model == "equi" else CNNActor(saved)
-    load_state(actor, checkpoint["actor"], path)
+    load_state(actor, saved_weights(checkpoint, "actor", path), path)
     return actor.to(device), saved
 
 
@@ -536,6 +537,7 @@ if __name__ == "__main__":
     update = with_bf16_autocast(update, args, device)  # SPEED
     acting_actor = plain_copy(actor) if args.compile else actor  # SPEED: plain-torch copy (dynamo cannot trace escnn)
     policy, update = compiled(policy, args), compiled(update, args)  # SPEED
+    update = through_traced(update, actor, critic, critic_target) if args.compile else update  # SPEED: traceable escnn
 
     start_time = time.time()
     while global_step < args.total_timesteps:

@@ -40,13 +40,14 @@ import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-from cleanrl_equi.checkpoints import load_checkpoint, load_state  # PLUMBING
+from cleanrl_equi.checkpoints import load_checkpoint, load_state, saved_weights  # PLUMBING
 from cleanrl_equi.compile import channels_last, check_compile_flags, compiled, with_bf16_autocast  # SPEED
 from cleanrl_equi.datasets import default_dataset, load_dataset
 from cleanrl_equi.envs.manipulation import BulletArmEnvArgs, evaluate, evaluate_checkpoint, format_eval, rotate_batch
 from cleanrl_equi.envs.manipulation.rollouts import tanh_of_mean
 from cleanrl_equi.equivariant import EscnnModule, TensorToField, count_parameters, enn, gspaces, planar_action_type
 from cleanrl_equi.equivariant import plain_copy, refresh  # SPEED
+from cleanrl_equi.traceable import through_traced  # SPEED
 from cleanrl_equi.errors import fail, require
 from cleanrl_equi.run import Run, device_for  # PLUMBING
 
@@ -161,9 +162,9 @@ def check_args(args: Args) -> None:
     if args.n_hidden < 8 or args.n_hidden % 8 != 0:
         fail(f"--n-hidden {args.n_hidden} must be a multiple of 8 (the first layer has n/8 fields).")
     require(args, positive=("policy_lr", "q_lr", "value_lr", "beta", "max_exp_advantage", "caps_sigma"),
-            fractions=("gamma", "tau"), non_negative=("total_timesteps", "caps_temporal_weight", "caps_spatial_weight"),
-            at_least_one=("batch_size", "eval_frequency", "eval_episodes", "num_eval_envs", "log_frequency",
-                          "default_dataset_episodes"))
+            fractions=("gamma", "tau"), non_negative=("caps_temporal_weight", "caps_spatial_weight"),
+            at_least_one=("total_timesteps", "batch_size", "eval_frequency", "eval_episodes", "num_eval_envs",
+                          "log_frequency", "default_dataset_episodes"))
     if not 0 < args.expectile < 1:
         fail(f"--expectile must lie strictly between 0 and 1 (0.5 = mean, the paper's 0.8), not {args.expectile}.")
     check_compile_flags(args, device_for(args))  # SPEED
@@ -368,7 +369,7 @@ def load_actor(path: str, device: torch.device) -> tuple[nn.Module, Args]:  # PL
     checkpoint = load_checkpoint(path, SCRIPT)
     saved = Args(**{k: v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__})
     actor = EquiActor(saved) if saved.model == "equi" else CNNActor(saved)
-    load_state(actor, checkpoint["actor"], path)
+    load_state(actor, saved_weights(checkpoint, "actor", path), path)
     return actor.to(device), saved
 
 
@@ -518,6 +519,7 @@ if __name__ == "__main__":
     update = with_bf16_autocast(update, args, device)  # SPEED
     acting_actor = plain_copy(actor) if args.compile else actor  # SPEED: plain-torch copy (dynamo cannot trace escnn)
     policy, update = compiled(policy, args), compiled(update, args)  # SPEED
+    update = through_traced(update, actor, critic, critic_target, value) if args.compile else update  # SPEED: traceable
 
     start_time = time.time()
     while global_step < args.total_timesteps:

@@ -27,12 +27,13 @@ import tyro
 from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
 
-from cleanrl_equi.checkpoints import load_checkpoint, load_state  # PLUMBING
+from cleanrl_equi.checkpoints import load_checkpoint, load_state, saved_weights  # PLUMBING
 from cleanrl_equi.compile import (channels_last, check_compile_flags, compiled, prepare_optimizer,  # SPEED
                                   set_learning_rate, with_bf16_autocast)
 from cleanrl_equi.envs.atari import action_meanings, make_atari_envs, mirror_symmetry, playfield_symmetry
 from cleanrl_equi.equivariant import EscnnModule, TensorToField, discrete_action_type, enn, mirror_gspace
 from cleanrl_equi.equivariant import plain_copy, refresh  # SPEED
+from cleanrl_equi.traceable import through_traced  # SPEED
 from cleanrl_equi.errors import fail, require
 from cleanrl_equi.run import Run, device_for  # PLUMBING
 
@@ -258,6 +259,7 @@ def evaluate(agent: Agent, args: Args, device: torch.device, run_name: str, capt
     envs = make_atari_envs(args.env_id, min(args.eval_episodes, 8), "gym" if capture_video else args.env_backend,
                            capture_video, f"{run_name}-eval", playfield_crop=args.mirror_crop)
     obs, _ = envs.reset(seed=args.seed + 10_000)
+    torch.manual_seed(args.seed + 10_000)  # the sampled actions repeat too, not only the games' starts
     agent.eval()
     scores: list[float] = []
     while len(scores) < args.eval_episodes:
@@ -265,9 +267,12 @@ def evaluate(agent: Agent, args: Args, device: torch.device, run_name: str, capt
             actions, _, _, _ = agent.get_action_and_value(torch.as_tensor(obs, device=device))
         obs, _, _, _, infos = envs.step(actions.cpu().numpy())
         if "_episode" in infos:
-            scores.extend(float(r) for r in infos["episode"]["r"][infos["_episode"]])
+            ended = infos["_episode"]
+            for score, frames in zip(infos["episode"]["r"][ended], infos["episode"]["l"][ended]):
+                if len(scores) < args.eval_episodes:
+                    print(f"eval game {len(scores)}: score {float(score):.1f}, {int(frames)} frames")
+                    scores.append(float(score))
     envs.close()
-    scores = scores[: args.eval_episodes]
     print(f"{args.env_id}: mean score {np.mean(scores):.1f} +- {np.std(scores):.1f} over {len(scores)} games "
           f"(actions sampled from the policy, evaluation seed {args.seed + 10_000})", flush=True)
     return scores
@@ -281,7 +286,7 @@ def run_evaluation(args: Args) -> None:  # PLUMBING: --eval-checkpoint
     saved.eval_episodes, saved.seed, saved.env_backend = args.eval_episodes, args.seed, args.env_backend
     device = device_for(args)
     agent = Agent(saved).to(device)
-    load_state(agent, checkpoint["model"], args.eval_checkpoint)
+    load_state(agent, saved_weights(checkpoint, "model", args.eval_checkpoint, in_resume="agent"), args.eval_checkpoint)
     run_name = f"{saved.env_id}__{saved.exp_name}__{saved.seed}__{int(time.time())}"
     evaluate(agent, saved, device, run_name, capture_video=args.capture_video)
 
@@ -311,6 +316,7 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    torch.distributions.Distribution.set_default_validate_args(False)  # SPEED: Categorical's checks sync every step
 
     # env setup
     envs = make_atari_envs(args.env_id, args.num_envs, args.env_backend, args.capture_video, run_name, args.async_envs,
@@ -324,6 +330,7 @@ if __name__ == "__main__":
     policy, update = acting_agent.get_action_and_value, update_step
     prepare_optimizer(optimizer, args, device)  # SPEED: the learning rate and Adam's step counts as device tensors
     policy, update = [compiled(with_bf16_autocast(step, args, device), args) for step in (policy, update)]  # SPEED
+    update = through_traced(update, agent) if args.compile else update  # SPEED: escnn layers as traceable torch
 
     # ALGO Logic: Storage setup (frames stay uint8 until the network scales them: 4x less memory for big rollouts)
     obs = torch.zeros((args.num_steps, args.num_envs) + envs.single_observation_space.shape, dtype=torch.uint8).to(device)
@@ -405,9 +412,11 @@ if __name__ == "__main__":
         clipfracs = []
         for epoch in range(args.update_epochs):
             np.random.shuffle(b_inds)
+            device_inds = torch.as_tensor(b_inds, device=device)  # SPEED: one index copy per epoch, not per key
             for start in range(0, args.batch_size, args.minibatch_size):
                 end = start + args.minibatch_size
                 mb_inds = b_inds[start:end]
+                mb_inds = device_inds[start:end]  # SPEED: indexing with a NumPy array copies it to the device
                 minibatch = {key: value[mb_inds] for key, value in batch.items()}
                 minibatch = channels_last(minibatch, keys=("obs",)) if args.channels_last else minibatch  # SPEED
                 stats = update(agent, optimizer, args, **minibatch)
@@ -427,7 +436,8 @@ if __name__ == "__main__":
             writer.add_scalar(f"losses/{key}", value.item(), global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
         writer.add_scalar("charts/SPS", int((global_step - start_step) / (time.time() - start_time)), global_step)
-        run.progress(global_step, args.num_iterations * args.batch_size, f"last return {last_return:.1f}",  # PLUMBING
+        ended = f"last return {last_return:.1f}" if not np.isnan(last_return) else "no episode ended yet"  # PLUMBING
+        run.progress(global_step, args.num_iterations * args.batch_size, ended,  # PLUMBING
                      force=iteration == args.num_iterations)
         run.checkpoint(global_step=global_step, iteration=iteration)  # PLUMBING: periodic resume file; stop on signal
 

@@ -6,9 +6,9 @@ run of each script trains and logs its loss scalars.
 The update steps draw random numbers (the policy's samples, CQL's proposals, the CAPS noise): the comparisons set
 inductor's `fallback_random`, so that the compiled steps draw them from torch's generator as eager does.
 
-Most of this file's time is compiling (escnn's layers break each equivariant step into many small graphs, which
-dynamo traces anew in every process): about 2 minutes with a warm inductor cache on 2 busy cores (`-n 0`, load 3),
-about 5 with an empty one.
+Most of this file's time is compiling (the compiled equivariant steps go through the traceable twins of the escnn
+networks, as under `--compile`, and the update's backward and optimizer step still split each step into a few
+graphs).
 """
 
 import copy
