@@ -13,10 +13,11 @@ baseline from this same file.
 
 The envs default to the paper's setting (0.4 m workspace, 100-step episodes, its task sizes) with the paper DQN's
 finer steps (0.02 m, pi/16); every env flag of the manipulation scripts applies (`ManipulationEnvArgs`: the
-scene, the steps, the optional force penalty and compliance). Planner demonstrations, discretised to the nearest
-of the 162 actions, fill the buffer before learning. The loss is the Huber TD error against a soft-updated target
-network (tau 0.01 every step), with the plain max over all 162 actions in the target (no double DQN), as in the
-released code. Evaluation acts greedily and logs the same `eval/` metrics as the other manipulation scripts.
+scene, the steps, the optional force penalty and compliance). Planner demonstrations fill the buffer before
+learning: the planners plan for this grid of whole steps (`expert_action(discrete=True)`), so each of their actions
+is one of the 162. The loss is the Huber TD error against a soft-updated target network (tau 0.01 every step),
+with the plain max over all 162 actions in the target (no double DQN), as in the released code. Evaluation acts
+greedily and logs the same `eval/` metrics as the other manipulation scripts.
 
 Exploration: by default the agent acts greedily (epsilon 0), as the released code runs: its epsilon schedule
 defaults to no exploration steps and a final epsilon of 0, and the paper's commands leave it so. What it tries
@@ -47,12 +48,13 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 from cleanrl_equi.buffers import ReplayBuffer
-from cleanrl_equi.checkpoints import load_checkpoint, load_state  # PLUMBING
+from cleanrl_equi.checkpoints import load_checkpoint, load_state, saved_weights  # PLUMBING
 from cleanrl_equi.compile import channels_last, check_compile_flags, compiled, with_bf16_autocast  # SPEED
 from cleanrl_equi.envs.manipulation import (ManipulationEnvArgs, evaluate, evaluate_checkpoint, format_eval,
                                             make_envs, obs_to_tensor)
 from cleanrl_equi.equivariant import EscnnModule, TensorToField, count_parameters, enn, gspaces
 from cleanrl_equi.equivariant import plain_copy, refresh  # SPEED
+from cleanrl_equi.traceable import through_traced  # SPEED
 from cleanrl_equi.errors import fail, require
 from cleanrl_equi.run import Run, device_for  # PLUMBING
 
@@ -163,9 +165,9 @@ def check_args(args: Args) -> None:
     if args.n_hidden < 8 or args.n_hidden % 8 != 0:
         fail(f"--n-hidden {args.n_hidden} must be a multiple of 8 (the first layer has n/8 fields).")
     require(args, positive=("learning_rate",), fractions=("gamma", "tau", "start_e", "end_e", "exploration_fraction"),
-            non_negative=("num_demos", "total_timesteps", "learning_starts"),
-            at_least_one=("num_envs", "num_eval_envs", "batch_size", "eval_frequency", "eval_episodes",
-                          "log_frequency", "updates_per_step"))
+            non_negative=("num_demos", "learning_starts"),
+            at_least_one=("total_timesteps", "num_envs", "num_eval_envs", "batch_size", "eval_frequency",
+                          "eval_episodes", "log_frequency", "updates_per_step"))
     if args.num_demos > args.max_demo_attempts:
         fail(f"--max-demo-attempts {args.max_demo_attempts} is less than --num-demos {args.num_demos}; raise it.")
     if args.buffer_size < max(args.batch_size, args.learning_starts, 2 * args.num_envs):
@@ -280,7 +282,7 @@ def load_q_network(path: str, device: torch.device) -> tuple[nn.Module, Args]:  
     checkpoint = load_checkpoint(path, SCRIPT)
     saved = Args(**{k: v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__})
     q_network = make_q_network(saved)
-    load_state(q_network, checkpoint["q_network"], path)
+    load_state(q_network, saved_weights(checkpoint, "q_network", path), path)
     return q_network.to(device), saved
 
 
@@ -324,17 +326,22 @@ def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> fl
 
 def collect_demos(envs, rb: ReplayBuffer, args: Args) -> tuple[int, int, int]:
     """Planner episodes, discretised to the nearest discrete action, through the training envs; only the ones that
-    succeed stay in the buffer (as in the later released code). The planners' waypoint tolerances are finer than
-    the DQN's step grid, so a discretised planner mostly stops a few millimetres short of a waypoint and waits there
-    until the time limit (roughly 9 in 10 Block Pulling episodes at dpos 0.02, dtheta pi/16): such an episode holds
-    no reward. Returns (kept episodes, their transitions, attempts)."""
+    succeed stay in the buffer (as in the later released code). The planners plan for whole steps
+    (`expert_action(discrete=True)`): a waypoint counts as reached within half a step, where their continuous
+    tolerances (5 mm, 0.05 rad) are finer than this grid and a rounded continuous planner stops short and waits
+    (about 9 in 10 Block Pulling episodes at dpos 0.02, dtheta pi/16 then fail). Their actions are already on the
+    grid, so the rounding here changes nothing. Returns (kept episodes, their transitions, attempts)."""
     obs, _ = envs.reset(seed=args.seed)
     rb.start(obs)
     resetting = np.zeros(args.num_envs, dtype=bool)
     episode_rows: list[list[int]] = [[] for _ in range(args.num_envs)]
     kept, transitions, attempts = 0, 0, 0
+    last_report = time.time()  # PLUMBING
     while kept < args.num_demos and attempts < args.max_demo_attempts:
-        actions = encode_actions(np.stack(envs.unwrapped.call("expert_action")))
+        if time.time() - last_report >= args.progress_interval:  # PLUMBING: collecting takes a minute or more
+            last_report = time.time()
+            print(f"demos: {kept}/{args.num_demos} kept of {attempts} planner episodes", flush=True)
+        actions = encode_actions(np.stack(envs.unwrapped.call("expert_action", discrete=True)))
         obs, rewards, terminations, truncations, infos = envs.step(decode_actions(actions))
         row = rb.add(actions, rewards, terminations, ~resetting, obs, expert=True)
         for i in np.flatnonzero(~resetting):
@@ -390,6 +397,7 @@ if __name__ == "__main__":
     if args.compile:  # SPEED: dynamo cannot trace escnn, so the equivariant network acts through a plain-torch copy
         acting_network = compiled(plain_copy(q_network), args)
     update = compiled(update, args)  # SPEED
+    update = through_traced(update, q_network, target_network) if args.compile else update  # SPEED: traceable escnn
 
     rb = ReplayBuffer(args.buffer_size, args.num_envs, args.image_size, action_shape=(), action_dtype=np.int16)
 
@@ -397,6 +405,7 @@ if __name__ == "__main__":
     num_demos = args.num_demos
     num_demos = 0 if run.saved is not None else num_demos  # PLUMBING: a resumed run has its demos in its buffer
     if num_demos > 0:
+        print(f"collecting {num_demos} planner demonstrations", flush=True)  # PLUMBING
         kept, transitions, attempts = collect_demos(envs, rb, args)
         print(f"{kept} demo episodes ({transitions} transitions) kept of {attempts} discretised planner episodes",
               flush=True)
@@ -476,7 +485,8 @@ if __name__ == "__main__":
                   f"{format_eval(result, args.eval_episodes, args.seed + 10_000 + grad_steps, GREEDY)}", flush=True)
         run.progress(global_step, num_vector_steps * args.num_envs, f"{grad_steps} gradient steps",  # PLUMBING
                      f"updates/s {updates_per_second:.2f}", f"epsilon {epsilon:.3f}",
-                     f"last eval success {last_success:.2f}", force=final)
+                     "no evaluation yet" if math.isnan(last_success) else f"last eval success {last_success:.2f}",
+                     force=final)
 
     envs.close()
     if args.save_model:  # PLUMBING: the model file, with the script's name and settings

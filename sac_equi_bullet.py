@@ -30,12 +30,21 @@ vs at a perturbed s) to the actor loss (`--caps-temporal-weight`, `--caps-spatia
 adds optional reward shaping (`--action-rate-penalty`, `--force-penalty` above `--force-threshold`) and compliance
 (`--gripper-force`, `--finger-force`). Evaluation logs how smooth and gentle the executed motion was, measured in the
 physics at 240 Hz (`eval/action_smoothness`, `eval/mean_squared_jerk`, `eval/peak_grip_force`, `eval/drops`, ...;
-cleanrl_equi/envs/manipulation/metrics.py defines each).
+cleanrl_equi/envs/manipulation/metrics.py defines each). Adversarial smoothness (`--smooth-adversarial-weight`)
+replaces CAPS's random perturbation by the worst one within a small ball, found by projected gradient ascent.
+
+Constrained SAC (SAC-Lagrangian, `--cost-limit`; off by default): maximise the return subject to an expected episode
+cost of at most `--cost-limit`, where each step costs how far the env step's physics (grip force, impact force or
+gripper jerk: `--cost-kind`) went above `--cost-threshold`. A cost critic of the reward critic's class (invariant in
+the equivariant model) learns the discounted cost-to-go Q_c, the actor maximises Q_r - lambda Q_c, and the multiplier
+lambda >= 0 rises while Q_c exceeds the budget and falls (to 0 at least) while it is under it. Unlike a fixed force
+penalty, force costs nothing while the budget holds, so avoiding contact altogether is no longer the cheap way out.
 
     uv run python sac_equi_bullet.py --env-id cleanrl_equi/BlockPulling-v0 --total-timesteps 100000
     uv run python sac_equi_bullet.py --model cnn                         # the plain baseline
     uv run python sac_equi_bullet.py --demo-loss-weight 1                # SACfD
     uv run python sac_equi_bullet.py --env-id cleanrl_equi/BlockStacking-v0 --demo-loss-weight 1 --prioritized-replay
+    uv run python sac_equi_bullet.py --cost-limit 1 --cost-kind grip --cost-threshold 40   # constrained SAC
     uv run python sac_equi_bullet.py --eval-checkpoint runs/<run>/sac_equi_bullet.cleanrl_model
 """
 
@@ -61,6 +70,7 @@ from cleanrl_equi.envs.manipulation import (ManipulationEnvArgs, evaluate, evalu
                                             make_envs, obs_to_tensor, rotate_batch)
 from cleanrl_equi.equivariant import EscnnModule, TensorToField, count_parameters, enn, gspaces, planar_action_type
 from cleanrl_equi.equivariant import plain_copy, refresh  # SPEED
+from cleanrl_equi.traceable import through_traced  # SPEED
 from cleanrl_equi.errors import fail, require
 from cleanrl_equi.run import Run, device_for  # PLUMBING
 
@@ -158,6 +168,30 @@ class Args(ManipulationEnvArgs):
     """CAPS spatial term: weight of |mu(s) - mu(s + noise)|^2 in the actor loss (0 = off)"""
     caps_sigma: float = 0.01
     """std of the Gaussian noise on the height channel (in [0, 1] image units; 0.01 = 2.55 mm) for the spatial term"""
+    smooth_adversarial_weight: float = 0.0
+    """adversarial smoothness: weight of |a(s) - a(s + delta)|^2 in the actor loss, a = tanh(mean) and delta the
+    perturbation of the height channel within an L-infinity ball that changes a most (0 = off)"""
+    smooth_adversarial_radius: float = 0.01
+    """radius of that L-infinity ball on the height channel (in [0, 1] image units; 0.01 = 2.55 mm)"""
+    smooth_adversarial_steps: int = 3
+    """projected signed-gradient ascent steps that search the ball for delta, from a uniform random start"""
+    smooth_adversarial_step_size: Optional[float] = None
+    """the size of each ascent step (default: 2.5 x radius / steps, so the search can cross the ball)"""
+
+    # Constrained SAC (SAC-Lagrangian; off unless --cost-limit is given)
+    cost_limit: Optional[float] = None
+    """the budget of the expected episode cost (the sum of an episode's per-step costs, see --cost-kind); the
+    actor maximises Q_r - lambda Q_c with a learned lambda >= 0 (None = unconstrained SAC)"""
+    cost_kind: Literal["grip", "impact", "jerk"] = "grip"
+    """what a step costs: max(0, x - threshold) / threshold, x the env step's peak gripper-object normal force
+    (`grip`, N), peak normal force on one task body from the table and the other bodies (`impact`, N) or gripper
+    mean squared jerk (`jerk`, m^2/s^6)"""
+    cost_threshold: Optional[float] = None
+    """the x above which a step costs (default: 20 N for grip and impact, the force penalty's; 1e6 m^2/s^6 for jerk)"""
+    lambda_init: float = 0.0
+    """the initial Lagrange multiplier lambda"""
+    lambda_lr: float = 1e-3
+    """the learning rate of lambda's optimizer (Adam, then lambda is projected back onto >= 0)"""
 
     # Evaluation and logging
     eval_frequency: int = 500
@@ -189,12 +223,14 @@ def check_args(args: Args) -> None:
              "use 4, 8, 12, 16 (or 2).")
     if args.n_hidden < 8 or args.n_hidden % 8 != 0:
         fail(f"--n-hidden {args.n_hidden} must be a multiple of 8 (the first layer has n/8 fields).")
-    require(args, positive=("policy_lr", "q_lr", "alpha", "caps_sigma", "per_eps"),
+    require(args, positive=("policy_lr", "q_lr", "alpha", "caps_sigma", "per_eps", "smooth_adversarial_radius",
+                            "smooth_adversarial_step_size", "cost_threshold", "lambda_lr"),
             fractions=("gamma", "tau", "per_alpha", "per_beta"),
             non_negative=("num_demos", "aug_copies", "learning_starts", "demo_loss_weight", "caps_temporal_weight",
-                          "caps_spatial_weight", "per_expert_bonus"),
+                          "caps_spatial_weight", "per_expert_bonus", "smooth_adversarial_weight", "cost_limit",
+                          "lambda_init"),
             at_least_one=("total_timesteps", "num_envs", "num_eval_envs", "batch_size", "eval_frequency",
-                          "eval_episodes", "log_frequency", "updates_per_step"))
+                          "eval_episodes", "log_frequency", "updates_per_step", "smooth_adversarial_steps"))
     if args.total_timesteps < args.num_envs:
         fail(f"--total-timesteps {args.total_timesteps} is less than one step of the {args.num_envs} envs; raise it.")
     if args.buffer_size < max(args.batch_size, args.learning_starts, 2 * args.num_envs):
@@ -404,15 +440,62 @@ def caps_terms(actor: nn.Module, obs: torch.Tensor, next_obs: torch.Tensor, sigm
     return temporal, spatial
 
 
+def with_heights(obs: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """`obs` with `delta` added to its height channel (the holding flag is a fact, not a measurement: unperturbed)."""
+    return torch.cat([obs[:, :1] + delta, obs[:, 1:]], dim=1)
+
+
+def adversarial_smoothness(actor: nn.Module, obs: torch.Tensor, radius: float, steps: int, step_size: float,
+                           mean: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """|a(s) - a(s + delta)|^2 on the deterministic action a = tanh(mean), with delta the perturbation of the height
+    channel within the L-infinity ball of `radius` that changes a most: CAPS's spatial term at the worst perturbation
+    instead of a random one (the smooth policies of SPaCIL). `steps` projected signed-gradient ascent steps (PGD)
+    from a uniform random start search for delta; the search trains nothing (a gradient for delta only), the returned
+    term trains the actor through both actions, like CAPS's."""
+    action = torch.tanh(actor(obs)[0] if mean is None else mean)
+    target = action.detach()
+    delta = (torch.rand_like(obs[:, :1]) * 2 - 1) * radius
+    for _ in range(steps):
+        delta = delta.detach().requires_grad_(True)
+        change = (torch.tanh(actor(with_heights(obs, delta))[0]) - target).pow(2).sum()
+        change.backward(inputs=[delta])  # delta's gradient only: the actor's stay as they are
+        delta = (delta.detach() + step_size * delta.grad.sign()).clamp(-radius, radius)
+    return (action - torch.tanh(actor(with_heights(obs, delta.detach()))[0])).pow(2).sum(1).mean()
+
+
+# ---- Constrained SAC: what a step costs, and the budget in the cost critic's units ----------------------------------
+COST_SOURCES = {"grip": ("step_peak_grip_force", 20.0), "impact": ("step_peak_impact_force", 20.0),
+                "jerk": ("step_mean_squared_jerk", 1e6)}  # --cost-kind: the env's per-step value, default threshold
+
+
+def step_costs(infos: dict, args: Args) -> np.ndarray:
+    """Each env's cost for the step just taken, max(0, x - threshold) / threshold with x the env step's physics value
+    of `--cost-kind` (metrics.py's STEP_METRICS): in units of the threshold, so the budget reads the same for a
+    force and a jerk. The grip cost is the force penalty's per-step term, here constrained instead of weighted."""
+    key, default = COST_SOURCES[args.cost_kind]
+    threshold = default if args.cost_threshold is None else args.cost_threshold
+    return (np.maximum(0.0, np.asarray(infos[key], dtype=np.float64) - threshold) / threshold).astype(np.float32)
+
+
+def discounted_budget(args: Args) -> float:
+    """The episode budget d in the cost critic's units. Q_c is a discounted sum of per-step costs, the budget an
+    undiscounted sum over an episode; spread evenly over a full episode of T = max_steps steps, d costs d / T per
+    step, whose discounted sum over the episode is d / T * (1 - gamma^T) / (1 - gamma) (the bound lambda enforces)."""
+    horizon = args.max_steps
+    return args.cost_limit / horizon * (1 - args.gamma**horizon) / (1 - args.gamma)
+
+
 # ---- Update steps ---------------------------------------------------------------------------------------------------
 # SAC's two losses, each one gradient step in one function (which `--compile` compiles whole). They return detached
 # statistics and never read a value back to the host (`.item()`, a data-dependent `if`), so the loop reads numbers
 # only when it logs them. alpha is passed as the tensor log_alpha: it changes at every step.
 def critic_update_step(actor: nn.Module, critic: nn.Module, critic_target: nn.Module, critic_optimizer, log_alpha,
-                       args: Args, data: dict) -> dict[str, torch.Tensor]:
+                       args: Args, data: dict, cost_critic: Optional[nn.Module] = None,
+                       cost_critic_target: Optional[nn.Module] = None, cost_critic_optimizer=None
+                       ) -> dict[str, torch.Tensor]:
     """One gradient step of the twin soft Q loss, then the Polyak update of the target critic. Returns the losses,
     the Q values of the batch's actions, the TD errors (SACfD's new priorities) and the encoder's features of s,
-    which the actor step reuses."""
+    which the actor step reuses. Constrained SAC passes its cost critic: the same step fits it too (see below)."""
     alpha = log_alpha.detach().exp()
     with torch.no_grad():  # the soft target, from the target critic; one encoder pass over s feeds both Q heads
         next_mean, next_log_std = actor(data["next_obs"])
@@ -436,14 +519,38 @@ def critic_update_step(actor: nn.Module, critic: nn.Module, critic_target: nn.Mo
         for param, target_param in zip(critic.parameters(), critic_target.parameters()):
             target_param.lerp_(param, args.tau)
         td_errors = 0.5 * ((qf1_a_values - next_q_value).abs() + (qf2_a_values - next_q_value).abs())
-    return {"qf1_loss": qf1_loss.detach(), "qf2_loss": qf2_loss.detach(), "qf1_values": qf1_a_values.detach(),
-            "qf2_values": qf2_a_values.detach(), "td_errors": td_errors, "features": features.detach()}
+    stats = {"qf1_loss": qf1_loss.detach(), "qf2_loss": qf2_loss.detach(), "qf1_values": qf1_a_values.detach(),
+             "qf2_values": qf2_a_values.detach(), "td_errors": td_errors, "features": features.detach()}
+    if cost_critic is not None:
+        # Constrained SAC: the cost critic learns the discounted cost-to-go of the policy, Q_c(s, a) = c +
+        # gamma Q_c(s', a'), from the same next actions and without an entropy term (entropy is no cost). Its twin
+        # heads are averaged, not min'd: a min would underestimate costs (optimistic about violations), a max would
+        # compound its overestimate through the bootstrapped target.
+        with torch.no_grad():
+            qc1_next, qc2_next = cost_critic_target(data["next_obs"], next_actions)
+            next_qc_value = data["costs"] + (1 - data["terminated"]) * args.gamma * 0.5 * (qc1_next + qc2_next)
+        cost_features = cost_critic.encode(data["obs"])
+        qc1_a_values, qc2_a_values = cost_critic.q_values(cost_features, data["actions"])
+        qc_loss = (weights * (qc1_a_values - next_qc_value).pow(2)).mean() + \
+            (weights * (qc2_a_values - next_qc_value).pow(2)).mean()
+        cost_critic_optimizer.zero_grad()
+        qc_loss.backward()
+        cost_critic_optimizer.step()
+        with torch.no_grad():
+            for param, target_param in zip(cost_critic.parameters(), cost_critic_target.parameters()):
+                target_param.lerp_(param, args.tau)
+        stats.update(qc_loss=qc_loss.detach() / 2, qc_values=(0.5 * (qc1_a_values + qc2_a_values)).detach(),
+                     cost_features=cost_features.detach())
+    return stats
 
 
 def actor_update_step(actor: nn.Module, critic: nn.Module, actor_optimizer, log_alpha, alpha_optimizer, args: Args,
-                      data: dict, features: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One gradient step of the actor (SAC's loss, SACfD's expert term, the CAPS terms) and, with --autotune, of
-    alpha. `features` is the critic's encoding of s from the critic step (detached: the actor loss must not train
+                      data: dict, features: torch.Tensor, cost_critic: Optional[nn.Module] = None,
+                      cost_features: Optional[torch.Tensor] = None, lagrange: Optional[torch.Tensor] = None,
+                      lagrange_optimizer=None) -> dict[str, torch.Tensor]:
+    """One gradient step of the actor (SAC's loss, SACfD's expert term, the CAPS terms, adversarial smoothness, and
+    constrained SAC's lambda Q_c) and, with --autotune, of alpha; constrained SAC then steps lambda. `features` (and
+    `cost_features`) are the critics' encodings of s from the critic step (detached: the actor loss must not train
     the critic, and no gradient needs to pass back through the encoder, since it does not see the action); only the
     two small Q heads run again, with the just-updated weights."""
     alpha = log_alpha.detach().exp()
@@ -452,6 +559,7 @@ def actor_update_step(actor: nn.Module, critic: nn.Module, actor_optimizer, log_
     qf1_pi, qf2_pi = critic.q_values(features, pi)
     actor_loss = (alpha * log_pi - torch.min(qf1_pi, qf2_pi)).mean()
     demo_loss = caps_temporal = caps_spatial = alpha_loss = torch.zeros((), device=mean.device)
+    smooth_adversarial = qc_pi = lambda_loss = lagrange_now = torch.zeros((), device=mean.device)
     if args.demo_loss_weight > 0:  # SACfD: imitate the planner on demo samples
         # the MSE over the demo samples as a masked mean (0 without any): no data-dependent shape, so a compiled
         # step never stops to wait for the device
@@ -461,6 +569,15 @@ def actor_update_step(actor: nn.Module, critic: nn.Module, actor_optimizer, log_
     if args.caps_temporal_weight > 0 or args.caps_spatial_weight > 0:
         caps_temporal, caps_spatial = caps_terms(actor, data["obs"], data["next_obs"], args.caps_sigma, mean)
         actor_loss = actor_loss + args.caps_temporal_weight * caps_temporal + args.caps_spatial_weight * caps_spatial
+    if args.smooth_adversarial_weight > 0:
+        radius, steps = args.smooth_adversarial_radius, args.smooth_adversarial_steps
+        step_size = args.smooth_adversarial_step_size or 2.5 * radius / steps
+        smooth_adversarial = adversarial_smoothness(actor, data["obs"], radius, steps, step_size, mean)
+        actor_loss = actor_loss + args.smooth_adversarial_weight * smooth_adversarial
+    if cost_critic is not None:  # constrained SAC: maximise Q_r - lambda Q_c, lambda held fixed in this step
+        qc1_pi, qc2_pi = cost_critic.q_values(cost_features, pi)
+        qc_pi = 0.5 * (qc1_pi + qc2_pi)
+        actor_loss = actor_loss + (lagrange.detach() * qc_pi).mean()
     actor_optimizer.zero_grad()
     actor_loss.backward()
     actor_optimizer.step()
@@ -470,8 +587,20 @@ def actor_update_step(actor: nn.Module, critic: nn.Module, actor_optimizer, log_
         alpha_optimizer.zero_grad()
         alpha_loss.backward()
         alpha_optimizer.step()
+    if cost_critic is not None:
+        # lambda: gradient ascent on lambda (E_s[Q_c(s, pi(s))] - budget), then projected onto lambda >= 0, so it
+        # rises while the expected cost exceeds the budget and falls, down to exactly 0, while it is under it
+        lambda_loss = (-lagrange * (qc_pi.detach().mean() - discounted_budget(args))).sum()
+        lagrange_optimizer.zero_grad()
+        lambda_loss.backward()
+        lagrange_optimizer.step()
+        with torch.no_grad():
+            lagrange.clamp_(min=0.0)
+        qc_pi, lagrange_now = qc_pi.detach().mean(), lagrange.detach().sum()
     return {"actor_loss": actor_loss.detach(), "demo_loss": demo_loss.detach(), "caps_temporal": caps_temporal.detach(),
-            "caps_spatial": caps_spatial.detach(), "alpha_loss": alpha_loss.detach(), "alpha": log_alpha.detach().exp()}
+            "caps_spatial": caps_spatial.detach(), "alpha_loss": alpha_loss.detach(), "alpha": log_alpha.detach().exp(),
+            "smooth_adversarial": smooth_adversarial.detach(), "qc_pi": qc_pi, "lambda_loss": lambda_loss.detach(),
+            "lambda": lagrange_now}
 
 
 # ---- Buffer augmentation: the symmetry applied to the data ---------------------------------------------------------
@@ -513,7 +642,9 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # env setup
-    envs = make_envs(args, args.num_envs, args.async_envs, physics_metrics=False)  # evaluation measures them
+    constrained = args.cost_limit is not None
+    # evaluation measures the physics; training envs only when a constraint's costs read it
+    envs = make_envs(args, args.num_envs, args.async_envs, physics_metrics=constrained)
 
     actor = (EquiActor(args) if args.model == "equi" else CNNActor(args)).to(device)
     critic = (EquiCritic(args) if args.model == "equi" else CNNCritic(args)).to(device)
@@ -527,14 +658,27 @@ if __name__ == "__main__":
     log_alpha = torch.tensor([math.log(args.alpha)], device=device, requires_grad=args.autotune)
     alpha_optimizer = torch.optim.Adam([log_alpha], lr=args.q_lr)
 
+    # Constrained SAC: a cost critic of the reward critic's class (invariant, for the equivariant model) with its own
+    # target, and the Lagrange multiplier lambda >= 0
+    cost_critic = cost_critic_target = cost_critic_optimizer = lagrange = lagrange_optimizer = None
+    if constrained:
+        cost_critic = (EquiCritic(args) if args.model == "equi" else CNNCritic(args)).to(device)
+        cost_critic_target = copy.deepcopy(cost_critic).requires_grad_(False)
+        cost_critic_optimizer = torch.optim.Adam(cost_critic.parameters(), lr=args.q_lr)
+        lagrange = torch.tensor([args.lambda_init], device=device, requires_grad=True)
+        lagrange_optimizer = torch.optim.Adam([lagrange], lr=args.lambda_lr)
+    cost_networks = dict(cost_critic=cost_critic, cost_critic_target=cost_critic_target,
+                         cost_critic_optimizer=cost_critic_optimizer)
+
     if args.prioritized_replay:  # SACfD's buffer: prioritised, its demonstrations never overwritten
         rb = PrioritizedReplayBuffer(args.buffer_size, args.num_envs, args.image_size, args.per_alpha, args.per_eps,
-                                     args.per_expert_bonus)
+                                     args.per_expert_bonus, costs=constrained)
     else:
-        rb = ReplayBuffer(args.buffer_size, args.num_envs, args.image_size)
+        rb = ReplayBuffer(args.buffer_size, args.num_envs, args.image_size, costs=constrained)
     # what a resumed run continues from (its demos are in the saved buffer; the envs start fresh episodes)
     run.keep(actor=actor, critic=critic, critic_target=critic_target, actor_optimizer=actor_optimizer,  # PLUMBING
-             critic_optimizer=critic_optimizer, alpha_optimizer=alpha_optimizer, log_alpha=log_alpha, replay_buffer=rb)
+             critic_optimizer=critic_optimizer, alpha_optimizer=alpha_optimizer, log_alpha=log_alpha, replay_buffer=rb,
+             **(dict(cost_networks, lagrange=lagrange, lagrange_optimizer=lagrange_optimizer) if constrained else {}))
     counters = dict(vector_step=0, global_step=0, gradient_steps=0, last_eval=-1)
     counters = run.resume(**counters)  # PLUMBING
     global_step, grad_steps, last_eval = counters["global_step"], counters["gradient_steps"], counters["last_eval"]
@@ -545,6 +689,10 @@ if __name__ == "__main__":
     actor_update = with_bf16_autocast(actor_update, args, device)  # SPEED
     acting_actor = plain_copy(actor) if args.compile else actor  # SPEED: plain-torch copy (dynamo cannot trace escnn)
     policy, critic_update, actor_update = [compiled(f, args) for f in (policy, critic_update, actor_update)]  # SPEED
+    if args.compile:  # SPEED: the updates' escnn layers as traceable torch (twins sharing the parameters)
+        cost_critics = [cost_critic, cost_critic_target] if constrained else []
+        critic_update = through_traced(critic_update, actor, critic, critic_target, *cost_critics)
+        actor_update = through_traced(actor_update, actor, critic, critic_target, *cost_critics)
 
     # Planner demonstrations, through the same envs, before any learning
     obs, _ = envs.reset(seed=args.seed + counters["vector_step"])
@@ -557,7 +705,8 @@ if __name__ == "__main__":
     while demo_episodes < num_demos:
         actions = np.stack(envs.unwrapped.call("expert_action")).astype(np.float32)
         obs, rewards, terminations, truncations, infos = envs.step(actions)
-        rb.add(actions, rewards, terminations, ~resetting & recording, obs, expert=True)
+        costs = step_costs(infos, args) if constrained else 0.0
+        rb.add(actions, rewards, terminations, ~resetting & recording, obs, expert=True, costs=costs)
         demo_transitions += int((~resetting & recording).sum())
         for i in np.flatnonzero(np.logical_or(terminations, truncations) & recording):
             demo_episodes += 1
@@ -581,6 +730,7 @@ if __name__ == "__main__":
     update_time, start_grad_steps, last_success = 0.0, grad_steps, float("nan")
     num_vector_steps = args.total_timesteps // args.num_envs
     beta = args.per_beta
+    episode_costs = np.zeros(args.num_envs)
     for vector_step in range(counters["vector_step"], num_vector_steps):
         # periodic resume file; on USR1/TERM also stop here (and requeue under SLURM)
         run.checkpoint(vector_step=vector_step, global_step=global_step, gradient_steps=grad_steps,  # PLUMBING
@@ -593,12 +743,19 @@ if __name__ == "__main__":
 
         # TRY NOT TO MODIFY: execute the game and log data.
         next_obs, rewards, terminations, truncations, infos = envs.step(actions)
+        costs = step_costs(infos, args) if constrained else 0.0  # 0 in a reset step: its info is the reset's
+        episode_costs += costs
         if "_episode" in infos:
             for i in np.flatnonzero(infos["_episode"]):
                 writer.add_scalar("charts/episodic_return", infos["episode"]["r"][i], global_step)
                 writer.add_scalar("charts/episodic_length", infos["episode"]["l"][i], global_step)
                 writer.add_scalar("charts/episodic_success", float(infos["is_success"][i]), global_step)
-        rb.add(actions, rewards, terminations, ~resetting, next_obs)
+                if constrained:  # the budget is on this sum; the violations' running mean is the violation rate
+                    writer.add_scalar("charts/episodic_cost", episode_costs[i], global_step)
+                    writer.add_scalar("charts/cost_budget_violation", float(episode_costs[i] > args.cost_limit),
+                                      global_step)
+                episode_costs[i] = 0.0
+        rb.add(actions, rewards, terminations, ~resetting, next_obs, costs=costs)
         resetting = np.logical_or(terminations, truncations)
         obs = next_obs
 
@@ -615,11 +772,13 @@ if __name__ == "__main__":
             data = channels_last(data)  # SPEED
             indices = data.pop("indices", None)  # NumPy, for the priorities: not an input of the update steps
             grad_steps += 1
-            critic_stats = critic_update(actor, critic, critic_target, critic_optimizer, log_alpha, args, data)
+            critic_stats = critic_update(actor, critic, critic_target, critic_optimizer, log_alpha, args, data,
+                                         **cost_networks)
             if args.prioritized_replay:
                 rb.update_priorities(indices, critic_stats["td_errors"].cpu().numpy())
             actor_stats = actor_update(actor, critic, actor_optimizer, log_alpha, alpha_optimizer, args, data,
-                                       critic_stats["features"])
+                                       critic_stats["features"], cost_critic, critic_stats.get("cost_features"),
+                                       lagrange, lagrange_optimizer)
         update_time += time.time() - update_start
         updates_per_second = (grad_steps - start_grad_steps) / max(update_time, 1e-9)
 
@@ -630,8 +789,15 @@ if __name__ == "__main__":
             writer.add_scalar("losses/qf1_loss", qf1_loss, global_step)
             writer.add_scalar("losses/qf2_loss", qf2_loss, global_step)
             writer.add_scalar("losses/qf_loss", (qf1_loss + qf2_loss) / 2.0, global_step)
-            for key in ("actor_loss", "demo_loss", "caps_temporal", "caps_spatial", "alpha"):
+            for key in ("actor_loss", "demo_loss", "caps_temporal", "caps_spatial", "smooth_adversarial", "alpha"):
                 writer.add_scalar(f"losses/{key}", actor_stats[key].item(), global_step)
+            if constrained:
+                writer.add_scalar("charts/lambda", actor_stats["lambda"].item(), global_step)
+                writer.add_scalar("losses/lambda_loss", actor_stats["lambda_loss"].item(), global_step)
+                writer.add_scalar("losses/qc_loss", critic_stats["qc_loss"].item(), global_step)
+                writer.add_scalar("losses/qc_values", critic_stats["qc_values"].mean().item(), global_step)
+                writer.add_scalar("losses/qc_pi", actor_stats["qc_pi"].item(), global_step)
+                writer.add_scalar("charts/cost_budget_q", discounted_budget(args), global_step)
             if args.autotune:
                 writer.add_scalar("losses/alpha_loss", actor_stats["alpha_loss"].item(), global_step)
             sps = int(global_step / (time.time() - start_time))

@@ -24,13 +24,14 @@ class ReplayBuffer:
 
     Actions are stored as `action_shape` of `action_dtype`: SAC's continuous (p, dx, dy, dz, dtheta), float32, (5,);
     DQN's index into its discrete action set, int16, () (sampled as int64, ready for `gather`). `expert` marks the
-    transitions of demonstrations.
+    transitions of demonstrations. With `costs=True` each transition also keeps a float cost next to its reward
+    (constrained SAC's), and batches carry it as `costs`.
     """
 
     scalars = ("pos", "filled", "keep")  # the state besides the arrays
 
     def __init__(self, capacity: int, num_envs: int, image_size: int, action_shape: tuple[int, ...] = (5,),
-                 action_dtype: type = np.float32):
+                 action_dtype: type = np.float32, costs: bool = False):
         self.rows, self.num_envs, self.pos, self.filled, self.keep = capacity // num_envs, num_envs, 0, 1, 0
         self.heights = np.zeros((self.rows, num_envs, image_size, image_size), dtype=np.uint8)
         self.holding = np.zeros((self.rows, num_envs), dtype=bool)
@@ -39,6 +40,8 @@ class ReplayBuffer:
         self.terminated = np.zeros((self.rows, num_envs), dtype=bool)
         self.expert = np.zeros((self.rows, num_envs), dtype=bool)
         self.valid = np.zeros((self.rows, num_envs), dtype=bool)
+        if costs:
+            self.costs = np.zeros((self.rows, num_envs), dtype=np.float32)
 
     def _put_observation(self, obs: np.ndarray):
         self.heights[self.pos], self.holding[self.pos] = obs[:, 0], obs[:, 1, 0, 0] > 0
@@ -52,11 +55,14 @@ class ReplayBuffer:
         else:
             self._put_observation(obs)
 
-    def add(self, actions, rewards, terminated, valid, next_obs, expert=False) -> int:
-        """Store one vector step (`valid`: which envs' transitions are real; `expert`: which are demonstrations);
-        returns its row, so a caller can drop its transitions again (`valid[row, env] = False`)."""
+    def add(self, actions, rewards, terminated, valid, next_obs, expert=False, costs=0.0) -> int:
+        """Store one vector step (`valid`: which envs' transitions are real; `expert`: which are demonstrations;
+        `costs`: kept only by a buffer made with `costs=True`); returns its row, so a caller can drop its transitions
+        again (`valid[row, env] = False`)."""
         p = self.pos
         self.actions[p], self.rewards[p], self.terminated[p] = actions, rewards, terminated
+        if hasattr(self, "costs"):
+            self.costs[p] = costs
         self.valid[p], self.expert[p] = valid, expert
         self.pos = p + 1 if p + 1 < self.rows else self.keep
         self.filled = max(self.filled, self.pos + 1)  # rows 0 .. filled - 1 hold data (all of them once it wraps)
@@ -105,11 +111,14 @@ class ReplayBuffer:
 
         as_tensor = lambda a: torch.as_tensor(a[rows, envs], device=device)  # noqa: E731
         actions = as_tensor(self.actions)
-        return {"obs": stored_obs_to_tensor(self.heights[rows, envs], self.holding[rows, envs], device),
-                "next_obs": stored_obs_to_tensor(self.heights[next_rows, envs], self.holding[next_rows, envs], device),
-                "actions": actions if actions.is_floating_point() else actions.long(),
-                "rewards": as_tensor(self.rewards), "terminated": as_tensor(self.terminated).float(),
-                "expert": as_tensor(self.expert)}
+        batch = {"obs": stored_obs_to_tensor(self.heights[rows, envs], self.holding[rows, envs], device),
+                 "next_obs": stored_obs_to_tensor(self.heights[next_rows, envs], self.holding[next_rows, envs], device),
+                 "actions": actions if actions.is_floating_point() else actions.long(),
+                 "rewards": as_tensor(self.rewards), "terminated": as_tensor(self.terminated).float(),
+                 "expert": as_tensor(self.expert)}
+        if hasattr(self, "costs"):
+            batch["costs"] = as_tensor(self.costs)
+        return batch
 
 
 class PrioritizedReplayBuffer(ReplayBuffer):
@@ -129,8 +138,9 @@ class PrioritizedReplayBuffer(ReplayBuffer):
     scalars = (*ReplayBuffer.scalars, "max_priority")
 
     def __init__(self, capacity: int, num_envs: int, image_size: int, alpha: float = 0.6, eps: float = 1e-6,
-                 expert_bonus: float = 1.0, action_shape: tuple[int, ...] = (5,), action_dtype: type = np.float32):
-        super().__init__(capacity, num_envs, image_size, action_shape, action_dtype)
+                 expert_bonus: float = 1.0, action_shape: tuple[int, ...] = (5,), action_dtype: type = np.float32,
+                 costs: bool = False):
+        super().__init__(capacity, num_envs, image_size, action_shape, action_dtype, costs)
         self.alpha, self.eps, self.expert_bonus = alpha, eps, expert_bonus
         self.priorities = np.zeros((self.rows, num_envs))
         self.max_priority = 1.0
@@ -139,8 +149,8 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         super()._put_observation(obs)
         self.priorities[self.pos] = 0.0
 
-    def add(self, actions, rewards, terminated, valid, next_obs, expert=False) -> int:
-        row = super().add(actions, rewards, terminated, valid, next_obs, expert)
+    def add(self, actions, rewards, terminated, valid, next_obs, expert=False, costs=0.0) -> int:
+        row = super().add(actions, rewards, terminated, valid, next_obs, expert, costs)
         self.priorities[row] = np.where(valid, self.max_priority**self.alpha, 0.0)
         return row
 

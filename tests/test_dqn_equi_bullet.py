@@ -128,19 +128,24 @@ def test_the_162_actions_decode_encode_and_turn():
 
 @pytest.mark.parametrize("task, paper", [("BlockPulling", True), ("BlockPicking", False)])
 def test_discretised_planner_actions_move_the_gripper_and_keep_the_symmetry(task, paper):
-    """Real planner actions with the paper's DQN steps (dpos 0.02, dtheta pi/16): the discrete action moves the
-    gripper by its (dx, dy, dz) steps of dpos and turns it by dtheta steps of pi/16; in the scene turned by a
-    quarter turn, the planner's discretised action is the turned discrete action."""
+    """Real planner actions with the paper's DQN steps (dpos 0.02, dtheta pi/16), planned for whole steps as the
+    demonstrations are: each is one of the 162 discrete actions already, it moves the gripper by its (dx, dy, dz)
+    steps of dpos and turns it by dtheta steps of pi/16; in the scene turned by a quarter turn, the planner's
+    action is the turned discrete action (and so is the rounded continuous planner's)."""
     args = tiny_args(env_id=f"cleanrl_equi/{task}-v0", image_size=16, paper_tasks=paper,
                      workspace_size=0.4 if paper else 0.3)
     env = make_envs(args, 1).unwrapped.envs[0].unwrapped
     env.reset(seed=3)
     for _ in range(8):
         state = env.get_scene_state()
-        index = dqn.encode_actions(env.expert_action()[None])
+        planned = env.expert_action(discrete=True)
+        index = dqn.encode_actions(planned[None])
+        np.testing.assert_array_equal(dqn.decode_actions(index)[0], planned)
+        rounded = dqn.encode_actions(env.expert_action()[None])
         for k in TURNS:
             env.reset(options={"scene_state": rotate_scene_state(state, k)})
-            assert dqn.encode_actions(env.expert_action()[None]) == turn_index(index, k)
+            assert dqn.encode_actions(env.expert_action(discrete=True)[None]) == turn_index(index, k)
+            assert dqn.encode_actions(env.expert_action()[None]) == turn_index(rounded, k)
         env.reset(options={"scene_state": state})
         action = dqn.decode_actions(index)[0]
         (x0, y0, z0), yaw0 = env.gripper_pose()
@@ -151,6 +156,42 @@ def test_discretised_planner_actions_move_the_gripper_and_keep_the_symmetry(task
         if terminated or truncated:
             break
     env.close()
+
+
+def planner_successes(env, seeds, discrete: bool) -> int:
+    """Seeded planner episodes driven by the DQN's discrete actions (the planner's, rounded as the demos are)."""
+    successes = 0
+    for seed in seeds:
+        env.reset(seed=seed)
+        terminated = truncated = False
+        while not (terminated or truncated):
+            action = dqn.decode_actions(dqn.encode_actions(env.expert_action(discrete=discrete)[None]))[0]
+            _, _, terminated, truncated, info = env.step(action)
+        successes += bool(info["is_success"])
+    return successes
+
+
+def test_whole_step_planner_succeeds_where_the_rounded_planner_stopped_short():
+    """Block Pulling in the DQN's default scene and grid (0.4 m, 100 steps, 10 cm blocks, dpos 0.02, pi/16): the
+    continuous planner's actions, rounded, stop short of its 5 mm / 0.05 rad waypoints (most seeds fail), while the
+    planner that plans for whole steps succeeds on every seed."""
+    env = make_envs(tiny_args(image_size=16), 1).unwrapped.envs[0].unwrapped
+    assert (env.dpos, env.drot, env.max_steps, env.workspace_size) == (0.02, math.pi / 16, 100, 0.4)
+    seeds = range(6)
+    assert planner_successes(env, seeds, discrete=True) == len(seeds)
+    assert planner_successes(env, seeds, discrete=False) <= 2
+    env.close()
+
+
+def test_demo_collection_keeps_what_it_tries_and_says_how_far_it_is(workdir):
+    """A real run's demo collection (the CPU preset's scene): at least 90% of the planner episodes it tries are kept;
+    it prints a progress line while collecting, and no line before the first evaluation says nan."""
+    proc = run_script(SCRIPT, *TINY, "--max-steps", "50", "--num-demos", "10", "--max-demo-attempts", "40",
+                      "--progress-interval", "0", cwd=workdir)
+    kept, attempts = map(int, re.search(r"(\d+) demo episodes \(\d+ transitions\) kept of (\d+)", proc.stdout).groups())
+    assert kept == 10 and kept >= 0.9 * attempts, proc.stdout
+    assert "collecting 10 planner demonstrations" in proc.stdout and "demos: " in proc.stdout
+    assert "no evaluation yet" in proc.stdout and "nan" not in proc.stdout.lower(), proc.stdout
 
 
 def test_replay_buffer_never_joins_episodes_and_drops_what_it_is_told():

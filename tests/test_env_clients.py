@@ -15,7 +15,7 @@ import torch
 from gymnasium.envs.registration import EnvSpec
 
 import cleanrl_equi
-from cleanrl_equi.envs.manipulation.metrics import EPISODE_METRICS
+from cleanrl_equi.envs.manipulation.metrics import EPISODE_METRICS, STEP_METRICS
 from conftest import REPO
 
 TASKS = cleanrl_equi.MANIPULATION_TASKS
@@ -154,7 +154,7 @@ def test_info_values_have_one_type_at_reset_and_every_step(task):
     _, info = env.reset(seed=11)
     reference = kinds(info)
     assert reference == {**{key: (np.ndarray, np.dtype(bool), ()) for key in ("is_success", "holding")},
-                         **{key: (np.ndarray, np.dtype(float), ()) for key in EPISODE_METRICS}}
+                         **{key: (np.ndarray, np.dtype(float), ()) for key in EPISODE_METRICS + STEP_METRICS}}
     for _ in range(50):
         _, _, terminated, truncated, info = env.step(env.unwrapped.expert_action())
         assert kinds(info) == reference
@@ -253,10 +253,10 @@ def test_stdout_is_restored_when_connecting_fails(monkeypatch):
 
 
 # ---- Minari ------------------------------------------------------------------------------------------------------
-def test_minari_hdf5_keeps_whole_episode_arrays_but_not_per_step_images(tmp_path):
-    """Why DataCollector's default (HDF5) fails and the project's export works: HDF5 storage JPEG-encodes any list of
-    3-D uint8 arrays (what DataCollector buffers step by step), which PIL cannot do for (2, H, W); a whole episode
-    as one (T+1, 2, H, W) array (what `cleanrl_equi.datasets.to_minari` hands over) is stored exactly."""
+def test_minari_hdf5_keeps_per_step_and_whole_episode_observations_exactly(tmp_path):
+    """Minari's HDF5 storage keeps the (2, H, W) uint8 observations exactly, whether buffered step by step (what
+    DataCollector does; Minari 0.5.3 JPEG-encoded these and failed) or as one (T+1, 2, H, W) array per episode (what
+    `cleanrl_equi.datasets.to_minari` hands over)."""
     pytest.importorskip("minari", reason="install the `minari` extra: uv sync --extra minari")
     from minari.data_collector import EpisodeBuffer
     from minari.dataset.minari_storage import MinariStorage
@@ -274,8 +274,8 @@ def test_minari_hdf5_keeps_whole_episode_arrays_but_not_per_step_images(tmp_path
 
     per_step = MinariStorage.new(str(tmp_path / "per_step"), observation_space=env.observation_space,
                                  action_space=env.action_space, data_format="hdf5")
-    with pytest.raises(TypeError, match="Cannot handle this data type"):
-        per_step.update_episodes([episode(observations)])
+    per_step.update_episodes([episode(observations)])
+    np.testing.assert_array_equal(next(iter(per_step.get_episodes([0])))["observations"], np.stack(observations))
     whole = MinariStorage.new(str(tmp_path / "whole"), observation_space=env.observation_space,
                               action_space=env.action_space, data_format="hdf5")
     whole.update_episodes([episode(np.stack(observations))])

@@ -7,7 +7,8 @@ import pytest
 
 import cleanrl_equi  # noqa: F401
 from cleanrl_equi.datasets import collect_expert
-from cleanrl_equi.envs.manipulation.metrics import EPISODE_METRICS, PHYSICS_METRICS, action_change, action_smoothness
+from cleanrl_equi.envs.manipulation.metrics import (EPISODE_METRICS, JOINT_METRICS, PHYSICS_METRICS, action_change,
+                                                  action_smoothness)
 from cleanrl_equi.envs.manipulation.scene import rotate_scene_state
 from conftest import QUARTER_TURN, fails_with, load_script, read_scalars, run_script, only_run_dir
 
@@ -204,3 +205,30 @@ def test_sac_evaluation_logs_every_metric_and_passes_the_shaping_to_the_envs(tmp
     env = envs.unwrapped.envs[0].unwrapped
     assert env.force_penalty == 0.5 and env.gripper_force == 100.0 and env.physics_metrics
     envs.close()
+
+
+# ---- joint metrics of the robot arms (robots.py) ----
+def test_joint_metrics_slow_vs_fast_still_arm_and_reset():
+    """The same 10 cm with the Kuka: 10 steps of 1 cm move its joints as far as 2 steps of 5 cm, slower and with
+    less jerk; a still arm has no joint path and no jerk (its motors still hold it up: torque, not motion); a reset
+    starts the episode's values from 0, and the floating gripper reports 0 for every joint metric."""
+    env = make("BlockPicking", image_size=32, robot="kuka")
+    env.reset(seed=0)
+    state = env.get_scene_state()
+    slow = run_actions(env, [[1, 0.2, 0, 0, 0]] * 10, state)
+    fast = run_actions(env, [[1, 1.0, 0, 0, 0]] * 2, state)
+    assert slow["peak_joint_speed"] < fast["peak_joint_speed"]
+    assert slow["mean_squared_joint_jerk"] < fast["mean_squared_joint_jerk"]
+    np.testing.assert_allclose(slow["joint_path_length"], fast["joint_path_length"], rtol=0.25)
+    still = run_actions(env, [[1, 0, 0, 0, 0]] * 5, state)
+    # Not exactly 0: the motors settle the arm's weight after the reset and re-solve the pose each step.
+    assert still["joint_path_length"] < 0.01
+    assert still["mean_squared_joint_jerk"] < 1e-3 * fast["mean_squared_joint_jerk"]
+    assert still["rms_joint_torque"] > 1.0  # holding the arm against gravity
+    _, info = env.reset(seed=0)
+    assert all(float(info[key]) == 0.0 for key in JOINT_METRICS)
+    env.close()
+    floating = make("BlockPicking", image_size=32)
+    assert all(value == 0.0 for key, value in run_actions(floating, [[1, 1, 0, 0, 0]] * 2).items()
+               if key in JOINT_METRICS)
+    floating.close()

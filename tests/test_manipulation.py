@@ -251,3 +251,36 @@ def test_scene_state_from_another_task_is_refused():
     state = expert_rollout_states("BlockStacking", seed=0, steps=0)[0]
     with pytest.raises(ValueError, match="same task"):
         make("BlockPicking", image_size=32).reset(options={"scene_state": state})
+
+
+DQN_GRID = {"dpos": 0.02, "drot": math.pi / 16}  # dqn_equi_bullet.py's steps
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_whole_step_planner_stays_on_the_grid_turns_with_the_scene_and_succeeds(task):
+    """`expert_action(discrete=True)` on the DQN's grid (dpos 0.02, dtheta pi/16, BulletArm's scene): every action
+    is whole steps (dx, dy, dz, dtheta in -1, 0, +1; the fingers open or closed), a scene turned by quarter turns
+    gives exactly the turned (dx, dy) and the same rest, and seeded episodes succeed."""
+    env = make(task, image_size=32, **DQN_GRID).unwrapped
+    env.reset(seed=11)
+    for step in range(60):
+        state = env.get_scene_state()
+        action = env.expert_action(discrete=True)
+        assert set(action[1:].tolist()) <= {-1.0, 0.0, 1.0} and abs(action[0]) == 1.0, f"{task}: {action}"
+        if step % 3 == 0:
+            for k in (1, 2, 3):
+                env.reset(options={"scene_state": rotate_scene_state(state, k)})
+                turned = env.expert_action(discrete=True)
+                np.testing.assert_array_equal(turned[1:3], np.linalg.matrix_power(QUARTER_TURN, k) @ action[1:3])
+                np.testing.assert_array_equal(turned[[0, 3, 4]], action[[0, 3, 4]])
+            env.reset(options={"scene_state": state})
+        _, _, terminated, truncated, _ = env.step(action)
+        if terminated or truncated:
+            break
+    for seed in (11, 12, 13):
+        env.reset(seed=seed)
+        terminated = truncated = False
+        while not (terminated or truncated):
+            _, reward, terminated, truncated, info = env.step(env.expert_action(discrete=True))
+        assert info["is_success"] and reward == 1.0, f"{task} seed {seed}"
+    env.close()

@@ -8,7 +8,8 @@ wide, 5 cm long, up to 8 cm apart) is driven by a fixed pybullet constraint whos
 commanded displacement over ~0.1 s of simulated time. There is no arm: BulletArm's arm only carried the gripper to
 an IK target, and the tasks' semantics (friction grasps, pushing, dragging, hooking a drawer handle) live in the
 fingers. Dropping the arm removes the IK solve and the joint-convergence loop, which is most of BulletArm's
-0.03-0.08 s per step.
+0.03-0.08 s per step. With `robot="kuka"` or `"panda"` an arm beside the workspace carries this same gripper to the
+same targets by inverse kinematics instead of the constraint (robots.py); the arm is not drawn in the observation.
 
 Frames and units. World z is up and the table is the plane z = 0; lengths are metres, angles radians. The
 workspace is the square [-s/2, s/2]^2 centred on the world origin (s = `workspace_size`, 0.3 by default as in
@@ -76,7 +77,9 @@ process too. A scene changed between steps by hand cannot be replayed, and such 
 Expert. `env.unwrapped.expert_action()` returns the task planner's action for the current state, in the
 normalised action space (each component clamped to dpos / drot). A vector env reaches it with
 `envs.call("expert_action")` (a tuple, one action per env). Planners are deterministic waypoint followers that
-read the current object poses, so they correct for slips and keep little memory.
+read the current object poses, so they correct for slips and keep little memory. `expert_action(discrete=True)`
+plans for an agent whose actions are whole steps (each of dx, dy, dz, dtheta in -1, 0, +1; p open or closed, as
+the DQN's): the planner returns such actions, and it counts a waypoint as reached within half a step.
 
 Scene state. `get_scene_state()` returns the scene as plain data (gripper pose and fingers, every task body's pose,
 drawer joints, goal, planner memory), `reset(options={"scene_state": state})` rebuilds it exactly, and
@@ -136,6 +139,8 @@ _import_pybullet_quietly()
 import pybullet as pb  # noqa: E402
 import pybullet_data  # noqa: E402
 from pybullet_utils.bullet_client import BulletClient  # noqa: E402
+
+from cleanrl_equi.envs.manipulation.robots import ROBOTS, Arm, make_arm  # noqa: E402
 
 # ---- Fixed geometry and physics constants -----------------------------------------------------------------------
 TIME_STEP = 1.0 / 240.0
@@ -319,7 +324,7 @@ class ManipulationEnv(gym.Env):
     """A floating gripper above a table with task objects; subclasses add objects, success checks and planners.
 
     Subclass contract: `_create_task_bodies()` creates the bodies (any pose), `_sample_scene()` places them with
-    `self.np_random` and fills `self.planner_memory`, `_is_success()` and `expert_action()` read the scene.
+    `self.np_random` and fills `self.planner_memory`, `_is_success()` and `planner_action()` read the scene.
     `self.free_objects` lists the bodies that must stay in the workspace and can be held.
     """
 
@@ -329,8 +334,14 @@ class ManipulationEnv(gym.Env):
                  view_scale: float = 1.5, dpos: float = 0.05, drot: float = math.pi / 4, max_steps: int = 50,
                  renderer: str = "analytic", render_size: int = 256, physics_metrics: bool = True,
                  gripper_force: float = GRIPPER_FORCE, finger_force: float = FINGER_FORCE,
-                 action_rate_penalty: float = 0.0, force_penalty: float = 0.0, force_threshold: float = 20.0):
+                 action_rate_penalty: float = 0.0, force_penalty: float = 0.0, force_threshold: float = 20.0,
+                 robot: str = "floating"):
         name = type(self).__name__
+        if robot not in ROBOTS:
+            raise ValueError(f"{name}: robot must be one of {ROBOTS}, got {robot!r}.")
+        if robot != "floating" and renderer != "analytic":
+            raise ValueError(f"{name}: the {renderer!r} renderer would draw the arm's links into the height map; "
+                             f"an arm ({robot!r}) runs with the analytic renderer, which draws the fingers only.")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"{name}: render_mode must be None or 'rgb_array', got {render_mode!r}.")
         if not (isinstance(workspace_size, (int, float)) and 0.25 <= workspace_size <= 0.6):
@@ -367,6 +378,8 @@ class ManipulationEnv(gym.Env):
         self.max_steps = max_steps
         self.renderer = renderer
         self.render_size = render_size
+        self.robot = robot  # what carries the gripper (robots.py); the arm itself is rebuilt with every simulation
+        self.arm: Arm | None = None
         # Smooth, gentle motion: the metrics (metrics.py), the gripper's compliance and the optional reward shaping.
         # The penalty reads the contact forces, so it samples them even with physics_metrics off.
         self.physics_metrics = bool(physics_metrics) or force_penalty > 0
@@ -450,8 +463,12 @@ class ManipulationEnv(gym.Env):
         # when the gripper accelerates along the closing axis.
         coupling = sim.createConstraint(self.gripper, 0, self.gripper, 1, pb.JOINT_GEAR, (0, 1, 0), (0, 0, 0), (0, 0, 0))
         sim.changeConstraint(coupling, gearRatio=-1, erp=0.2, maxForce=100)
-        self.gripper_constraint = sim.createConstraint(self.gripper, -1, -1, -1, pb.JOINT_FIXED, (0, 0, 0),
-                                                       (0, 0, 0), (0, 0, START_HEIGHT))
+        self.arm = make_arm(sim, self.robot, self.gripper)
+        if self.arm is not None:  # the gripper rides on the arm's flange instead of a world-fixed constraint
+            self.gripper_constraint = self.arm.attachment
+        else:
+            self.gripper_constraint = sim.createConstraint(self.gripper, -1, -1, -1, pb.JOINT_FIXED, (0, 0, 0),
+                                                           (0, 0, 0), (0, 0, START_HEIGHT))
         self._set_gripper(np.array([0.0, 0.0, START_HEIGHT]), 0.0, (FINGER_MAX, FINGER_MAX), 1.0)
 
     def _set_gripper(self, position, yaw, finger_positions, command):
@@ -459,8 +476,11 @@ class ManipulationEnv(gym.Env):
         sim = self.sim
         sim.resetBasePositionAndOrientation(self.gripper, position, yaw_quaternion(yaw))
         sim.resetBaseVelocity(self.gripper, (0, 0, 0), (0, 0, 0))
-        sim.changeConstraint(self.gripper_constraint, jointChildPivot=position,
-                             jointChildFrameOrientation=yaw_quaternion(yaw), maxForce=self.gripper_force)
+        if self.arm is not None:
+            self.arm.place(position, yaw)
+        else:
+            sim.changeConstraint(self.gripper_constraint, jointChildPivot=position,
+                                 jointChildFrameOrientation=yaw_quaternion(yaw), maxForce=self.gripper_force)
         for link, q in zip((0, 1), finger_positions):
             sim.resetJointState(self.gripper, link, q, 0.0)
         self.gripper_command = float(command)
@@ -552,8 +572,17 @@ class ManipulationEnv(gym.Env):
     def _is_success(self) -> bool:
         raise NotImplementedError
 
-    def expert_action(self) -> np.ndarray:
-        """The planner's action for the current state, in the normalised action space [-1, 1]^5."""
+    def expert_action(self, discrete: bool = False) -> np.ndarray:
+        """The planner's action for the current state, in the normalised action space [-1, 1]^5. `discrete`: plan
+        for whole-step actions (dx, dy, dz, dtheta in -1, 0, +1; p -1 or +1), the grid a discrete agent rounds to."""
+        self.planning_discrete = bool(discrete)
+        try:
+            return self.planner_action()
+        finally:
+            self.planning_discrete = False
+
+    def planner_action(self) -> np.ndarray:
+        """The task's planner (`expert_action` sets `self.planning_discrete` around the call)."""
         raise NotImplementedError
 
     # ---- gymnasium API ----
@@ -579,7 +608,7 @@ class ManipulationEnv(gym.Env):
         self.metrics = None
         if self.physics_metrics:
             self.metrics = PhysicsMetrics(self.sim._client, self.gripper, self.bodies, self.free_objects, self.articulated,
-                                          TIME_STEP)
+                                          TIME_STEP, arm=self.arm)
 
     def step(self, action):
         if self.sim is None:
@@ -637,6 +666,9 @@ class ManipulationEnv(gym.Env):
 
     def _move_gripper(self, start, start_yaw, target, target_yaw):
         """Slide the constraint target from the current pose to the target, then hold it while the gripper settles."""
+        if self.arm is not None:  # the arm's joints follow the same smoothstep and settle as long (robots.py)
+            self.arm.move(target, target_yaw, MOVE_SUBSTEPS, SETTLE_SUBSTEPS, TIME_STEP, self._physics_step)
+            return
         change_constraint, step_simulation = self.sim.changeConstraint, self.sim.stepSimulation  # hot loop
         sample = self.metrics.sample if self.metrics is not None else None
         force = self.gripper_force
@@ -806,6 +838,8 @@ class ManipulationEnv(gym.Env):
             numbers += [*sim.getBasePositionAndOrientation(body), *sim.getBaseVelocity(body)]
             numbers += [sim.getJointState(body, joint)[:2] for joint in range(sim.getNumJoints(body))]
         constraint = sim.getConstraintInfo(self.gripper_constraint)
+        if self.arm is not None:
+            numbers += self.arm.record()
         return (*numbers, constraint[7], constraint[9])
 
     # ---- observation ----
@@ -928,24 +962,45 @@ class ManipulationEnv(gym.Env):
         heights[inside] = np.maximum(heights[inside], GOAL_MARK_HEIGHT)
 
     # ---- planner helpers ----
+    planning_discrete = False  # set by expert_action(discrete=...) while the planner runs
+
     def action_toward(self, target, target_yaw: float, gripper: float, yaw_period: float = math.pi) -> np.ndarray:
         """Normalised action moving toward a waypoint: each component clamped to one step, the target height
         clipped to the allowed range; the yaw error is taken modulo `yaw_period` (the symmetry of what is grasped).
         x and y are not clipped here (the env clips the executed move): a clip at the workspace edge would tie the
-        expert to the square's orientation and break its rotation equivariance in the interior."""
+        expert to the square's orientation and break its rotation equivariance in the interior.
+
+        Planning for whole steps, each component is rounded to the nearest step (half to even: the rounding is
+        odd-symmetric, so a turned scene still gives the turned action), and the fingers open or close fully. A
+        waypoint on the floor or the ceiling is taken exactly: the env clips the move there, so a full step toward
+        it ends on it, where rounding would stop the gripper up to half a step short."""
         position, yaw = self.gripper_pose()
         target = np.asarray(target, dtype=float).copy()
         target[2] = np.clip(target[2], *Z_RANGE)
         delta = (target - position) / self.dpos
         dyaw = wrap_angle(target_yaw - yaw, yaw_period) / self.drot
-        action = np.array([2 * gripper - 1, *delta, dyaw])
-        return np.clip(action, -1.0, 1.0).astype(np.float32)
+        if self.planning_discrete:  # a long move keeps its direction (clipping x and y apart bends it to 45 degrees)
+            delta[:2] /= max(1.0, float(np.max(np.abs(delta[:2]))))
+        action = np.clip(np.array([2 * gripper - 1, *delta, dyaw]), -1.0, 1.0)
+        if self.planning_discrete:
+            action = np.rint(action)
+            action[0] = 1.0 if gripper > 0.5 else -1.0
+            if target[2] in Z_RANGE and abs(target[2] - position[2]) > 1e-3:
+                action[3] = math.copysign(1.0, target[2] - position[2])
+        return action.astype(np.float32)
 
     def within_one_step(self, target, target_yaw: float, yaw_period: float = math.pi) -> bool:
-        """Whether one unsaturated action lands exactly on the waypoint."""
+        """Whether one unsaturated action lands exactly on the waypoint (planning for whole steps: within half a
+        step of it in every component, where the grid lets the gripper get)."""
         position, yaw = self.gripper_pose()
         target = np.asarray(target, dtype=float).copy()
         target[2] = np.clip(target[2], *Z_RANGE)
+        if self.planning_discrete:
+            action = self.action_toward(target, target_yaw, 0.0, yaw_period)
+            landing = np.clip(position + action[1:4] * self.dpos, self.workspace[:, 0], self.workspace[:, 1])
+            yaw_left = wrap_angle(target_yaw - yaw - action[4] * self.drot, yaw_period)
+            return bool(np.all(np.abs(target - landing) <= self.dpos / 2 + 1e-9)
+                        and abs(yaw_left) <= self.drot / 2 + 1e-9)
         return bool(np.all(np.abs(target - position) <= self.dpos + 1e-9)
                     and abs(wrap_angle(target_yaw - yaw, yaw_period)) <= self.drot + 1e-9)
 

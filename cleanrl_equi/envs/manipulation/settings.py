@@ -45,6 +45,9 @@ class ManipulationEnvArgs:
     paper_tasks: bool = True
     """the paper's task sizes and success thresholds where BulletArm's differ: Block Pulling blocks 10 x 10 x 5 cm
     of 0.5 kg, Block Picking and Corner Picking lifted above 0.08 m, a 5 cm cube in Corner Picking"""
+    robot: Literal["floating", "kuka", "panda"] = "floating"
+    """what carries the gripper: a floating gripper, or the paper's Kuka iiwa or a Franka Panda arm beside the
+    workspace, moved by inverse kinematics to the same targets (docs/manipulation_tasks.md, "Robot arms")"""
 
     # Smooth, gentle motion in the env: reward shaping and compliance (shaping off by default)
     action_rate_penalty: float = 0.0

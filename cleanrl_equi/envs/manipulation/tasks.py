@@ -19,6 +19,12 @@ so a slip is corrected instead of derailing a fixed script. Only choices that mu
 block to drag) are kept in `planner_memory`, which is part of the scene state. Everything they compute is built
 from positions relative to the gripper and yaw differences, so rotating the scene rotates the (dx, dy) they output
 and leaves p, dz and dtheta unchanged (the symmetry test relies on it).
+
+`expert_action(discrete=True)` plans for an agent of whole steps (the DQN's: each component -1, 0 or +1 step): the
+waypoint checks accept half a step (`near_xy`, `yaw_near`, `slack`), and where the grid cannot reach a waypoint the
+planner picks one it can (a grid point between drawer front and handle, a push along a grid direction). The grid
+turns onto itself under quarter turns, so the symmetry holds for those; the one exception is a push whose starting
+point would lie outside the workspace, where the planner takes the next grid direction instead.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import numpy as np
 
 from cleanrl_equi.envs.manipulation.scene import (  # first: it imports pybullet without its build-time line
     FINGER_HALF,
+    FINGER_MAX,
     Z_RANGE,
     ManipulationEnv,
     Piece,
@@ -106,6 +113,23 @@ class _TaskEnv(ManipulationEnv):
     def top_height(self, body: int) -> float:
         return float(self.sim.getAABB(body)[1][2])
 
+    # Planning for whole steps (expert_action(discrete=True)), the gripper can only get within half a step of a
+    # waypoint in each of x, y, z and yaw: these checks accept that, and are the plain tolerances otherwise.
+    def near_xy(self, target_xy, tolerance: float = XY_TOLERANCE) -> bool:
+        """The gripper is above `target_xy` to within `tolerance` (or as near as whole steps get it)."""
+        offset = self.gripper_pose()[0][:2] - np.asarray(target_xy)[:2]
+        if np.linalg.norm(offset) <= tolerance:
+            return True
+        return self.planning_discrete and bool(np.all(np.abs(offset) <= self.dpos / 2 + 1e-9))
+
+    def yaw_near(self, error: float, tolerance: float = YAW_TOLERANCE) -> bool:
+        """A yaw error within `tolerance` (or as small as whole steps make it)."""
+        return abs(error) <= tolerance or (self.planning_discrete and abs(error) <= self.drot / 2 + 1e-9)
+
+    def slack(self, tolerance: float) -> float:
+        """A height or distance tolerance, widened to half a step when planning for whole steps."""
+        return max(tolerance, self.dpos / 2) if self.planning_discrete else tolerance
+
     def hover_over(self, body: int) -> float:
         return min(self.top_height(body) + 0.03, Z_RANGE[1])
 
@@ -121,8 +145,7 @@ class _TaskEnv(ManipulationEnv):
         grasp = np.array([target[0], target[1], max(self.bottom_height(body) + GRASP_CLEARANCE, Z_RANGE[0])])
         if self.gripper_command < 0.5:  # closed but holding nothing (a miss, or the end of a press): open and rise
             return self.action_toward([target[0], target[1], max(position[2], hover)], grasp_yaw, 1.0, yaw_period)
-        aligned = (np.linalg.norm(position[:2] - grasp[:2]) <= XY_TOLERANCE
-                   and abs(wrap_angle(grasp_yaw - yaw, yaw_period)) <= YAW_TOLERANCE)
+        aligned = self.near_xy(grasp) and self.yaw_near(wrap_angle(grasp_yaw - yaw, yaw_period))
         if not aligned:
             return self.action_toward([grasp[0], grasp[1], hover], grasp_yaw, 1.0, yaw_period)
         if self.within_one_step(grasp, grasp_yaw, yaw_period):
@@ -141,8 +164,8 @@ class _TaskEnv(ManipulationEnv):
         target_xy = np.asarray(place_xy) - offset_xy
         target_yaw = yaw + yaw_change
         distance = np.linalg.norm(target_xy - position[:2])
-        if distance > XY_TOLERANCE or abs(wrap_angle(yaw_change, yaw_period)) > YAW_TOLERANCE:
-            if position[2] < carry_z - 0.005 and distance > 0.02:  # lift before carrying over other objects
+        if not (self.near_xy(target_xy) and self.yaw_near(wrap_angle(yaw_change, yaw_period))):
+            if position[2] < carry_z - self.slack(0.005) and distance > 0.02:  # lift before carrying over others
                 return self.action_toward([position[0], position[1], carry_z], target_yaw, 0.0, yaw_period)
             return self.action_toward([target_xy[0], target_xy[1], carry_z], target_yaw, 0.0, yaw_period)
         place = [target_xy[0], target_xy[1], place_z]
@@ -212,7 +235,7 @@ class BlockPullingEnv(_TaskEnv):
     def _is_success(self):
         return self.touching(*self.blocks)
 
-    def expert_action(self):
+    def planner_action(self):
         dragged = self.blocks[self.planner_memory["dragged"]]
         other = self.blocks[1 - self.planner_memory["dragged"]]
         position, yaw = self.gripper_pose()
@@ -225,14 +248,16 @@ class BlockPullingEnv(_TaskEnv):
         along, across = relative @ direction, relative @ np.array([-direction[1], direction[0]])
         behind = along > self.block_half[0] + 0.005 and abs(across) < 0.03
         yaw_error = abs(wrap_angle(pull_yaw - yaw, math.pi))
-        if behind and yaw_error < 0.4 and position[2] <= low + 0.005:
+        if behind and yaw_error < 0.4 and position[2] <= low + self.slack(0.005):
             # Drag until the blocks' centres are one block width apart (they touch at or before that), so the
             # dragged block is not flung past the other one.
             travel = min(np.linalg.norm(dragged_xy - other_xy) - 2 * self.block_half[0] + 0.01, 2 * self.dpos)
+            if self.planning_discrete:  # a shorter pull would round to standing still
+                travel = max(travel, self.dpos)
             target = position[:2] - travel * direction
             return self.action_toward([target[0], target[1], low], pull_yaw, PUSH_OPENING)
-        yaw_ok = yaw_error <= YAW_TOLERANCE
-        if np.linalg.norm(position[:2] - start) <= XY_TOLERANCE and yaw_ok:
+        yaw_ok = self.yaw_near(yaw_error)
+        if self.near_xy(start) and yaw_ok:
             return self.action_toward([start[0], start[1], low], pull_yaw, PUSH_OPENING)
         return self.action_toward([start[0], start[1], 0.08], pull_yaw, PUSH_OPENING)
 
@@ -273,21 +298,44 @@ class BlockPushingEnv(_TaskEnv):
     def _is_success(self):
         return bool(np.all(np.abs(self._goal_frame_offset()) <= GOAL_SIZE / 2))
 
-    def expert_action(self):
+    def planner_action(self):
         position, yaw = self.gripper_pose()
         cube_xy, goal_xy = self.body_pose(self.cube)[0][:2], np.asarray(self.goal["position"])
         direction = (goal_xy - cube_xy) / max(np.linalg.norm(goal_xy - cube_xy), 1e-6)
-        push_yaw = math.atan2(direction[1], direction[0])
-        start = cube_xy - PUSH_START * direction
         low = Z_RANGE[0]
         relative = position[:2] - cube_xy
+        if self.planning_discrete:
+            # Whole steps push along one of the eight grid directions (the one a rounded move toward the goal
+            # takes), re-chosen as the cube nears the goal: a push along any other line would zigzag off the cube.
+            # A push already under way goes on while its direction is within 35 degrees of the goal's, so that a
+            # goal near the boundary between two directions does not send the gripper back and forth.
+            nearest = np.rint(direction / np.max(np.abs(direction)))
+            grid = [np.array([i, j]) / math.hypot(i, j) for i in (-1, 0, 1) for j in (-1, 0, 1) if i or j]
+            pushing = [d for d in grid if d @ direction >= math.cos(math.radians(35))
+                       and relative @ d < -PUSH_CONTACT + 0.01 and abs(relative @ [-d[1], d[0]]) < 0.012 + self.dpos / 2
+                       and self.yaw_near(wrap_angle(math.atan2(d[1], d[0]) - yaw, math.pi))
+                       and position[2] <= low + self.slack(0.005)]
+            # (else the nearest direction whose starting point the gripper can reach inside the workspace)
+            reachable = [d for d in grid if inside_square(cube_xy - PUSH_START * d, self.workspace_size / 2)]
+            if pushing:
+                direction = max(pushing, key=lambda d: d @ direction)
+            elif reachable and not inside_square(cube_xy - PUSH_START * nearest / np.linalg.norm(nearest),
+                                                 self.workspace_size / 2):
+                direction = max(reachable, key=lambda d: d @ direction)
+            else:
+                direction = nearest / np.linalg.norm(nearest)
+        push_yaw = math.atan2(direction[1], direction[0])
+        start = cube_xy - PUSH_START * direction
         along, across = relative @ direction, relative @ np.array([-direction[1], direction[0]])
-        behind = along < -PUSH_CONTACT + 0.01 and abs(across) < 0.012
-        yaw_ok = abs(wrap_angle(push_yaw - yaw, math.pi)) <= YAW_TOLERANCE
-        if behind and yaw_ok and position[2] <= low + 0.005:
+        side_room = 0.012 + (self.dpos / 2 if self.planning_discrete else 0)  # whole steps: up to half a step off
+        behind = along < -PUSH_CONTACT + 0.01 and abs(across) < side_room
+        yaw_ok = self.yaw_near(wrap_angle(push_yaw - yaw, math.pi))
+        if behind and yaw_ok and position[2] <= low + self.slack(0.005):
             end = goal_xy - PUSH_CONTACT * direction  # where the gripper is when the cube's centre is on the goal
+            if self.planning_discrete:  # a full step along the line until the cube is in (the episode ends there)
+                end = position[:2] + self.dpos * direction
             return self.action_toward([end[0], end[1], low], push_yaw, PUSH_OPENING)
-        if np.linalg.norm(position[:2] - start) <= XY_TOLERANCE and yaw_ok:
+        if self.near_xy(start) and yaw_ok:
             return self.action_toward([start[0], start[1], low], push_yaw, PUSH_OPENING)
         return self.action_toward([start[0], start[1], CUBE + 0.02], push_yaw, PUSH_OPENING)
 
@@ -310,7 +358,7 @@ class BlockPickingEnv(_TaskEnv):
     def _is_success(self):
         return self.is_held(self.cube) and self.gripper_pose()[0][2] > self.lift_height
 
-    def expert_action(self):
+    def planner_action(self):
         action = self.pick_action(self.cube)
         return action if action is not None else self.lift_action(self.lift_height + 0.05)
 
@@ -378,11 +426,79 @@ class DrawerOpeningEnv(_TaskEnv):
     def _is_success(self):
         return self.opened() > OPEN_DISTANCE
 
-    def expert_action(self):
+    # Planning for whole steps, the gripper reaches only the points of a grid of step dpos through where it is,
+    # and the room between drawer front and handle bar (3.5 cm, 1.3 cm of it free around closed fingers) often
+    # holds none of them. So the planner picks a grid point that fits: one in that room to hook the bar (as the
+    # continuous planner does), else one where open fingers straddle the bar (2.3 cm of room: always one), to close
+    # on it. Either way it pulls by the whole step that keeps the fingers on the bar and opens the drawer most.
+    def _grid_point(self, cabinet_xy, outward, ideal, along_range, side_max: float, here_slack: float):
+        """The grid point nearest `ideal` whose distance out from the cabinet centre is within `along_range` and
+        whose distance from the bar's middle is at most `side_max` (where the gripper is, `here_slack` more out
+        counts: pulling presses on the bar); with the pulling step from there. (None, None) where none fits."""
+        position = self.gripper_pose()[0][:2]
+        across = np.array([-outward[1], outward[0]])
+        steps = np.arange(-12, 13)
+        points = position + self.dpos * np.stack(np.meshgrid(steps, steps, indexing="ij"), -1).reshape(-1, 2)
+        along, side = (points - cabinet_xy) @ outward, np.abs((points - cabinet_xy) @ across)
+        low, high = along_range
+        fits = (along >= low) & (along <= high) & (side <= side_max)
+        here = len(points) // 2
+        if low <= along[here] <= high + here_slack and side[here] <= side_max:
+            fits[:] = False
+            fits[here] = True
+        if not fits.any():
+            return None, None
+        point = points[fits][np.argmin(np.linalg.norm(points[fits] - ideal, axis=1))]
+        moves = self.dpos * np.array([(i, j) for i in (-1, 0, 1) for j in (-1, 0, 1) if i or j])
+        gain = moves @ outward
+        gain[(np.abs((point + moves - cabinet_xy) @ across) > side_max) | (gain <= 0)] = -np.inf
+        pull = moves[np.argmax(gain)] if np.isfinite(gain).any() else self.dpos * outward
+        return point, point + pull
+
+    def _grid_action(self, cabinet_xy, cabinet_yaw, outward):
+        """The whole-step planner: hook where a grid point fits, else grasp the bar."""
+        position, yaw = self.gripper_pose()
+        front = CABINET[0] / 2 + self.opened()  # the drawer front's distance out from the cabinet centre
+        bar = front + HANDLE_GAP + 0.005  # the bar's middle
+        along = (position[:2] - cabinet_xy) @ outward
+        if self.gripper_command < 0.5 and abs(along - bar) < 0.012 and position[2] < 0.06:  # holding the bar
+            _, target = self._grid_point(cabinet_xy, outward, position[:2], (along - 1e-6, along + 1e-6), 0.03, 0.0)
+            target = position[:2] + self.dpos * outward if target is None else target
+            return self.action_toward([target[0], target[1], position[2]], yaw, 0.0)
+        low_enough = position[2] <= HOOK_HEIGHT + 0.01
+        hook, target = self._grid_point(cabinet_xy, outward, self._hook_point(cabinet_xy, cabinet_yaw, self.opened()),
+                                        (front + FINGER_HALF[0] + 0.001, front + HANDLE_GAP - FINGER_HALF[0] - 0.001),
+                                        0.02, 0.003 if low_enough else 0.0)
+        if hook is not None:
+            if self.gripper_command > 0.5:  # open from an earlier grasp: close above the drawer first
+                return self.action_toward([position[0], position[1], CABINET[2] + 0.02], cabinet_yaw, 0.0)
+            yaw_ok = self.yaw_near(wrap_angle(cabinet_yaw - yaw, math.pi))
+            if self.near_xy(hook, 0.01) and yaw_ok and low_enough:  # hooked: pull one step out
+                return self.action_toward([target[0], target[1], HOOK_HEIGHT], cabinet_yaw, 0.0)
+            if self.near_xy(hook) and yaw_ok:
+                return self.action_toward([hook[0], hook[1], HOOK_HEIGHT], cabinet_yaw, 0.0)
+            return self.action_toward([hook[0], hook[1], CABINET[2] + 0.02], cabinet_yaw, 0.0)
+        # Straddle the bar with open fingers (closing across it), the fingertips low enough to cover it.
+        grasp_yaw, grasp_z = cabinet_yaw + math.pi / 2, 0.04
+        reach = FINGER_MAX + 2 * FINGER_HALF[1]  # the centre to an open finger's outer face
+        grasp, _ = self._grid_point(cabinet_xy, outward, bar * outward + cabinet_xy,
+                                    (front + reach + 0.001, front + HANDLE_GAP + FINGER_MAX - 0.001), 0.016, 0.0)
+        if grasp is None:
+            grasp = cabinet_xy + (front + HANDLE_GAP / 2 + FINGER_MAX) * outward
+        if self.gripper_command < 0.5:  # closed on nothing: open above the drawer
+            return self.action_toward([position[0], position[1], CABINET[2] + 0.03], grasp_yaw, 1.0)
+        if self.near_xy(grasp) and self.yaw_near(wrap_angle(grasp_yaw - yaw, math.pi)):
+            closing = self.within_one_step([grasp[0], grasp[1], grasp_z], grasp_yaw)
+            return self.action_toward([grasp[0], grasp[1], grasp_z], grasp_yaw, 0.0 if closing else 1.0)
+        return self.action_toward([grasp[0], grasp[1], CABINET[2] + 0.03], grasp_yaw, 1.0)
+
+    def planner_action(self):
         position, yaw = self.gripper_pose()
         cabinet_xy, cabinet_yaw = self.body_pose(self.drawer)[0][:2], self.body_yaw(self.drawer)
         hook = self._hook_point(cabinet_xy, cabinet_yaw, self.opened())
         outward = np.array([math.cos(cabinet_yaw), math.sin(cabinet_yaw)])
+        if self.planning_discrete:
+            return self._grid_action(cabinet_xy, cabinet_yaw, outward)
         yaw_ok = abs(wrap_angle(cabinet_yaw - yaw, math.pi)) <= YAW_TOLERANCE
         distance = np.linalg.norm(position[:2] - hook)
         if distance <= 0.01 and yaw_ok and position[2] <= HOOK_HEIGHT + 0.01:  # hooked: pull one step out
@@ -436,7 +552,7 @@ class BlockInBowlEnv(_TaskEnv):
         return (not self.holding and self._cube_over_bowl(0.035) and self.touching(self.cube, self.bowl)
                 and self.upright_cosine(self.bowl) > math.cos(math.radians(30)))
 
-    def expert_action(self):
+    def planner_action(self):
         if not self.holding and self._cube_over_bowl(0.05):
             return self.retreat_action()  # released: let it settle
         action = self.pick_action(self.cube)
@@ -461,7 +577,7 @@ class BlockStackingEnv(_TaskEnv):
     def _is_success(self):
         return any(self.resting_on(top, bottom, CUBE) for top, bottom in (self.cubes, self.cubes[::-1]))
 
-    def expert_action(self):
+    def planner_action(self):
         moved, base = self.cubes
         base_position = self.body_pose(base)[0]
         if not self.holding and np.linalg.norm(self.body_pose(moved)[0][:2] - base_position[:2]) < CUBE / 2:
@@ -490,7 +606,7 @@ class HouseBuildingEnv(_TaskEnv):
         return (self.resting_on(self.roof, self.cube, CUBE / 2 - ROOF_BOTTOM)
                 and self.upright_cosine(self.roof) > math.cos(math.radians(20)))
 
-    def expert_action(self):
+    def planner_action(self):
         cube_position = self.body_pose(self.cube)[0]
         if not self.holding and np.linalg.norm(self.body_pose(self.roof)[0][:2] - cube_position[:2]) < CUBE / 2:
             return self.retreat_action()
@@ -570,21 +686,25 @@ class CornerPickingEnv(_TaskEnv):
     def _is_success(self):
         return self.is_held(self.cube) and self.gripper_pose()[0][2] > self.lift_height
 
-    def expert_action(self):
+    def planner_action(self):
         if self.is_held(self.cube):
             return self.lift_action(self.lift_height + 0.05)
-        if np.all(self._wall_gaps() >= PICK_CLEARANCE):
+        # Whole steps put an open finger up to half a step nearer a wall: slide the cube that much further out.
+        extra = self.dpos / 2 if self.planning_discrete else 0.0
+        if np.all(self._wall_gaps() >= PICK_CLEARANCE + extra):
             return self.pick_action(self.cube)
         # Still in the corner: press on the top face and drag the cube out along the diagonal.
         position, yaw = self.gripper_pose()
         cube = self.body_pose(self.cube)[0]
         press_yaw = self.body_yaw(self.corner) + math.pi / 4
         top = self.top_height(self.cube)
-        target_xy = self._corner_to_world(self._corner_local(SLID_CLEARANCE))
-        yaw_ok = abs(wrap_angle(press_yaw - yaw, math.pi)) <= YAW_TOLERANCE
-        over_cube = np.linalg.norm(position[:2] - cube[:2])
-        if over_cube <= 0.01 and yaw_ok and position[2] <= top + 0.002:  # pressing: drag
-            return self.action_toward([target_xy[0], target_xy[1], top - 0.004], press_yaw, 0.0)
-        if over_cube <= XY_TOLERANCE and yaw_ok:
-            return self.action_toward([cube[0], cube[1], top - 0.004], press_yaw, 0.0)
+        target_xy = self._corner_to_world(self._corner_local(SLID_CLEARANCE + extra))
+        yaw_ok = self.yaw_near(wrap_angle(press_yaw - yaw, math.pi))
+        press_z = top - 0.004
+        if self.planning_discrete:  # aim half a step deeper, so that the rounded step still presses down
+            press_z -= self.dpos / 2
+        if self.near_xy(cube, 0.01) and yaw_ok and position[2] <= top + 0.002:  # pressing: drag
+            return self.action_toward([target_xy[0], target_xy[1], press_z], press_yaw, 0.0)
+        if self.near_xy(cube) and yaw_ok:
+            return self.action_toward([cube[0], cube[1], press_z], press_yaw, 0.0)
         return self.action_toward([cube[0], cube[1], top + 0.03], press_yaw, 0.0)

@@ -1,0 +1,127 @@
+"""Robot arms carrying the gripper (robots.py): the `robot` env option and its flag, IK moves that land where the
+floating gripper would, the image (the arm is not drawn), copies, time limits, env checkers, the joint metrics, and
+datasets that refuse another robot."""
+
+import copy
+import os
+import pickle
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import tyro
+
+import cleanrl_equi  # noqa: F401  (registers the tasks)
+from cleanrl_equi import datasets as od
+from cleanrl_equi.envs.manipulation import ManipulationEnvArgs
+from cleanrl_equi.envs.manipulation.metrics import JOINT_METRICS
+from cleanrl_equi.envs.manipulation.scene import rotate_scene_state
+from cleanrl_equi.tools import make_dataset as tool
+from conftest import fails_with
+
+ARMS = ("kuka", "panda")
+
+
+def make(task="BlockPicking", robot="kuka", **kwargs):
+    settings = ManipulationEnvArgs(env_id=f"cleanrl_equi/{task}-v0", robot=robot, image_size=32)
+    return gym.make(settings.env_id, **{**settings.env_kwargs(), **kwargs})
+
+
+def test_the_robot_flag_reaches_the_env_kwargs():
+    args = tyro.cli(ManipulationEnvArgs, args=["--robot", "panda"])
+    assert args.robot == "panda" and args.env_kwargs()["robot"] == "panda"
+    assert ManipulationEnvArgs().env_kwargs()["robot"] == "floating"
+    with pytest.raises(SystemExit):
+        tyro.cli(ManipulationEnvArgs, args=["--robot", "ur5"])
+
+
+def test_bad_robot_settings_are_one_sentence():
+    with pytest.raises(ValueError, match="robot must be one of"):
+        gym.make("cleanrl_equi/BlockPicking-v0", robot="ur5")
+    with pytest.raises(ValueError, match="analytic renderer"):
+        gym.make("cleanrl_equi/BlockPicking-v0", robot="kuka", renderer="tiny")
+
+
+@pytest.mark.parametrize("robot", ARMS)
+def test_the_arm_lands_the_gripper_on_the_floating_gripper_target(robot):
+    env = make(robot=robot)
+    env.reset(seed=0)
+    base = env.unwrapped
+    for action in ([1, 1, 0, -1, 0], [1, 0, -1, 0, 1], [1, -1, 1, 1, -1], [1, 0, 0, -1, 0]):
+        position, yaw = base.gripper_pose()
+        target = np.clip(position + np.array(action[1:4]) * base.dpos, base.workspace[:, 0], base.workspace[:, 1])
+        env.step(np.array(action, dtype=np.float32))
+        new_position, new_yaw = base.gripper_pose()
+        assert np.abs(new_position - target).max() < 0.003
+        assert abs((new_yaw - yaw - action[4] * base.drot + np.pi / 2) % np.pi - np.pi / 2) < 0.01  # mod pi
+    env.close()
+
+
+@pytest.mark.parametrize("robot", ARMS)
+def test_the_planner_succeeds_with_the_arm(robot):
+    env = make("BlockPicking", robot=robot)
+    env.reset(seed=1)
+    for _ in range(30):
+        _, _, terminated, truncated, info = env.step(env.unwrapped.expert_action())
+        if terminated or truncated:
+            break
+    assert info["is_success"]
+    assert float(info["joint_path_length"]) > 0 and float(info["peak_joint_torque"]) > 0
+    env.close()
+
+
+def test_the_arm_is_not_drawn_and_a_turned_scene_turns_the_image():
+    """The same scene seen with and without the arm is the same image, and a scene turned about the gripper is the
+    turned image: the arm breaks the symmetry of the physics only."""
+    floating, arm = make(robot="floating"), make(robot="kuka")
+    floating_obs, _ = floating.reset(seed=2)
+    arm_obs, _ = arm.reset(seed=2)
+    np.testing.assert_array_equal(floating_obs, arm_obs)
+    state = arm.unwrapped.get_scene_state()
+    for k in (1, 2, 3):
+        turned, _ = arm.reset(options={"scene_state": rotate_scene_state(state, k)})
+        np.testing.assert_array_equal(turned[0], np.rot90(arm_obs[0], k))
+    floating.close()
+    arm.close()
+
+
+def test_copies_and_pickles_continue_exactly():
+    env = make("BlockPulling", robot="kuka")
+    env.reset(seed=3)
+    for _ in range(3):
+        env.step(env.unwrapped.expert_action())
+    twins = [copy.deepcopy(env), pickle.loads(pickle.dumps(env))]
+    action = env.unwrapped.expert_action()
+    obs, _, _, _, info = env.step(action)
+    for twin in twins:
+        twin_obs, _, _, _, twin_info = twin.step(action)
+        np.testing.assert_array_equal(twin_obs, obs)
+        for key in JOINT_METRICS:
+            assert float(twin_info[key]) == float(info[key])
+        np.testing.assert_array_equal(twin.unwrapped.arm.joints(), env.unwrapped.arm.joints())
+        twin.close()
+    env.close()
+
+
+def test_gym_make_time_limit_and_the_env_checker():
+    from gymnasium.utils.env_checker import check_env
+
+    env = gym.make("cleanrl_equi/BlockPicking-v0", robot="panda", image_size=32, max_episode_steps=3)
+    env.reset(seed=0)
+    for step in range(1, 4):
+        _, _, terminated, truncated, _ = env.step(np.zeros(5, np.float32))
+    assert truncated and not terminated and env.spec.max_episode_steps == 3
+    check_env(env.unwrapped, skip_render_check=True)
+    env.close()
+
+
+def test_a_dataset_of_one_robot_is_refused_by_a_run_with_another(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    tool.main(tyro.cli(tool.Args, args=["--image-size", "32", "--max-steps", "3", "--num-episodes", "1",
+                                         "--robot", "kuka"]))
+    (name,) = os.listdir(tmp_path / "datasets")
+    path = str(tmp_path / "datasets" / name)
+    settings = od.load_dataset(path).metadata["env_settings"]
+    assert settings["robot"] == "kuka"
+    fails_with(capsys, ["--robot kuka", "not --robot floating"], od.load_dataset, path,
+               env_settings={**settings, "robot": "floating"})
