@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+import cleanrl_equi  # noqa: F401  (first: it stands in for lie_learn before any test module imports escnn)
+
 # Tests run in parallel (pytest-xdist, one worker per core): keep each worker, and the scripts it starts, on one thread.
 torch.set_num_threads(1)
 

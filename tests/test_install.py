@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tomllib
 
+import cleanrl_equi  # noqa: F401  (before escnn: it registers the stand-in for lie_learn, which is not installed)
 import escnn
 
 from conftest import REPO
