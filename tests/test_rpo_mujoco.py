@@ -213,7 +213,7 @@ def test_bad_flags_stop_with_one_sentence(rpo, capsys, flags, expected):
     [
         (None, "does not exist"),
         (write_foreign_checkpoint, "written by ppo_atari.py"),
-        (write_incomplete_checkpoint, "lacks obs_rms"),
+        (write_incomplete_checkpoint, "holds no normalisation statistics"),
         (write_corrupt_file, "corrupt"),
     ],
     ids=["missing", "foreign", "incomplete", "corrupt"],
