@@ -125,3 +125,20 @@ def test_a_dataset_of_one_robot_is_refused_by_a_run_with_another(tmp_path, monke
     assert settings["robot"] == "kuka"
     fails_with(capsys, ["--robot kuka", "not --robot floating"], od.load_dataset, path,
                env_settings={**settings, "robot": "floating"})
+
+
+def test_a_run_with_an_arm_stops_and_resumes_with_the_same_robot(tmp_path):
+    """A real SAC run with --robot kuka: stopped by SLURM's time-limit signal, resumed by the same command to the end;
+    the same run name with another robot is refused (the resume file's settings include the robot)."""
+    from conftest import run_script, script_fails_with, stop_with_signal
+
+    flags = ["--group-order", "4", "--n-hidden", "8", "--image-size", "32", "--batch-size", "8", "--learning-starts",
+             "8", "--num-envs", "2", "--max-steps", "6", "--eval-frequency", "1000", "--eval-episodes", "1",
+             "--num-eval-envs", "1", "--num-demos", "1", "--total-timesteps", "400", "--progress-interval", "0",
+             "--run-name", "arm"]
+    output = stop_with_signal("sac_equi_bullet.py", *flags, "--robot", "kuka", cwd=str(tmp_path))
+    assert "checkpoint written" in output
+    script_fails_with(run_script("sac_equi_bullet.py", *flags, "--robot", "panda", cwd=str(tmp_path), check=False),
+                      "--robot")
+    resumed = run_script("sac_equi_bullet.py", *flags, "--robot", "kuka", cwd=str(tmp_path))
+    assert "resuming runs/arm from global step" in resumed.stdout and "step 400/400" in resumed.stdout

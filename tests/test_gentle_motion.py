@@ -232,3 +232,116 @@ def test_joint_metrics_slow_vs_fast_still_arm_and_reset():
     assert all(value == 0.0 for key, value in run_actions(floating, [[1, 1, 0, 0, 0]] * 2).items()
                if key in JOINT_METRICS)
     floating.close()
+
+
+# ---- the action filter (action_filter_tau): an action-space physics prior ----
+def free_gripper_state(env, seed=0):
+    """The gripper open, high above the table, away from every object: its moves touch nothing."""
+    env.reset(seed=seed)
+    state = env.get_scene_state()
+    state["gripper"].update(position=[0.0, 0.0, 0.2], yaw=0.0)
+    return state
+
+
+def test_the_action_filter_follows_a_step_command_gradually_with_less_jerk():
+    """A step from rest to full dx: the filtered gripper moves gain, then gain + (1 - gain) gain, ... of a full step
+    (gain = 1 - exp(-0.183 s / tau)), and the episode's mean squared jerk is lower than the unfiltered one."""
+    metrics, moved = {}, {}
+    for tau in (0.0, 0.2):
+        env = make("BlockPulling", image_size=32, action_filter_tau=tau)
+        env.reset(options={"scene_state": free_gripper_state(env)})
+        xs = [env.gripper_pose()[0][0]]
+        for action in [[1, 0, 0, 0, 0]] + [[1, 0.6, 0, 0, 0]] * 4:
+            _, _, _, _, info = env.step(np.asarray(action, dtype=np.float32))
+            xs.append(env.gripper_pose()[0][0])
+        metrics[tau], moved[tau] = float(info["mean_squared_jerk"]), np.diff(xs)[1:]
+        gain = env.action_filter_gain
+        env.close()
+    assert gain == pytest.approx(1 - np.exp(-44 / 240 / 0.2))
+    expected = 0.6 * 0.05 * (1 - (1 - gain) ** np.arange(1, 5))  # the filter's response to the step
+    np.testing.assert_allclose(moved[0.2], expected, atol=1e-3)
+    np.testing.assert_allclose(moved[0.0], 0.03, atol=1e-3)
+    assert metrics[0.2] < 0.85 * metrics[0.0]
+
+
+def test_the_action_filter_off_by_default_leaves_the_env_as_it_was():
+    """Default, tau 0 and a tau so short that the filter passes every command on (gain 1) give the same observations
+    along a seeded random episode, and the scene state gains no filter memory unless the filter is on."""
+    actions = np.random.default_rng(2).uniform(-1, 1, (8, 5)).astype(np.float32)
+    runs = []
+    for kwargs in ({}, {"action_filter_tau": 0.0}, {"action_filter_tau": 1e-4}):
+        env = make("BlockPulling", image_size=32, **kwargs)
+        observations = [env.reset(seed=5)[0]] + [env.step(a)[0] for a in actions]
+        runs.append(np.stack(observations))
+        assert ("motion" in env.get_scene_state()["gripper"]) == bool(kwargs.get("action_filter_tau"))
+        env.close()
+    np.testing.assert_array_equal(runs[0], runs[1])
+    np.testing.assert_array_equal(runs[0], runs[2])
+
+
+def test_a_copy_of_a_filtered_env_continues_exactly():
+    import copy
+    import pickle
+
+    env = make("BlockPicking", image_size=32, action_filter_tau=0.3)
+    env.reset(seed=1)
+    actions = np.random.default_rng(3).uniform(-1, 1, (6, 5)).astype(np.float32)
+    for action in actions[:3]:
+        env.step(action)
+    assert np.abs(env.executed_motion).max() > 0
+    copies = [copy.deepcopy(env), pickle.loads(pickle.dumps(env))]
+    for twin in copies:
+        np.testing.assert_array_equal(twin.executed_motion, env.executed_motion)
+    for action in actions[3:]:
+        expected = env.step(action)[0]
+        for twin in copies:
+            np.testing.assert_array_equal(twin.step(action)[0], expected)
+            np.testing.assert_array_equal(twin.executed_motion, env.executed_motion)
+    for other in (env, *copies):
+        other.close()
+
+
+def test_the_filter_memory_is_restored_with_the_scene_and_reset_with_the_episode():
+    env = make("BlockPulling", image_size=32, action_filter_tau=0.3)
+    env.reset(options={"scene_state": free_gripper_state(env)})
+    env.step(np.array([1, 1, 0, 0, 0], dtype=np.float32))
+    state = env.get_scene_state()
+    assert state["gripper"]["motion"][0] > 0.01
+    after = env.step(np.array([1, 1, 0, 0, 0], dtype=np.float32))[0]
+    env.reset(options={"scene_state": state})  # at rest, but the filter remembers the last move
+    np.testing.assert_array_equal(env.step(np.array([1, 1, 0, 0, 0], dtype=np.float32))[0], after)
+    env.reset(seed=0)
+    np.testing.assert_array_equal(env.executed_motion, np.zeros(4))
+    env.close()
+
+
+def test_a_turned_scene_with_turned_actions_gives_the_turned_observation_with_the_filter_on():
+    """The filter memory turns with the scene (rotate_scene_state), so continuing with turned actions turns the
+    images, after 1, 2 and 3 quarter turns."""
+    env = make("BlockPulling", action_filter_tau=0.3)  # 128 x 128: the symmetry test's resolution
+    env.reset(seed=3)
+    for _ in range(3):  # a planner prefix: the filter is mid-motion toward the blocks
+        env.step(env.expert_action())
+    state = env.get_scene_state()
+    assert np.abs(state["gripper"]["motion"][:2]).max() > 0.005
+    actions = [np.array([1, 0.8, -0.5, -0.3, 0.2], dtype=np.float32), np.array([1, -0.2, 0.9, 0, 0], dtype=np.float32)]
+    env.reset(options={"scene_state": state})
+    reference = [env.step(a)[0] for a in actions]
+    for k in (1, 2, 3):
+        rotation = np.linalg.matrix_power(QUARTER_TURN, k)
+        env.reset(options={"scene_state": rotate_scene_state(state, k)})
+        for action, expected in zip(actions, reference):
+            turned = np.concatenate([action[:1], rotation @ action[1:3], action[3:]]).astype(np.float32)
+            observation = env.step(turned)[0]
+            differing = np.abs(np.rot90(expected[0], k).astype(int) - observation[0]) > 1
+            assert differing.mean() < 0.001, f"{differing.sum()} pixels differ after {k} quarter turns"
+            np.testing.assert_array_equal(observation[1], expected[1])
+    env.close()
+
+
+def test_a_bad_action_filter_tau_raises_one_clear_error(capsys):
+    with pytest.raises(ValueError, match="action_filter_tau"):
+        make("BlockPulling", action_filter_tau=-0.1)
+    fails_with(capsys, ["--action-filter-tau"], sac.check_args, sac.Args(action_filter_tau=5.0))
+    assert sac.Args(action_filter_tau=0.2).env_kwargs()["action_filter_tau"] == 0.2
+    assert sac.Args(action_filter_tau=0.2).env_settings()["action_filter_tau"] == 0.2

@@ -68,7 +68,9 @@ Smooth, gentle motion. `info` also holds the episode's smoothness and gentleness
 definitions and units in metrics.py), sampled after every physics step unless `physics_metrics=False`. Optional
 reward shaping (`action_rate_penalty`, `force_penalty` above `force_threshold` newtons) and compliance
 (`gripper_force`, `finger_force`, the most force the gripper's positioning constraint and each finger apply) are
-kwargs; their defaults leave the tasks as they were (reward 1 on success only, 150 N, 25 N).
+kwargs; their defaults leave the tasks as they were (reward 1 on success only, 150 N, 25 N). `action_filter_tau`
+(seconds, 0 = off) makes the action a target move that the executed move follows through a first-order filter; the
+filter's memory (the last executed move) is part of the scene state and turns with it.
 
 Copies. `copy.deepcopy(env)` and `pickle` give an independent env with its own pybullet connection, rebuilt by
 replaying the episode (its reset, then the same actions): it continues exactly like the original, in another
@@ -159,6 +161,7 @@ GRIPPER_FORCE = 150.0  # N, bounds how hard the gripper can push, press and pull
 MOVE_SUBSTEPS = 36  # the constraint target slides 5 cm in 0.15 s (peak 0.5 m/s; a pushed block barely coasts) ...
 SETTLE_SUBSTEPS = 8  # ... then holds still while the gripper closes the last tenths of a millimetre
 FINGER_SUBSTEPS = 18  # fingers travel 4 cm at 0.5 m/s in 19 substeps, and a released object drops a little
+CONTROL_PERIOD = (MOVE_SUBSTEPS + SETTLE_SUBSTEPS) * TIME_STEP  # s per move: the action filter's dt (finger time aside)
 
 RENDERERS = ("analytic", "tiny", "raycast")
 COLORS = {
@@ -272,6 +275,9 @@ def rotate_scene_state(state: dict, quarter_turns: int = 1) -> dict:
     turn = yaw_quaternion(angle)
     rotated = copy.deepcopy(state)
     rotated["gripper"]["yaw"] = wrap_angle(state["gripper"]["yaw"] + angle)
+    if "motion" in state["gripper"]:  # the action filter's last executed move turns like an action's (dx, dy)
+        mx, my, *rest = state["gripper"]["motion"]
+        rotated["gripper"]["motion"] = [cos_a * mx - sin_a * my, sin_a * mx + cos_a * my, *rest]
     for body in rotated["bodies"]:
         body["position"] = turn_point(body["position"])
         body["orientation"] = list(pb.multiplyTransforms((0, 0, 0), turn, (0, 0, 0), body["orientation"])[1])
@@ -335,7 +341,7 @@ class ManipulationEnv(gym.Env):
                  renderer: str = "analytic", render_size: int = 256, physics_metrics: bool = True,
                  gripper_force: float = GRIPPER_FORCE, finger_force: float = FINGER_FORCE,
                  action_rate_penalty: float = 0.0, force_penalty: float = 0.0, force_threshold: float = 20.0,
-                 robot: str = "floating"):
+                 action_filter_tau: float = 0.0, robot: str = "floating"):
         name = type(self).__name__
         if robot not in ROBOTS:
             raise ValueError(f"{name}: robot must be one of {ROBOTS}, got {robot!r}.")
@@ -366,7 +372,8 @@ class ManipulationEnv(gym.Env):
                                       ("finger_force", finger_force, 1.0, 200.0),
                                       ("action_rate_penalty", action_rate_penalty, 0.0, 100.0),
                                       ("force_penalty", force_penalty, 0.0, 100.0),
-                                      ("force_threshold", force_threshold, 0.1, 1000.0)):
+                                      ("force_threshold", force_threshold, 0.1, 1000.0),
+                                      ("action_filter_tau", action_filter_tau, 0.0, 2.0)):
             if not (isinstance(value, (int, float)) and low <= value <= high):
                 raise ValueError(f"{name}: {key} must be a number in [{low:g}, {high:g}], got {value!r}.")
         self.render_mode = render_mode
@@ -388,6 +395,11 @@ class ManipulationEnv(gym.Env):
         self.action_rate_penalty = float(action_rate_penalty)
         self.force_penalty = float(force_penalty)
         self.force_threshold = float(force_threshold)
+        # The action filter (off at tau 0): the executed move (dx, dy, dz in m, dyaw in rad) approaches the commanded
+        # one by this gain per move, a first-order low-pass of time constant tau sampled every CONTROL_PERIOD.
+        self.action_filter_tau = float(action_filter_tau)
+        self.action_filter_gain = 1.0 - math.exp(-CONTROL_PERIOD / self.action_filter_tau) if action_filter_tau else 1.0
+        self.executed_motion = np.zeros(4)
         self.metrics: PhysicsMetrics | None = None
         self.pixel_size = self.view_scale * self.workspace_size / image_size
         half = self.workspace_size / 2
@@ -599,6 +611,7 @@ class ManipulationEnv(gym.Env):
         self._build_world()
         self.steps = 0
         self.planner_memory = {}
+        self.executed_motion = np.zeros(4)  # each episode starts at rest
         if scene_state is not None:
             self.set_scene_state(scene_state)
         else:
@@ -620,9 +633,21 @@ class ManipulationEnv(gym.Env):
         if self.metrics is not None:
             self.metrics.start_step()
         position, yaw = self.gripper_pose()
-        target = position + action[1:4] * self.dpos
-        target = np.clip(target, self.workspace[:, 0], self.workspace[:, 1])
-        self._move_gripper(position, yaw, target, yaw + action[4] * self.drot)
+        if self.action_filter_tau > 0:
+            # The action is a target move that a first-order filter follows, as a real arm's velocity controller
+            # does: the executed move changes by at most the gain times the command's distance from the last one,
+            # so velocity changes between moves stay bounded (bounded jerk) whatever the policy commands. Linear,
+            # so it commutes with any rotation of (dx, dy). The state is the move really executed (after the
+            # workspace clip): a gripper stopped by the floor starts its next move from rest.
+            commanded = np.array([*(action[1:4] * self.dpos), action[4] * self.drot])
+            motion = self.executed_motion + self.action_filter_gain * (commanded - self.executed_motion)
+            target = np.clip(position + motion[:3], self.workspace[:, 0], self.workspace[:, 1])
+            self.executed_motion = np.array([*(target - position), motion[3]])
+            self._move_gripper(position, yaw, target, yaw + motion[3])
+        else:
+            target = position + action[1:4] * self.dpos
+            target = np.clip(target, self.workspace[:, 0], self.workspace[:, 1])
+            self._move_gripper(position, yaw, target, yaw + action[4] * self.drot)
         command = (action[0] + 1) / 2
         if abs(command - self.gripper_command) > 1e-6:  # unchanged fingers hold their grip: nothing to simulate
             self.gripper_command = float(command)
@@ -757,9 +782,12 @@ class ManipulationEnv(gym.Env):
             if body in self.articulated:
                 entry["joint"] = self.sim.getJointState(body, 0)[0]
             bodies.append(entry)
+        gripper = {"position": position.tolist(), "yaw": yaw, "fingers": list(self.finger_positions()),
+                   "command": self.gripper_command}
+        if self.action_filter_tau > 0:  # the filter's memory: without it a restored scene would start at rest
+            gripper["motion"] = self.executed_motion.tolist()
         return {
-            "gripper": {"position": position.tolist(), "yaw": yaw, "fingers": list(self.finger_positions()),
-                        "command": self.gripper_command},
+            "gripper": gripper,
             "bodies": bodies,
             "goal": copy.deepcopy(self.goal),
             "planner_memory": copy.deepcopy(self.planner_memory),
@@ -774,6 +802,7 @@ class ManipulationEnv(gym.Env):
         gripper = state["gripper"]
         self._set_gripper(np.asarray(gripper["position"], dtype=float), gripper["yaw"], gripper["fingers"],
                           gripper["command"])
+        self.executed_motion = np.array(gripper.get("motion", np.zeros(4)), dtype=float)
         for body, entry in zip(self.bodies, state["bodies"]):
             self.set_body_pose(body, entry["position"], orientation=entry["orientation"])
             if "joint" in entry:
@@ -834,6 +863,8 @@ class ManipulationEnv(gym.Env):
         """Every simulated number a copy must reproduce: poses, velocities and joint states of the gripper and of
         every task body, the gripper's constraint target, and the episode's counters."""
         sim, numbers = self.sim, [self.steps, self.gripper_command, self.holding, self.goal]
+        if self.action_filter_tau > 0:
+            numbers.append(tuple(self.executed_motion))
         for body in (self.gripper, *self.bodies):
             numbers += [*sim.getBasePositionAndOrientation(body), *sim.getBaseVelocity(body)]
             numbers += [sim.getJointState(body, joint)[:2] for joint in range(sim.getNumJoints(body))]

@@ -60,6 +60,12 @@ class ManipulationEnvArgs:
     """compliance: the most force (N) the gripper's positioning constraint applies; lower yields on contact"""
     finger_force: float = 25.0
     """compliance: the most force (N) each finger squeezes with"""
+    action_filter_tau: float = 0.0
+    """action-space prior: time constant (s) of a first-order filter between the commanded and the executed gripper
+    move (dx, dy, dz, dtheta; not the fingers): each 0.18 s move steps 1 - exp(-0.18 / tau) of the way from the last
+    executed move to the command, so the change of velocity between moves is bounded (bounded jerk) and a turned
+    command gives the turned move. Chosen over a rate limit because it is linear (no clipping: equivariant under
+    any rotation) and still reaches any command (0 = off)"""
 
     def check_env_settings(self) -> None:
         """Stop at start-up, with one sentence, on env settings that cannot work."""
@@ -80,6 +86,8 @@ class ManipulationEnvArgs:
         require_range(self, "force_threshold", 0.1, 1000, "N")
         require_range(self, "gripper_force", 1, 1000, "N")
         require_range(self, "finger_force", 1, 200, "N")
+        require_range(self, "action_filter_tau", 0.0, 2.0, "seconds", "0 = off; 2 s already takes 11 moves to reach "
+                      "63% of a command")
 
     def env_settings(self) -> dict:
         """These settings, by field name, as they are recorded (in datasets) and compared."""
