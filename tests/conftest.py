@@ -142,8 +142,6 @@ def manipulation_observations(tasks=("BlockPulling", "BlockPicking"), image_size
     holding flag 0/1); the picking task makes the gripper hold its block, so both flag values appear."""
     import gymnasium as gym
 
-    import cleanrl_equi  # noqa: F401  (registers the tasks)
-
     observations = []
     for task in tasks:
         env = gym.make(f"cleanrl_equi/{task}-v0", image_size=image_size).unwrapped
