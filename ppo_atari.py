@@ -243,12 +243,9 @@ def evaluate(agent: Agent, args: Args, device: torch.device, run_name: str, capt
         with torch.no_grad():
             actions, _, _, _ = agent.get_action_and_value(torch.as_tensor(obs, device=device))
         obs, _, _, _, infos = envs.step(actions.cpu().numpy())
-        if "_episode" in infos:
-            ended = infos["_episode"]
-            for score, frames in zip(infos["episode"]["r"][ended], infos["episode"]["l"][ended]):
-                if len(scores) < args.eval_episodes:
-                    print(f"eval game {len(scores)}: score {float(score):.1f}, {int(frames)} frames")
-                    scores.append(float(score))
+        for i in np.flatnonzero(infos.get("_episode", []))[: args.eval_episodes - len(scores)]:
+            scores.append(float(infos["episode"]["r"][i]))
+            print(f"eval game {len(scores) - 1}: score {scores[-1]:.1f}, {int(infos['episode']['l'][i])} frames")
     envs.close()
     print(f"{args.env_id}: mean score {np.mean(scores):.1f} +- {np.std(scores):.1f} over {len(scores)} games "
           f"(actions sampled from the policy, evaluation seed {args.seed + 10_000})", flush=True)
@@ -261,8 +258,7 @@ def run_evaluation(args: Args) -> None:  # PLUMBING: --eval-checkpoint
     checkpoint = load_checkpoint(args.eval_checkpoint, SCRIPT)
     saved = Args(**{k: v for k, v in checkpoint["args"].items() if k in Args.__dataclass_fields__})
     saved.eval_episodes, saved.seed, saved.env_backend = args.eval_episodes, args.seed, args.env_backend
-    device = device_for(args)
-    agent = Agent(saved).to(device)
+    agent = Agent(saved).to(device := device_for(args))
     load_state(agent, saved_weights(checkpoint, "model", args.eval_checkpoint, in_resume="agent"), args.eval_checkpoint)
     run_name = f"{saved.env_id}__{saved.exp_name}__{saved.seed}__{int(time.time())}"
     evaluate(agent, saved, device, run_name, capture_video=args.capture_video)
@@ -409,8 +405,7 @@ if __name__ == "__main__":
             writer.add_scalar(f"losses/{key}", value.item(), global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
         writer.add_scalar("charts/SPS", int((global_step - start_step) / (time.time() - start_time)), global_step)
-        ended = f"last return {last_return:.1f}" if not np.isnan(last_return) else "no episode ended yet"  # PLUMBING
-        run.progress(global_step, args.num_iterations * args.batch_size, ended,  # PLUMBING
+        run.progress(global_step, args.num_iterations * args.batch_size, f"last return {last_return:.1f}",  # PLUMBING
                      force=iteration == args.num_iterations)
         run.checkpoint(global_step=global_step, iteration=iteration)  # PLUMBING: periodic resume file; stop on signal
 

@@ -30,7 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 from cleanrl_equi.checkpoints import load_checkpoint, load_state, saved_weights  # PLUMBING
 from cleanrl_equi.compile import check_compile_flags, compiled, prepare_optimizer, set_learning_rate  # SPEED
 from cleanrl_equi.envs.mujoco import (NormalizationState, check_env_id, check_rendering, evaluate_policy,
-                                      merged_saved_statistics, training_statistics)
+                                      saved_statistics, training_statistics)
 from cleanrl_equi.errors import fail, require
 from cleanrl_equi.run import Run, device_for, new_folder  # PLUMBING
 
@@ -278,19 +278,12 @@ def load_policy(path: str, device) -> tuple[Agent, dict, dict]:  # PLUMBING: --e
     """The agent and normalisation statistics of a model file or a resume file written by this script (a resume file
     keeps each sub-env's statistics: they are merged as --save-model merges them), failing with one sentence."""
     checkpoint = load_checkpoint(path, SCRIPT, map_location=device)
+    statistics, saved = saved_statistics(checkpoint, path), checkpoint["args"]
     weights = saved_weights(checkpoint, "model", path, in_resume="agent")
-    if "obs_rms" in checkpoint and "return_rms" in checkpoint:
-        statistics = {"obs_rms": checkpoint["obs_rms"], "return_rms": checkpoint["return_rms"]}
-    elif "normalization" in checkpoint.get("state", {}):
-        statistics = merged_saved_statistics(checkpoint["state"]["normalization"])
-    else:
-        fail(f"checkpoint {path!r} holds no normalisation statistics; pass a model file written with --save-model "
-             "or a run's resume.pt.")
-    check_env_id(checkpoint["args"]["env_id"])
-    obs_dim, action_dim = weights["critic.0.weight"].shape[1], weights["actor_logstd"].shape[1]
-    agent = Agent(obs_dim, action_dim, checkpoint["args"]["rpo_alpha"]).to(device)
+    check_env_id(saved["env_id"])
+    agent = Agent(weights["critic.0.weight"].shape[1], weights["actor_logstd"].shape[1], saved["rpo_alpha"])
     load_state(agent, weights, path)
-    return agent, statistics, checkpoint["args"]
+    return agent.to(device), statistics, saved
 
 
 if __name__ == "__main__":
@@ -437,8 +430,7 @@ if __name__ == "__main__":
             writer.add_scalar(f"losses/{key}", value.item(), global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
         writer.add_scalar("charts/SPS", int((global_step - start_step) / (time.time() - start_time)), global_step)
-        ended = f"last return {last_return:.1f}" if not np.isnan(last_return) else "no episode ended yet"  # PLUMBING
-        run.progress(global_step, args.num_iterations * args.batch_size, ended,  # PLUMBING
+        run.progress(global_step, args.num_iterations * args.batch_size, f"last return {last_return:.1f}",  # PLUMBING
                      force=iteration == args.num_iterations)
         run.checkpoint(global_step=global_step, iteration=iteration)  # PLUMBING: periodic resume file; stop on signal
 

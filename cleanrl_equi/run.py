@@ -278,6 +278,7 @@ class Run:
         self.last_progress = time.time()
         sps = self.sps(global_step)
         left = format_minutes((total - global_step) / sps) if sps > 0 else "?"
+        fields = [field.replace(" nan", " none yet") for field in fields]  # a value logged before its first sample
         line = " | ".join([f"step {global_step}/{total}", f"SPS {sps:.1f}", *fields, f"{left} left"])
         print(line, flush=True)
         if sps > 0 and (total - global_step) / sps > 6 * 3600 and self.device.type == "cpu" and not self._hinted:

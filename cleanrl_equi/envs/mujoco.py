@@ -123,13 +123,21 @@ def merged_statistics(rms_list) -> dict:
     return {"mean": mean, "var": var, "count": count}
 
 
-def merged_saved_statistics(state: list[dict]) -> dict:
-    """`training_statistics` of the sub-envs' statistics as a resume file keeps them (`NormalizationState`)."""
-    def tracker(saved: dict):
-        return SimpleNamespace(mean=np.asarray(saved["mean"]), var=np.asarray(saved["var"]), count=float(saved["count"]))
+def saved_statistics(checkpoint: dict, path: str) -> dict:
+    """The normalisation statistics a saved policy is evaluated behind: a model file's (merged at --save-model), or a
+    resume file's per-sub-env statistics (`NormalizationState`) merged the same way; one sentence if there are none."""
+    if "obs_rms" in checkpoint and "return_rms" in checkpoint:
+        return {"obs_rms": checkpoint["obs_rms"], "return_rms": checkpoint["return_rms"]}
+    if "normalization" not in checkpoint.get("state", {}):
+        fail(f"checkpoint {path!r} holds no normalisation statistics; pass a model file written with --save-model "
+             "or a run's resume.pt.")
 
-    return {name: merged_statistics([tracker(env_state[name]) for env_state in state])
-            for name in ("obs_rms", "return_rms")}
+    def tracker(saved: dict):
+        return SimpleNamespace(mean=np.asarray(saved["mean"]), var=np.asarray(saved["var"]),
+                               count=float(saved["count"]))
+
+    state = checkpoint["state"]["normalization"]
+    return {name: merged_statistics([tracker(env[name]) for env in state]) for name in ("obs_rms", "return_rms")}
 
 
 def training_statistics(envs: gym.vector.SyncVectorEnv) -> dict:
