@@ -166,6 +166,18 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def git_commit() -> str:
+    """The commit the benchmark ran from, with "+changes" when the work tree differed from it ("unknown" outside git)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                 capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+changes" if changed else "")
+
+
 def machine_info(device: Optional[str] = None) -> dict:
     """Date, CPU model, logical cores, load average, Python, torch and GPU: the record for a results JSON.
 
@@ -178,6 +190,7 @@ def machine_info(device: Optional[str] = None) -> dict:
         "load_average": load_average(),
         "platform": platform.platform(),
         "python": platform.python_version(),
+        "commit": git_commit(),
     }
     try:
         import torch

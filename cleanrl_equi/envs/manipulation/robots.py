@@ -56,15 +56,19 @@ class ArmSpec:
     max_force: float  # N m per arm joint (BulletArm's)
     position_gain: float  # BulletArm's
     velocity_gain: float = 1.0  # BulletArm's
+    closed_form: bool = False  # solve a top-down pose in closed form first (an arm whose joints 2, 4, 6 pitch in one plane)
 
 
 ARMS = {
-    # BulletArm's Kuka: base at x = -0.2 with the workspace centred at x = 0.45; home = its null-space rest poses.
-    # tip: the WSG-50 it replaces reaches 0.29 m past the flange frame, a compact hand 0.15; 0.2 reached the most
-    # of the 0.4 m workspace of the three (benchmarks/manipulation_arms.py's reach part).
-    "kuka": ArmSpec("kuka", "kuka_iiwa/kuka_with_gripper2.sdf", 0.65, flange=6, tip=0.2,
+    # BulletArm's Kuka stands 0.65 m from the workspace centre (its base at x = -0.2, the workspace centred at
+    # x = 0.45); the model's base frame sits 0.1 m ahead of the position given, so the shoulder is 0.55 m away. The
+    # elbow's 120 degree limit keeps the wrist at least 0.43 m from the shoulder and the links at most 0.82 m, so
+    # there the 0.05-0.1 m strip of the 0.4 m workspace nearest the base is out of reach pointing down. 0.71 m
+    # moves the reachable band over the workspace (benchmarks/manipulation_arms.py's reach part). tip: the WSG-50 it
+    # replaces reaches 0.29 m past the flange frame, a compact hand 0.15; 0.2 reached the most of the three.
+    "kuka": ArmSpec("kuka", "kuka_iiwa/kuka_with_gripper2.sdf", 0.71, flange=6, tip=0.2,
                     replaced_links=tuple(range(7, 14)), home=(0.0, 0.0, 0.0, math.pi / 2, 0.0, -math.pi * 0.33, 0.0),
-                    max_force=200.0, position_gain=0.02),
+                    max_force=200.0, position_gain=0.02, closed_form=True),
     # BulletArm's Panda on pybullet_data's model: base at x = -0.1 with the workspace centred at x = 0.45; tip: where
     # the Panda's own fingertips end.
     "panda": ArmSpec("panda", "franka_panda/panda.urdf", 0.55, flange=7, tip=0.116,
@@ -119,6 +123,63 @@ class Arm:
         extra = len(self._held)  # a zero range would void pybullet's null space: give them a nominal one
         self._limits = ([*self.lower, *[-1.0] * extra], [*self.upper, *[1.0] * extra],
                         [*(self.upper - self.lower), *[2.0] * extra], [*spec.home, *[0.0] * extra])
+        if spec.closed_form:
+            self._measure_planar_chain()
+
+    def _measure_planar_chain(self):
+        """The lengths of a pointing-down Kuka's planar chain, read off the model with every joint at zero (the
+        links then stand in one vertical line): shoulder (joint 2) -> elbow (joint 4) -> wrist (joint 6) -> flange,
+        and how the gripper's yaw follows joints 1 and 7 once the chain points down."""
+        sim = self.sim
+        for joint in ARM_JOINTS:
+            sim.resetJointState(self.body, joint, 0.0, 0.0)
+        shoulder, elbow, wrist, flange = (np.array(sim.getLinkState(self.body, link, computeForwardKinematics=1)[4])
+                                          for link in (1, 3, 5, self.spec.flange))
+        self.shoulder = shoulder
+        self.upper_arm, self.forearm = float(np.linalg.norm(elbow - shoulder)), float(np.linalg.norm(wrist - elbow))
+        self.wrist_to_tip = float(np.linalg.norm(flange - wrist)) + self.spec.tip
+        longest_bend = self.upper[3] - LIMIT_MARGIN  # the elbow's limit sets how close the wrist comes
+        self.reach_range = (math.sqrt(self.upper_arm ** 2 + self.forearm ** 2
+                                      + 2 * self.upper_arm * self.forearm * math.cos(longest_bend)),
+                            self.upper_arm + self.forearm - 1e-4)
+        # Gripper yaw = yaw_offset + joint 1 + yaw_sign * joint 7 (the flange's axis points down, so joint 7 may turn
+        # the yaw backwards): two readings of a pointing-down pose give both numbers.
+        yaws = []
+        for last in (0.0, 0.5):
+            joints = self._planar(np.array([self.shoulder[0] + 0.6, 0.0, 0.1]), 0.0, offset=(0.0, 1.0))[0]
+            joints[6] = last
+            for joint, angle in zip(ARM_JOINTS, joints):
+                sim.resetJointState(self.body, joint, float(angle), 0.0)
+            orientation = sim.getLinkState(self.body, self.spec.flange, computeForwardKinematics=1)[5]
+            gripper = pb.multiplyTransforms((0, 0, 0), orientation, (0, 0, 0), pb.invertTransform((0, 0, 0), FLIP)[1])[1]
+            yaws.append(2 * math.atan2(gripper[2], gripper[3]))
+        self.yaw_sign = 1.0 if math.remainder(yaws[1] - yaws[0], 2 * math.pi) > 0 else -1.0
+        self.yaw_offset = yaws[0]
+
+    def _planar(self, position, yaw: float, last_joint: float | None = None, offset=None) -> tuple:
+        """Closed-form joints that point the gripper straight down at `position` with `yaw`: joints 1 turns the
+        chain toward the wrist, joints 2, 4 and 6 solve the two-link triangle elbow up (joints 3 and 5 stay at 0) and
+        tilt the flange back to vertical, joint 7 sets the yaw (of the yaw, yaw + pi, ... the one in range nearest
+        `last_joint`). A wrist out of reach is put as far along its line from the shoulder as the arm goes.
+        Returns the joints, the yaw they give and whether the pose is within reach."""
+        yaw_offset, yaw_sign = offset if offset is not None else (self.yaw_offset, self.yaw_sign)
+        dx, dy, dz = np.asarray(position, dtype=float) + (0.0, 0.0, self.wrist_to_tip) - self.shoulder
+        across = math.hypot(dx, dy)
+        distance = math.hypot(across, dz)
+        reach = min(max(distance, self.reach_range[0]), self.reach_range[1])
+        upper, fore = self.upper_arm, self.forearm
+        bend = math.pi - math.acos((upper ** 2 + fore ** 2 - reach ** 2) / (2 * upper * fore))
+        lean = math.atan2(across, dz) - math.acos((upper ** 2 + reach ** 2 - fore ** 2) / (2 * upper * reach))
+        turn = math.atan2(dy, dx)
+        # j2 leans the chain toward +x, j4 bends it the other way for positive angles, j6 like j2 (measured).
+        wrist = yaw_sign * (yaw - yaw_offset - turn)
+        if last_joint is not None:  # two identical fingers: turning by pi gives the same grasp
+            candidates = [wrist + k * math.pi for k in range(-3, 4)]
+            inside = [c for c in candidates if self.lower[6] + LIMIT_MARGIN <= c <= self.upper[6] - LIMIT_MARGIN]
+            wrist = min(inside or candidates, key=lambda c: abs(c - last_joint))
+        realised = yaw_offset + turn + yaw_sign * wrist
+        realised = yaw + round((realised - yaw) / math.pi) * math.pi
+        return np.array([turn, lean, 0.0, -bend, 0.0, math.pi - lean - bend, wrist]), realised, reach == distance
 
     # ---- copies: the simulation is rebuilt by the env's replay, which creates a new Arm ----
     def __getstate__(self):
@@ -140,9 +201,11 @@ class Arm:
         `currentPositions`, which also makes it read the target in the base's centre-of-mass frame). A move takes
         the damped least-squares step (the smallest joint change: a zero action leaves the arm still); `posture`
         (a reset) pulls the null space toward the home posture first, then lands on the pose with a plain round."""
+        joints = self.joints() if seed is None else np.asarray(seed, dtype=float)
+        if self.spec.closed_form:
+            return self._closed_form(position, yaw, joints)[0]
         flange_position, flange_orientation = self.flange_target(position, yaw)
         local, local_orientation = pb.multiplyTransforms(*self._from_world, flange_position, flange_orientation)
-        joints = self.joints() if seed is None else np.asarray(seed, dtype=float)
         for round_ in range(rounds):
             null_space = {}
             if posture and round_ < rounds - 1:
@@ -154,6 +217,18 @@ class Arm:
             joints = np.array(solution[:len(ARM_JOINTS)])
         return joints
 
+    def _closed_form(self, position, yaw: float, seed: np.ndarray) -> tuple[np.ndarray, float]:
+        """The closed-form posture (the arm's posture is a function of the gripper pose, so no drift over an
+        episode), polished by one round of pybullet's solver where the pose is within reach."""
+        joints, realised, within_reach = self._planar(position, yaw, last_joint=seed[6])
+        if within_reach:
+            flange_position, flange_orientation = self.flange_target(position, realised)
+            local, local_orientation = pb.multiplyTransforms(*self._from_world, flange_position, flange_orientation)
+            joints = np.array(self.sim.calculateInverseKinematics(
+                self.body, self.spec.flange, local, local_orientation, currentPositions=[*joints, *self._held],
+                maxNumIterations=20, residualThreshold=1e-6)[:len(ARM_JOINTS)])
+        return joints, realised
+
     def within_limits(self, joints: np.ndarray, margin: float = LIMIT_MARGIN) -> bool:
         return bool(np.all(joints >= self.lower + margin) and np.all(joints <= self.upper - margin))
 
@@ -161,6 +236,8 @@ class Arm:
         """A solution and the yaw it realises. The smallest joint change first; where that ends near a joint limit
         (within POSTURE_MARGIN), the solve that pulls the posture home (left alone, the damped least-squares steps
         walk the elbow into a limit over an episode); then `yaw` turned by pi where that keeps every joint in range."""
+        if self.spec.closed_form:
+            return self._closed_form(position, yaw, self.joints() if seed is None else np.asarray(seed, dtype=float))
         joints = self.solve(position, yaw, seed, posture=posture)
         if not posture and not self.within_limits(joints, POSTURE_MARGIN):
             joints = self.solve(position, yaw, seed, posture=True)
