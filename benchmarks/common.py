@@ -167,7 +167,7 @@ def load_average() -> list[float]:
 
 
 def git_commit() -> str:
-    """The commit the benchmark ran from, with "+changes" when the work tree differed from it ("unknown" outside git)."""
+    """The commit the benchmark ran from, "+changes" where the work tree differed from it ("unknown" outside git)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                 check=True).stdout.strip()

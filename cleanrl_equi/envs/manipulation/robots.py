@@ -9,23 +9,28 @@ of the arm's own hand (the Kuka's WSG-50 links of `kuka_with_gripper2.sdf`, the 
 links stay on the arm as a load but neither collide nor move; the arm's seven joints follow the move in position
 control, and contacts on the gripper load the arm's motors.
 
-Placement (BulletArm's): the base stands on the table on the workspace's -x side, facing +x, at 0.65 m (Kuka) or
-0.55 m (Panda) from the workspace centre; image rows grow with +x, away from the base. Motors (BulletArm's numbers):
-Kuka 200 N m per joint, Panda 240 N m (BulletArm's Panda on pybullet_data's model), position gain 0.02 (its
-robots' default), velocity gain 1.
+Placement: the base stands on the table on the workspace's -x side, facing +x, at 0.71 m (Kuka; BulletArm's 0.65 m
+leaves the strip nearest the base beyond the elbow's bend limit, see ARMS) or 0.55 m (Panda, BulletArm's) from the
+workspace centre; image rows grow with +x, away from the base. Motors (BulletArm's numbers): Kuka 200 N m per
+joint, Panda 240 N m (BulletArm's Panda on pybullet_data's model), position gain 0.02 (its robots' default),
+velocity gain 1.
 
 A move. The target pose (current gripper pose plus the action's displacement, clipped to the workspace by the env)
-is solved with `calculateInverseKinematics` for the flange (damped least squares, as BulletArm's Kuka), seeded with
-the current joints, so the joints change as little as the move needs (a zero action leaves the arm still). Where that
-answer ends within 0.3 rad of a joint limit, and at every reset, the solve pulls the redundant posture toward the
-home posture in the null space first (without it the least-squares steps walk the elbow into a limit over an
-episode), so every episode also starts in the same posture. The joint targets then follow a smoothstep from the
-current joints to the solution over the same 36 physics steps as the floating gripper's constraint, with the
-smoothstep's joint velocities as the motors' velocity targets (BulletArm's low position gains alone would lag far
-behind), then hold for the same 8 settling steps. One refinement solve from the
-reached joints corrects the few tenths of a millimetre a joint-space path leaves. The gripper's yaw is defined modulo
-pi (two identical fingers): a yaw target whose solution would pass a joint limit is turned by pi, as a wrist near
-its stop would.
+is solved for the flange with `calculateInverseKinematics` (damped least squares, as BulletArm's robots). The Kuka
+first takes its closed-form top-down posture (joint 1 turns toward the target, joints 2, 4 and 6 solve the
+shoulder-elbow-wrist triangle elbow up and tilt the flange back to vertical, joints 3 and 5 stay at 0, joint 7
+sets the yaw), which pybullet's solver then polishes: its posture is a function of the gripper pose, so it never
+drifts over an episode, and a pose beyond reach puts the wrist as far toward it as the arm goes. The Panda (no such
+closed form: its elbow is offset) is solved from the current joints, so the joints change as little as the move
+needs (a zero action leaves the arm still); where that answer ends within 0.3 rad of a joint limit, and at every
+reset, the solve pulls the redundant posture toward the home posture in the null space first (without it the
+least-squares steps walk the elbow into a limit over an episode), so every episode also starts in the same
+posture. The joint targets then follow a smoothstep from the current joints to the solution over the same 36
+physics steps as the floating gripper's constraint, with the smoothstep's joint velocities as the motors' velocity
+targets (BulletArm's low position gains alone would lag far behind), then hold for the same 8 settling steps. One
+refinement solve from the reached joints corrects the few tenths of a millimetre a joint-space path leaves. The
+gripper's yaw is defined modulo pi (two identical fingers): a yaw target whose solution would pass a joint limit
+is turned by pi, as a wrist near its stop would.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ class ArmSpec:
     max_force: float  # N m per arm joint (BulletArm's)
     position_gain: float  # BulletArm's
     velocity_gain: float = 1.0  # BulletArm's
-    closed_form: bool = False  # solve a top-down pose in closed form first (an arm whose joints 2, 4, 6 pitch in one plane)
+    closed_form: bool = False  # a top-down pose in closed form first (joints 2, 4, 6 pitch in one plane)
 
 
 ARMS = {
@@ -85,7 +90,8 @@ def smoothstep(progress: float) -> tuple[float, float]:
 
 
 class Arm:
-    """One arm in one simulation, carrying the gripper body `gripper`; rebuilt with the simulation at every reset."""
+    """One arm in one simulation, carrying the gripper body `gripper`; made with each new simulation (a soft reset
+    keeps it, scene.py)."""
 
     def __init__(self, sim, spec: ArmSpec, gripper: int):
         self.sim, self.spec, self.gripper = sim, spec, gripper
@@ -151,7 +157,8 @@ class Arm:
             for joint, angle in zip(ARM_JOINTS, joints):
                 sim.resetJointState(self.body, joint, float(angle), 0.0)
             orientation = sim.getLinkState(self.body, self.spec.flange, computeForwardKinematics=1)[5]
-            gripper = pb.multiplyTransforms((0, 0, 0), orientation, (0, 0, 0), pb.invertTransform((0, 0, 0), FLIP)[1])[1]
+            unflip = pb.invertTransform((0, 0, 0), FLIP)[1]
+            gripper = pb.multiplyTransforms((0, 0, 0), orientation, (0, 0, 0), unflip)[1]
             yaws.append(2 * math.atan2(gripper[2], gripper[3]))
         self.yaw_sign = 1.0 if math.remainder(yaws[1] - yaws[0], 2 * math.pi) > 0 else -1.0
         self.yaw_offset = yaws[0]

@@ -148,6 +148,7 @@ from cleanrl_equi.envs.manipulation.robots import ROBOTS, Arm, make_arm  # noqa:
 TIME_STEP = 1.0 / 240.0
 Z_RANGE = (0.01, 0.25)  # gripper (fingertip) heights allowed, as BulletArm's workspace z range
 START_HEIGHT = 0.2
+HARD_RESET_EVERY = 100  # episodes an arm's simulation is kept (soft resets) before it is built anew
 HEIGHT_UNIT = 0.001  # metres per uint8 level in channel 0
 GOAL_MARK_HEIGHT = 0.005
 
@@ -407,6 +408,7 @@ class ManipulationEnv(gym.Env):
         self.observation_space = gym.spaces.Box(0, 255, (2, image_size, image_size), np.uint8)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (5,), np.float32)
         self.sim: BulletClient | None = None
+        self._soft_resets_left = 0
         self.planner_memory: dict = {}
         self.goal: dict | None = None
         self.steps = 0
@@ -434,11 +436,22 @@ class ManipulationEnv(gym.Env):
     # ---- scene construction ----
     def _build_world(self):
         """Fresh simulation with table, gripper and the task's bodies (resetSimulation keeps episodes identical
-        under a seed: no contact caches or body ids survive from the previous episode)."""
+        under a seed: no contact caches or body ids survive from the previous episode). With an arm, whose model
+        takes 15-20 ms to load, the simulation is kept between episodes as BulletArm does (a soft reset: only the
+        task's bodies are removed and made again, the arm and gripper are put back at rest), rebuilt every
+        HARD_RESET_EVERY episodes; an episode is the same either way (tests/test_arms.py compares them)."""
+        if self.arm is not None and self.sim is not None and 0 < self._soft_resets_left:
+            self._soft_resets_left -= 1
+            self._remove_task_bodies()
+            self._set_gripper(np.array([0.0, 0.0, START_HEIGHT]), 0.0, (FINGER_MAX, FINGER_MAX), 1.0)
+            self.sim.performCollisionDetection()  # drops the contact caches of the gripper's last touches
+            self._create_task_bodies()
+            return
         if self.sim is None:
             self.sim = connect_quietly()
             self.sim.setAdditionalSearchPath(pybullet_data.getDataPath())
         sim = self.sim
+        self._soft_resets_left = HARD_RESET_EVERY
         sim.resetSimulation()
         sim.setTimeStep(TIME_STEP)
         sim.setGravity(0, 0, -9.8)
@@ -450,7 +463,22 @@ class ManipulationEnv(gym.Env):
         self.articulated: list[int] = []  # task bodies with one prismatic joint (the drawer)
         self.goal = None
         self._create_gripper()
+        if self.arm is not None:
+            sim.performCollisionDetection()  # as a soft reset does at this point, so both start alike
         self._create_task_bodies()
+
+    def _remove_task_bodies(self):
+        """Remove every body made after the gripper and arm (task bodies, goal marker), newest first, so that
+        pybullet hands out their ids again in the same order."""
+        sim = self.sim
+        keep = {self.table, self.gripper, self.arm.body}
+        for index in reversed(range(sim.getNumBodies())):
+            body = sim.getBodyUniqueId(index)
+            if body not in keep:
+                sim.removeBody(body)
+        self._render_parts = []
+        self.bodies, self.free_objects, self.articulated = [], [], []
+        self.goal = None
 
     def _create_gripper(self):
         sim = self.sim
