@@ -600,7 +600,7 @@ def actor_update_step(actor: nn.Module, critic: nn.Module, actor_optimizer, log_
     return {"actor_loss": actor_loss.detach(), "demo_loss": demo_loss.detach(), "caps_temporal": caps_temporal.detach(),
             "caps_spatial": caps_spatial.detach(), "alpha_loss": alpha_loss.detach(), "alpha": log_alpha.detach().exp(),
             "smooth_adversarial": smooth_adversarial.detach(), "qc_pi": qc_pi, "lambda_loss": lambda_loss.detach(),
-            "lambda": lagrange_now}
+            "lambda": lagrange_now, "entropy": -log_pi.detach().mean(), "policy_std": log_std.detach().exp().mean()}
 
 
 # ---- Buffer augmentation: the symmetry applied to the data ---------------------------------------------------------
@@ -789,7 +789,8 @@ if __name__ == "__main__":
             writer.add_scalar("losses/qf1_loss", qf1_loss, global_step)
             writer.add_scalar("losses/qf2_loss", qf2_loss, global_step)
             writer.add_scalar("losses/qf_loss", (qf1_loss + qf2_loss) / 2.0, global_step)
-            for key in ("actor_loss", "demo_loss", "caps_temporal", "caps_spatial", "smooth_adversarial", "alpha"):
+            for key in ("actor_loss", "demo_loss", "caps_temporal", "caps_spatial", "smooth_adversarial", "alpha",
+                        "entropy", "policy_std"):
                 writer.add_scalar(f"losses/{key}", actor_stats[key].item(), global_step)
             if constrained:
                 writer.add_scalar("charts/lambda", actor_stats["lambda"].item(), global_step)

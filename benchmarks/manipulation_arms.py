@@ -38,7 +38,8 @@ import gymnasium as gym
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, Output, cli, companion, cpu_model, load_average, results_path  # noqa: E402
+from common import (REPO, Output, cli, companion, cpu_model, git_commit, load_average,  # noqa: E402
+                    results_path)
 
 sys.path.insert(0, REPO)
 import cleanrl_equi  # noqa: E402
@@ -74,6 +75,8 @@ class Args(Output):
     """scenes per task in the image part"""
     grid: int = 9
     """grid points per side of the workspace in the reach part"""
+    note: str = "one process, OMP_NUM_THREADS=1; the machine's 2 cores were shared with other jobs"
+    """how the machine was shared while this ran (recorded with the results)"""
 
 
 def env_args(task: str, robot: str, args: Args) -> ManipulationEnvArgs:
@@ -258,7 +261,7 @@ def main():
                 print(f"symmetry {task:14s} {robot:8s} {row}", flush=True)
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model(),
             "cpus": os.cpu_count(), "load_average_before": load_before, "load_average_after": load_average(),
-            "note": "one process, OMP_NUM_THREADS=1; the machine's 2 cores were shared with other sessions' jobs",
+            "note": args.note, "commit": git_commit(),
             "settings": f"ManipulationEnvArgs defaults (paper settings) with workspace {args.workspace_size} m, "
                         f"{args.image_size} px", "args": {k: v for k, v in vars(args).items()}}
     with open(path, "w") as f:

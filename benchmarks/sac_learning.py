@@ -59,6 +59,11 @@ class Args(Output, Launch):
     """success rate whose first crossing (seed mean) is reported"""
     hardware: str = ""
     """hardware description for the results (default: detected)"""
+    last_evals: int = 4
+    """evaluations at the end of a run averaged for the "last" figures (a single last evaluation hides a collapse)"""
+    dynamics: bool = False
+    """also plot each seed's training dynamics (alpha, Q values against the evaluations' discounted return, critic
+    loss, policy entropy and standard deviation) to <out>_dynamics.png, their curves in the JSON"""
 
 
 def run_all(opts, extra):
@@ -77,6 +82,10 @@ def run_all(opts, extra):
     run_jobs(jobs, opts.parallel, hint="--collect-only tabulates the runs that finished")
 
 
+DYNAMICS = ("eval/success_rate", "eval/discounted_return", "losses/alpha", "losses/qf1_values", "losses/qf_loss",
+            "losses/entropy", "losses/policy_std", "losses/actor_loss")
+
+
 def read_runs(runs_dir):
     """{(env_id, exp_name): {seed: {"steps": [...], "success": [...], "return": [...], "wall": [...]}}}."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -91,6 +100,7 @@ def read_runs(runs_dir):
             continue
         start = min(e.wall_time for tag in tags for e in acc.Scalars(tag)[:1])
         runs[(env_id, exp_name)][int(seed)] = {
+            "dynamics": {tag: [[e.step, e.value] for e in acc.Scalars(tag)] for tag in DYNAMICS if tag in tags},
             "steps": [int(e.value) for e in acc.Scalars("eval/gradient_steps")],
             "success": [e.value for e in acc.Scalars("eval/success_rate")],
             "return": [e.value for e in acc.Scalars("eval/discounted_return")],
@@ -100,7 +110,7 @@ def read_runs(runs_dir):
     return runs
 
 
-def summarise(runs, target):
+def summarise(runs, target, last_evals):
     summary = []
     for (env_id, exp_name), seeds in sorted(runs.items()):
         n = min(len(r["steps"]) for r in seeds.values())
@@ -115,6 +125,11 @@ def summarise(runs, target):
             "success_mean": mean.tolist(), "success_std": success.std(0).tolist(),
             "return_mean": returns.mean(0).tolist(), "return_std": returns.std(0).tolist(),
             "final_success": float(mean[-1]), "best_success": float(mean.max()),
+            "last_evals": min(last_evals, n), "last_success": float(success[:, -last_evals:].mean()),
+            "last_return": float(returns[:, -last_evals:].mean()),
+            "per_seed_success": {s: r["success"][:n] for s, r in seeds.items()},
+            "per_seed_last_success": {s: float(np.mean(r["success"][:n][-last_evals:])) for s, r in seeds.items()},
+            "per_seed_best_success": {s: float(max(r["success"][:n])) for s, r in seeds.items()},
             "first_step_at_target": steps[reached[0]] if reached else None,
             "wall_seconds_at_target": float(wall[:, reached[0]].mean()) if reached else None,
             "wall_seconds_total": float(wall[:, -1].mean()),
@@ -138,8 +153,11 @@ def plot(summary, path, title):
             for col, key in enumerate(("success", "return")):
                 mean, std = np.array(s[f"{key}_mean"]), np.array(s[f"{key}_std"])
                 ax = axes[row, col]
-                ax.plot(s["gradient_steps"], mean, label=f"{s['experiment']} ({len(s['seeds'])} seeds)")
+                line, = ax.plot(s["gradient_steps"], mean, label=f"{s['experiment']} ({len(s['seeds'])} seeds)")
                 ax.fill_between(s["gradient_steps"], mean - std, mean + std, alpha=0.2)
+                if key == "success":  # every seed, thin: a mean can hide one seed's collapse
+                    for curve in s["per_seed_success"].values():
+                        ax.plot(s["gradient_steps"], curve, color=line.get_color(), lw=0.6, alpha=0.5)
                 ax.set_ylim(-0.02, 1.02)
                 ax.set_xlabel("gradient steps")
                 ax.set_ylabel("eval success rate" if key == "success" else "eval discounted return")
@@ -151,31 +169,72 @@ def plot(summary, path, title):
     fig.savefig(path, dpi=110)
 
 
+def plot_dynamics(runs, path, title):
+    """One row per (task, experiment), one line per seed: eval success, alpha, the batch's mean Q (with the
+    evaluations' discounted return, what Q should approach), critic loss, policy entropy and standard deviation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("eval/success_rate", "eval success"), ("losses/alpha", "alpha"),
+              ("losses/qf1_values", "mean Q1 (dashed: eval disc. return)"), ("losses/qf_loss", "critic loss"),
+              ("losses/entropy", "policy entropy"), ("losses/policy_std", "policy std"))
+    keys = sorted(runs)
+    fig, axes = plt.subplots(len(keys), len(panels), figsize=(3.2 * len(panels), 2.8 * len(keys)), squeeze=False)
+    for row, key in enumerate(keys):
+        for seed, run in sorted(runs[key].items()):
+            for col, (tag, label) in enumerate(panels):
+                ax = axes[row, col]
+                points = np.array(run["dynamics"].get(tag, [])).reshape(-1, 2)
+                line, = ax.plot(points[:, 0], points[:, 1], lw=0.8, label=f"seed {seed}")
+                if tag == "losses/qf1_values":
+                    returns = np.array(run["dynamics"].get("eval/discounted_return", [])).reshape(-1, 2)
+                    ax.plot(returns[:, 0], returns[:, 1], "--", color=line.get_color(), lw=0.8)
+                if tag in ("losses/qf_loss", "losses/alpha"):
+                    ax.set_yscale("log")
+                ax.set_title(f"{key[0].replace('cleanrl_equi_', '')} {key[1]}: {label}", fontsize=7)
+                ax.set_xlabel("env steps", fontsize=7)
+                ax.tick_params(labelsize=6)
+                ax.grid(alpha=0.3)
+        axes[row, 0].legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main():
     opts, extra = cli(Args, __doc__, passthrough=True)
     opts.runs_dir = os.path.abspath(opts.runs_dir)
-    path = results_path(opts, "sac_learning.json", (".csv", ".png"))
+    path = results_path(opts, "sac_learning.json", (".csv", ".png") + (("_dynamics.png",) if opts.dynamics else ()))
     if not opts.collect_only:
         run_all(opts, extra)
     runs = read_runs(opts.runs_dir)
     if not runs:
         raise SystemExit(f"no runs with evaluations under {opts.runs_dir}/runs")
-    summary = summarise(runs, opts.target)
+    summary = summarise(runs, opts.target, opts.last_evals)
     machine = machine_info(opts.device)
     hardware = opts.hardware or machine.get("gpu") or f"{machine['cpu']}, {os.cpu_count()} cores"
     info = {"date": time.strftime("%Y-%m-%d"), "hardware": hardware, "target": opts.target,
             "extra_flags": extra, "machine": machine, "results": summary}
+    if opts.dynamics:
+        info["dynamics"] = [{"env_id": env_id, "experiment": name, "seed": seed, "curves": run["dynamics"]}
+                            for (env_id, name), seeds in sorted(runs.items()) for seed, run in sorted(seeds.items())]
     with open(path, "w") as f:
         json.dump(info, f, indent=1)
     with open(companion(path, ".csv"), "w") as f:
-        f.write("env_id,experiment,seeds,final_success,best_success,first_step_at_target,wall_seconds_at_target,"
-                "wall_seconds_total\n")
+        f.write("env_id,experiment,seeds,final_success,best_success,last_evals,last_success,first_step_at_target,"
+                "wall_seconds_at_target,wall_seconds_total\n")
         for s in summary:
             f.write(f"{s['env_id']},{s['experiment']},{len(s['seeds'])},{s['final_success']:.3f},{s['best_success']:.3f},"
-                    f"{s['first_step_at_target']},{s['wall_seconds_at_target']},{s['wall_seconds_total']:.0f}\n")
+                    f"{s['last_evals']},{s['last_success']:.3f},{s['first_step_at_target']},"
+                    f"{s['wall_seconds_at_target']},{s['wall_seconds_total']:.0f}\n")
     plot(summary, companion(path, ".png"), f"sac_equi_bullet.py, {hardware}, {info['date']}")
+    if opts.dynamics:
+        plot_dynamics(runs, companion(path, "_dynamics.png"), f"sac_equi_bullet.py, {hardware}, {info['date']}")
     for s in summary:
-        print(f"{s['env_id']} {s['experiment']}: seeds {s['seeds']} final {s['final_success']:.2f} best "
+        print(f"{s['env_id']} {s['experiment']}: seeds {s['seeds']} final {s['final_success']:.2f} last "
+              f"{s['last_evals']} evaluations {s['last_success']:.2f} best "
               f"{s['best_success']:.2f} first >= {opts.target} at {s['first_step_at_target']} steps "
               f"({s['wall_seconds_at_target']} s)")
     print(f"wrote {path} and its .csv/.png")

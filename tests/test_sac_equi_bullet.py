@@ -110,7 +110,8 @@ def check_scalars(cwd):
     scalars = read_scalars(only_run_dir(cwd))
     for tag in ("charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/updates_per_second",
                 "losses/qf1_loss", "losses/qf2_loss", "losses/qf1_values", "losses/actor_loss", "losses/alpha",
-                "losses/alpha_loss", "losses/demo_loss", "losses/caps_temporal", "losses/caps_spatial",
+                "losses/alpha_loss", "losses/demo_loss", "losses/caps_temporal", "losses/caps_spatial", "losses/entropy",
+                "losses/policy_std",
                 "eval/success_rate", "eval/discounted_return", "eval/action_smoothness", "eval/action_change"):
         assert tag in scalars, f"{tag} missing; got {sorted(scalars)}"
         assert all(np.isfinite(v) for _, v in scalars[tag])
