@@ -7,7 +7,8 @@ manipulation_planners_iclr<tag>.*. `--discrete` runs the planners as dqn_equi_bu
 demonstrations: on its step grid (dpos 0.02, drot pi/16), planning for whole steps (`expert_action(discrete=True)`)
 and rounded to its 162 actions as the DQN rounds them; without --iclr that is its CPU preset's scene (BulletArm's:
 0.3 m, 50 steps, BulletArm's task sizes), with --iclr its default scene (0.4 m, 100 steps, the paper's task sizes);
-it writes manipulation_planners[_iclr]_discrete<tag>.*. With --out, the .csv goes next to that .json; existing
+it writes manipulation_planners[_iclr]_discrete<tag>.*. `--action-filter-tau` turns the env's action filter on
+(manipulation_planners[...]_filter<tau><tag>.*). With --out, the .csv goes next to that .json; existing
 results only with --overwrite.
 
     OMP_NUM_THREADS=1 uv run python benchmarks/manipulation_planners.py --episodes 100 --overwrite
@@ -15,6 +16,8 @@ results only with --overwrite.
     OMP_NUM_THREADS=1 uv run python benchmarks/manipulation_planners.py --episodes 100 --discrete --overwrite
     OMP_NUM_THREADS=1 uv run python benchmarks/manipulation_planners.py --episodes 100 --discrete --iclr --overwrite
     OMP_NUM_THREADS=1 uv run python benchmarks/manipulation_planners.py --episodes 100 --discrete --no-whole-steps \\
+        --overwrite
+    OMP_NUM_THREADS=1 uv run python benchmarks/manipulation_planners.py --episodes 100 --action-filter-tau 0.1 \\
         --overwrite
     OMP_NUM_THREADS=1 uv run python benchmarks/manipulation_planners.py --episodes 2 --tasks BlockPulling \\
         --out /tmp/manipulation_planners.json
@@ -60,6 +63,10 @@ class Args(Output):
     whole_steps: bool = True
     """with --discrete: plan for whole steps; --no-whole-steps rounds the continuous planner's actions instead (the
     DQN's demonstrations before the planners knew its grid; results named ..._discrete_rounded)"""
+    action_filter_tau: float = 0.0
+    """the env's action filter (its time constant in s; 0 = off): the executed move follows the commanded one as a
+    first-order low-pass, the physics prior of sac_equi_bullet.py's --action-filter-tau (results named
+    ..._filter<tau>)"""
 
 
 def to_discrete(action: np.ndarray) -> np.ndarray:
@@ -116,10 +123,13 @@ def main():
     args = cli(Args, __doc__)
     name = "manipulation_planners" + ("_iclr" if args.iclr else "") + ("_discrete" if args.discrete else "")
     name += "_rounded" if args.discrete and not args.whole_steps else ""
+    name += f"_filter{args.action_filter_tau:g}" if args.action_filter_tau else ""
     path = results_path(args, name + ".json", (".csv",))
     env_kwargs = dict(ICLR_SETTINGS) if args.iclr else {}
     if args.discrete:
         env_kwargs.update(DQN_GRID, physics_metrics=False)
+    if args.action_filter_tau:
+        env_kwargs["action_filter_tau"] = args.action_filter_tau
     rows = []
     for task in args.tasks.split(","):
         task_kwargs = PAPER_TASK_KWARGS.get(task, {}) if args.discrete and args.iclr else {}
@@ -132,7 +142,8 @@ def main():
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.machine(),
             "processor": platform.processor() or platform.uname().processor, "python": platform.python_version(),
             "cpus": os.cpu_count(), "cpu": cpu_model(), "load_average": load_average(),
-            "settings": settings(args),
+            "settings": settings(args) + (f"; action filter tau {args.action_filter_tau:g} s" if args.action_filter_tau
+                                          else ""),
             "seeds": f"0..{args.episodes - 1}"}
     with open(path, "w") as f:
         json.dump({"meta": meta, "results": rows}, f, indent=2)
