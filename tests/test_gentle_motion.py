@@ -345,3 +345,50 @@ def test_a_bad_action_filter_tau_raises_one_clear_error(capsys):
     fails_with(capsys, ["--action-filter-tau"], sac.check_args, sac.Args(action_filter_tau=5.0))
     assert sac.Args(action_filter_tau=0.2).env_kwargs()["action_filter_tau"] == 0.2
     assert sac.Args(action_filter_tau=0.2).env_settings()["action_filter_tau"] == 0.2
+
+
+def test_the_study_benchmark_names_settings_judges_the_target_and_grows_with_keep(tmp_path, monkeypatch, capsys):
+    """benchmarks/smooth_gentle_study.py: "+"-joined settings give their flags, the target (success within 0.05 of
+    no prior's, peak grip force <= 2x and jerk <= 10x the planner's) is judged per task, and --keep carries an
+    earlier results file's runs into the new one (here with --collect-only over an empty runs folder)."""
+    import importlib.util
+    import json
+    import os
+    import sys
+
+    from conftest import REPO
+
+    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))  # as `python benchmarks/...` has it
+    spec = importlib.util.spec_from_file_location("smooth_gentle_study",
+                                                  os.path.join(REPO, "benchmarks", "smooth_gentle_study.py"))
+    study = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "smooth_gentle_study", study)
+    spec.loader.exec_module(study)
+    assert study.setting_flags("filter0.1+lagrange5") == ["--action-filter-tau", "0.1", "--cost-limit", "5.0"]
+    assert study.setting_flags("adv0.1") == ["--smooth-adversarial-weight", "0.1"]
+    with pytest.raises(SystemExit):
+        study.setting_flags("gentle")
+    assert "unknown setting 'gentle'" in capsys.readouterr().err
+
+    def run(setting, seed, success, force, jerk):
+        row = {"task": "BlockPulling", "setting": setting, "seed": seed, "gradient_steps": 4000, "last_evals": 4,
+               "best_success": success, "final_lambda": 0.0, "curve": [[250, 500], [0.0, success]]}
+        row.update({m: 0.0 for m in study.METRICS})
+        row.update(success_rate=success, peak_grip_force=force, mean_squared_jerk=jerk)
+        return row
+
+    runs = [run("base", 1, 0.9, 120.0, 1e7), run("lagrange1", 1, 0.88, 40.0, 1e6), run("force0.1", 1, 0.5, 10.0, 1e4)]
+    planner = run("planner", 0, 1.0, 23.0, 1.5e5)
+    checks = {c["setting"]: c for c in study.target_check(study.summarise(runs + [planner]))}
+    assert checks["lagrange1"]["reached"] and not checks["force0.1"]["reached"]  # 0.4 less success than no prior
+    assert checks["lagrange1"]["force_vs_planner"] == pytest.approx(40 / 23)
+
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"runs": runs}))
+    out = tmp_path / "study.json"
+    monkeypatch.setattr(sys, "argv", ["smooth_gentle_study.py", "--collect-only", "--keep", str(earlier), "--out",
+                                      str(out), "--runs-dir", str(tmp_path / "none"), "--planner-episodes", "0"])
+    study.main()
+    written = json.loads(out.read_text())
+    assert [(r["setting"], r["seed"]) for r in written["runs"]] == [("base", 1), ("lagrange1", 1), ("force0.1", 1)]
+    assert (tmp_path / "study_curves.png").stat().st_size > 0
