@@ -164,7 +164,7 @@ class Arm:
         self.yaw_offset = yaws[0]
 
     def _planar(self, position, yaw: float, last_joint: float | None = None, offset=None) -> tuple:
-        """Closed-form joints that point the gripper straight down at `position` with `yaw`: joints 1 turns the
+        """Closed-form joints that point the gripper straight down at `position` with `yaw`: joint 1 turns the
         chain toward the wrist, joints 2, 4 and 6 solve the two-link triangle elbow up (joints 3 and 5 stay at 0) and
         tilt the flange back to vertical, joint 7 sets the yaw (of the yaw, yaw + pi, ... the one in range nearest
         `last_joint`). A wrist out of reach is put as far along its line from the shoulder as the arm goes.
