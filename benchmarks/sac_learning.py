@@ -207,6 +207,8 @@ def plot_dynamics(runs, path, title):
 def main():
     opts, extra = cli(Args, __doc__, passthrough=True)
     opts.runs_dir = os.path.abspath(opts.runs_dir)
+    if opts.last_evals < 1:
+        raise SystemExit("error: --last-evals must be at least 1 (the evaluations averaged at the end of a run).")
     path = results_path(opts, "sac_learning.json", (".csv", ".png") + (("_dynamics.png",) if opts.dynamics else ()))
     if not opts.collect_only:
         run_all(opts, extra)

@@ -277,6 +277,8 @@ def main():
     opts.runs_dir = os.path.abspath(opts.runs_dir)
     for setting in opts.settings.split(","):
         setting_flags(setting)
+    if opts.last_evals < 1:
+        fail("--last-evals must be at least 1 (the evaluations averaged at the end of a run).")
     kept = []
     if opts.keep:
         try:
