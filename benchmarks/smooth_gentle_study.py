@@ -52,6 +52,10 @@ from common import (REPO, Job, Launch, Output, cli, companion, device_flags, fai
 METRICS = ("success_rate", "discounted_return", "episode_length", "action_smoothness", "action_change",
            "path_length", "peak_speed", "mean_squared_jerk", "peak_grip_force", "mean_grip_force", "contact_impulse",
            "peak_impact_force", "peak_object_acceleration", "drops")
+# The arm's joint motion (--robot kuka|panda; 0 for the floating gripper); runs kept from before these were read lack
+# them, so they are read where a run logged them and averaged over the runs that have them.
+JOINT_METRICS = ("joint_path_length", "peak_joint_speed", "mean_squared_joint_jerk", "peak_joint_torque",
+                 "rms_joint_torque", "time_near_joint_limit")
 
 
 @dataclass
@@ -138,7 +142,8 @@ def read_runs(runs_dir, last_evals):
         row = {"task": env_id.removeprefix("cleanrl_equi_").removesuffix("-v0"),
                "setting": exp_name.removeprefix("gentle_"), "seed": int(seed), "gradient_steps": steps[-1],
                "last_evals": min(last_evals, len(steps))}
-        row.update({m: float(np.mean([e.value for e in acc.Scalars(f"eval/{m}")[-last_evals:]])) for m in METRICS})
+        row.update({m: float(np.mean([e.value for e in acc.Scalars(f"eval/{m}")[-last_evals:]]))
+                    for m in (*METRICS, *JOINT_METRICS) if f"eval/{m}" in tags})
         success = [float(e.value) for e in acc.Scalars("eval/success_rate")]
         row["best_success"] = max(success)
         row["final_lambda"] = float(acc.Scalars("charts/lambda")[-1].value) if "charts/lambda" in tags else 0.0
@@ -163,14 +168,14 @@ def planner_rows(tasks, episodes, extra):
             length += 1
             if terminated[0] or truncated[0]:
                 success = bool(infos["is_success"][0])
-                finished.append({m: float(infos[m][0]) for m in METRICS if m in infos} |
+                finished.append({m: float(infos[m][0]) for m in (*METRICS, *JOINT_METRICS) if m in infos} |
                                 {"success_rate": float(success), "episode_length": float(length),
                                  "discounted_return": args.gamma ** (length - 1) if success else 0.0})
                 length = 0
                 envs.step(np.zeros((1, 5), dtype=np.float32))  # the autoreset step (its action is ignored)
         envs.close()
         row = {"task": task, "setting": "planner", "seed": 0, "gradient_steps": 0, "last_evals": 1}
-        row.update({m: float(np.mean([f.get(m, np.nan) for f in finished])) for m in METRICS})
+        row.update({m: float(np.mean([f.get(m, np.nan) for f in finished])) for m in (*METRICS, *JOINT_METRICS)})
         row.update(best_success=row["success_rate"], final_lambda=0.0, curve=[[], []])
         rows.append(row)
     return rows
@@ -183,8 +188,10 @@ def summarise(rows):
     summary = []
     for (task, setting), group in sorted(groups.items()):
         entry = {"task": task, "setting": setting, "seeds": sorted(r["seed"] for r in group)}
-        for m in (*METRICS, "best_success", "final_lambda"):
-            values = np.array([r[m] for r in group])
+        for m in (*METRICS, *JOINT_METRICS, "best_success", "final_lambda"):
+            values = np.array([r[m] for r in group if m in r])
+            if values.size == 0:
+                continue
             entry[m] = {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max())}
         summary.append(entry)
     return summary
@@ -306,17 +313,20 @@ def main():
     with open(path, "w") as f:
         json.dump(info, f, indent=1)
     with open(companion(path, ".csv"), "w") as f:
-        columns = ["task", "setting", "seed", "gradient_steps", "last_evals", *METRICS, "best_success", "final_lambda"]
+        columns = ["task", "setting", "seed", "gradient_steps", "last_evals", *METRICS, "best_success", "final_lambda",
+                   *JOINT_METRICS]
         f.write(",".join(columns) + "\n")
         for r in rows:
-            f.write(",".join(str(r[k]) for k in columns) + "\n")
+            f.write(",".join(str(r.get(k, "")) for k in columns) + "\n")
     plot(rows, companion(path, ".png"), f"sac_equi_bullet.py, mean of the last {opts.last_evals} evaluations per run, "
                                         f"{info['hardware']}, {info['date']}")
     plot_curves(rows, companion(path, "_curves.png"), f"sac_equi_bullet.py, evaluation success per run, {info['date']}")
     for s in info["summary"]:
         print(f"{s['task']:14s} {s['setting']:9s} seeds {s['seeds']} success {s['success_rate']['mean']:.2f} "
               f"Sm {s['action_smoothness']['mean']:.3f} jerk {s['mean_squared_jerk']['mean']:.3g} "
-              f"peak grip {s['peak_grip_force']['mean']:.1f} N drops {s['drops']['mean']:.2f}")
+              f"peak grip {s['peak_grip_force']['mean']:.1f} N drops {s['drops']['mean']:.2f}"
+              + (f" joint jerk {s['mean_squared_joint_jerk']['mean']:.3g} peak torque "
+                 f"{s['peak_joint_torque']['mean']:.1f} N m" if s.get("peak_joint_torque", {}).get("mean") else ""))
     for c in info["target"]:
         print(f"{c['task']:14s} {c['setting']:20s} success {c['success_vs_base']:+.2f} vs no prior, peak grip "
               f"{c['force_vs_planner']:.1f}x and jerk {c['jerk_vs_planner']:.1f}x the planner's: "

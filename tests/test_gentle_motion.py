@@ -378,8 +378,11 @@ def test_the_study_benchmark_names_settings_judges_the_target_and_grows_with_kee
         return row
 
     runs = [run("base", 1, 0.9, 120.0, 1e7), run("lagrange1", 1, 0.88, 40.0, 1e6), run("force0.1", 1, 0.5, 10.0, 1e4)]
+    runs[1].update({m: 1.0 for m in study.JOINT_METRICS} | {"peak_joint_torque": 50.0})  # an arm's run
     planner = run("planner", 0, 1.0, 23.0, 1.5e5)
-    checks = {c["setting"]: c for c in study.target_check(study.summarise(runs + [planner]))}
+    summary = {s["setting"]: s for s in study.summarise(runs + [planner])}
+    assert summary["lagrange1"]["peak_joint_torque"]["mean"] == 50.0 and "peak_joint_torque" not in summary["base"]
+    checks = {c["setting"]: c for c in study.target_check(list(summary.values()))}
     assert checks["lagrange1"]["reached"] and not checks["force0.1"]["reached"]  # 0.4 less success than no prior
     assert checks["lagrange1"]["force_vs_planner"] == pytest.approx(40 / 23)
 
@@ -392,3 +395,6 @@ def test_the_study_benchmark_names_settings_judges_the_target_and_grows_with_kee
     written = json.loads(out.read_text())
     assert [(r["setting"], r["seed"]) for r in written["runs"]] == [("base", 1), ("lagrange1", 1), ("force0.1", 1)]
     assert (tmp_path / "study_curves.png").stat().st_size > 0
+    header, base_row, arm_row, _ = (tmp_path / "study.csv").read_text().splitlines()
+    torque = header.split(",").index("peak_joint_torque")
+    assert base_row.split(",")[torque] == "" and arm_row.split(",")[torque] == "50.0"  # the gripper has no joints
