@@ -31,15 +31,15 @@ bfloat16 mixed precision: --bf16); "+" joins settings (filter0.1+lagrange1).
         --eval-frequency 250 --parallel 2 --tag _constrained --overwrite \\
         --keep benchmarks/results/smooth_gentle_study_constrained.json -- --group-order 4 --n-hidden 16 \\
         --image-size 64 --batch-size 32 --workspace-size 0.3 --drot-n 4 --max-steps 50 --no-paper-tasks
-    # with the Kuka arm (joint jerk and torque are read too): no prior and the two best settings
-    uv run python benchmarks/smooth_gentle_study.py --tasks BlockPulling --seeds 1 --settings base,force0.1,lagrange5 \
-        --total-timesteps 20000 --eval-frequency 250 --parallel 2 --tag _kuka --runs-dir benchmarks/gentle_runs_kuka \
-        -- --group-order 4 --n-hidden 16 --image-size 64 --batch-size 32 --workspace-size 0.3 --drot-n 4 \
+    # with the Kuka arm (joint jerk and torque are read too): no prior and two priors that gave gentle successes
+    uv run python benchmarks/smooth_gentle_study.py --tasks BlockPulling --seeds 1 --settings base,force0.1,lagrange5 \\
+        --total-timesteps 20000 --eval-frequency 250 --parallel 2 --tag _kuka --runs-dir benchmarks/gentle_kuka_runs \\
+        -- --group-order 4 --n-hidden 16 --image-size 64 --batch-size 32 --workspace-size 0.3 --drot-n 4 \\
         --max-steps 50 --no-paper-tasks --robot kuka
     # the CNN at five times the budget (100k env steps = 20k gradient steps)
-    uv run python benchmarks/smooth_gentle_study.py --tasks BlockPulling --seeds 1 --settings cnn \
-        --total-timesteps 100000 --eval-frequency 1000 --tag _cnn_long --runs-dir benchmarks/gentle_runs_cnn \
-        -- --group-order 4 --n-hidden 16 --image-size 64 --batch-size 32 --workspace-size 0.3 --drot-n 4 \
+    uv run python benchmarks/smooth_gentle_study.py --tasks BlockPulling --seeds 1 --settings cnn \\
+        --total-timesteps 100000 --eval-frequency 1000 --tag _cnn_long --runs-dir benchmarks/gentle_cnn_runs \\
+        -- --group-order 4 --n-hidden 16 --image-size 64 --batch-size 32 --workspace-size 0.3 --drot-n 4 \\
         --max-steps 50 --no-paper-tasks
 Extra flags after `--` go to every run.
 """
