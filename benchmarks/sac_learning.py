@@ -31,7 +31,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import (REPO, Job, Launch, Output, cli, companion, device_flags, machine_info, results_path,  # noqa: E402
+from common import (REPO, Job, Launch, Output, cli, companion, device_flags, fail, machine_info, results_path,  # noqa: E402
                     run_jobs, thread_env)
 
 
@@ -208,7 +208,7 @@ def main():
     opts, extra = cli(Args, __doc__, passthrough=True)
     opts.runs_dir = os.path.abspath(opts.runs_dir)
     if opts.last_evals < 1:
-        raise SystemExit("error: --last-evals must be at least 1 (the evaluations averaged at the end of a run).")
+        fail("--last-evals must be at least 1 (the evaluations averaged at the end of a run).")
     path = results_path(opts, "sac_learning.json", (".csv", ".png") + (("_dynamics.png",) if opts.dynamics else ()))
     if not opts.collect_only:
         run_all(opts, extra)

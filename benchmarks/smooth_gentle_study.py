@@ -58,14 +58,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from common import (REPO, Job, Launch, Output, cli, companion, device_flags, fail, load_script, machine_info,  # noqa: E402
                     results_path, run_jobs, thread_env)
+# JOINT_METRICS, the arm's joint motion (--robot kuka|panda; 0 for the floating gripper): runs kept from before these
+# were read lack them, so they are read where a run logged them and averaged over the runs that have them.
+from cleanrl_equi.envs.manipulation.metrics import JOINT_METRICS  # noqa: E402
 
 METRICS = ("success_rate", "discounted_return", "episode_length", "action_smoothness", "action_change",
            "path_length", "peak_speed", "mean_squared_jerk", "peak_grip_force", "mean_grip_force", "contact_impulse",
            "peak_impact_force", "peak_object_acceleration", "drops")
-# The arm's joint motion (--robot kuka|panda; 0 for the floating gripper); runs kept from before these were read lack
-# them, so they are read where a run logged them and averaged over the runs that have them.
-JOINT_METRICS = ("joint_path_length", "peak_joint_speed", "mean_squared_joint_jerk", "peak_joint_torque",
-                 "rms_joint_torque", "time_near_joint_limit")
 
 
 @dataclass
