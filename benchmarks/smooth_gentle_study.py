@@ -19,11 +19,12 @@ and trains only the (task, setting, seed) runs it lacks.
         --max-steps 50 --no-paper-tasks
     # only tabulate runs that exist
     uv run python benchmarks/smooth_gentle_study.py --collect-only --runs-dir benchmarks/gentle_runs
+
 Settings (--settings, comma-separated): base (no prior), caps<w> (CAPS temporal and spatial weight w, e.g. caps0.1),
 force<w> (force penalty w above 20 N, e.g. force0.1), arate<w> (action-rate penalty w), lagrange<b> (constrained
-SAC: grip-force cost above 20 N, episode budget b: --cost-limit b), filter<tau> (the env's action filter,
---action-filter-tau tau), adv<w> (adversarial smoothness weight w), cnn (the plain CNN, no prior), bf16 (no prior,
-bfloat16 mixed precision: --bf16); "+" joins settings (filter0.1+lagrange1).
+SAC: grip-force cost above 20 N, episode budget b: --cost-limit b), filter<tau> (the env's action filter with
+time constant tau: --action-filter-tau tau), adv<w> (adversarial smoothness weight w), cnn (the plain CNN, no
+prior), bf16 (no prior, bfloat16 mixed precision: --bf16); "+" joins settings (filter0.1+lagrange1).
 
     # the study of the constrained SAC, the action filter and adversarial smoothness (3 seeds; grows with --keep)
     uv run python benchmarks/smooth_gentle_study.py --tasks BlockPulling,DrawerOpening,BlockPicking --seeds 1,2,3 \\
@@ -31,17 +32,17 @@ bfloat16 mixed precision: --bf16); "+" joins settings (filter0.1+lagrange1).
         --eval-frequency 250 --parallel 2 --tag _constrained --overwrite \\
         --keep benchmarks/results/smooth_gentle_study_constrained.json -- --group-order 4 --n-hidden 16 \\
         --image-size 64 --batch-size 32 --workspace-size 0.3 --drot-n 4 --max-steps 50 --no-paper-tasks
-    # with the Kuka arm (joint jerk and torque are read too): no prior and two priors that gave gentle successes
-    uv run python benchmarks/smooth_gentle_study.py --tasks BlockPulling --seeds 1 --settings base,force0.1,lagrange5 \\
-        --total-timesteps 20000 --eval-frequency 250 --parallel 2 --tag _kuka --runs-dir benchmarks/gentle_kuka_runs \\
-        -- --group-order 4 --n-hidden 16 --image-size 64 --batch-size 32 --workspace-size 0.3 --drot-n 4 \\
-        --max-steps 50 --no-paper-tasks --robot kuka
+    # with the Kuka arm (joint jerk and torque are read too): no prior and three priors that gave gentle successes
+    uv run python benchmarks/smooth_gentle_study.py --tasks BlockPulling --seeds 1 \\
+        --settings base,force0.1,lagrange5,adv0.1 --total-timesteps 20000 --eval-frequency 250 --parallel 2 \\
+        --tag _kuka --overwrite --keep benchmarks/results/smooth_gentle_study_kuka.json \\
+        --runs-dir benchmarks/gentle_kuka_runs -- --group-order 4 --n-hidden 16 --image-size 64 --batch-size 32 \\
+        --workspace-size 0.3 --drot-n 4 --max-steps 50 --no-paper-tasks --robot kuka
     # the CNN at five times the budget (100k env steps = 20k gradient steps)
     uv run python benchmarks/smooth_gentle_study.py --tasks BlockPulling --seeds 1 --settings cnn \\
         --total-timesteps 100000 --eval-frequency 1000 --tag _cnn_long --runs-dir benchmarks/gentle_cnn_runs \\
         -- --group-order 4 --n-hidden 16 --image-size 64 --batch-size 32 --workspace-size 0.3 --drot-n 4 \\
         --max-steps 50 --no-paper-tasks
-Extra flags after `--` go to every run.
 """
 
 import glob
