@@ -37,8 +37,9 @@ Constrained SAC (SAC-Lagrangian, `--cost-limit`; off by default): maximise the r
 cost of at most `--cost-limit`, where each step costs how far the env step's physics (grip force, impact force or
 gripper jerk: `--cost-kind`) went above `--cost-threshold`. A cost critic of the reward critic's class (invariant in
 the equivariant model) learns the discounted cost-to-go Q_c, the actor maximises Q_r - lambda Q_c, and the multiplier
-lambda >= 0 rises while Q_c exceeds the budget and falls (to 0 at least) while it is under it. Unlike a fixed force
-penalty, force costs nothing while the budget holds, so avoiding contact altogether is no longer the cheap way out.
+lambda >= 0 rises while Q_c (or, with `--lambda-update episodes`, the measured cost of the recent training episodes)
+exceeds the budget and falls (to 0 at least) while it is under it. Unlike a fixed force penalty, force costs nothing
+while the budget holds, so avoiding contact altogether is no longer the cheap way out.
 
     uv run python sac_equi_bullet.py --env-id cleanrl_equi/BlockPulling-v0 --total-timesteps 100000
     uv run python sac_equi_bullet.py --model cnn                         # the plain baseline
@@ -192,6 +193,13 @@ class Args(ManipulationEnvArgs):
     """the initial Lagrange multiplier lambda"""
     lambda_lr: float = 1e-3
     """the learning rate of lambda's optimizer (Adam, then lambda is projected back onto >= 0)"""
+    lambda_update: Literal["critic", "episodes"] = "critic"
+    """what lambda weighs against the budget: `critic`, the cost critic's mean Q_c(s, pi(s)) over the batch against
+    the budget in Q_c's units; `episodes`, the measured cost of the recent training episodes against --cost-limit
+    itself, as PPO-Lagrangian does"""
+    lambda_cost_window: int = 20
+    """with --lambda-update episodes: the training episodes' cost is averaged over about this many recent episodes
+    (their plain mean until that many have ended, then a moving average with weight 1 / window)"""
 
     # Evaluation and logging
     eval_frequency: int = 500
@@ -230,7 +238,10 @@ def check_args(args: Args) -> None:
                           "caps_spatial_weight", "per_expert_bonus", "smooth_adversarial_weight", "cost_limit",
                           "lambda_init"),
             at_least_one=("total_timesteps", "num_envs", "num_eval_envs", "batch_size", "eval_frequency",
-                          "eval_episodes", "log_frequency", "updates_per_step", "smooth_adversarial_steps"))
+                          "eval_episodes", "log_frequency", "updates_per_step", "smooth_adversarial_steps",
+                          "lambda_cost_window"))
+    if args.lambda_update == "episodes" and args.cost_limit is None:
+        fail("--lambda-update episodes steps the constraint's lambda; give the episode budget with --cost-limit.")
     if args.total_timesteps < args.num_envs:
         fail(f"--total-timesteps {args.total_timesteps} is less than one step of the {args.num_envs} envs; raise it.")
     if args.buffer_size < max(args.batch_size, args.learning_starts, 2 * args.num_envs):
@@ -547,12 +558,13 @@ def critic_update_step(actor: nn.Module, critic: nn.Module, critic_target: nn.Mo
 def actor_update_step(actor: nn.Module, critic: nn.Module, actor_optimizer, log_alpha, alpha_optimizer, args: Args,
                       data: dict, features: torch.Tensor, cost_critic: Optional[nn.Module] = None,
                       cost_features: Optional[torch.Tensor] = None, lagrange: Optional[torch.Tensor] = None,
-                      lagrange_optimizer=None) -> dict[str, torch.Tensor]:
+                      lagrange_optimizer=None, episode_cost: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """One gradient step of the actor (SAC's loss, SACfD's expert term, the CAPS terms, adversarial smoothness, and
     constrained SAC's lambda Q_c) and, with --autotune, of alpha; constrained SAC then steps lambda. `features` (and
     `cost_features`) are the critics' encodings of s from the critic step (detached: the actor loss must not train
     the critic, and no gradient needs to pass back through the encoder, since it does not see the action); only the
-    two small Q heads run again, with the just-updated weights."""
+    two small Q heads run again, with the just-updated weights. `episode_cost` is (average, episodes seen) of the
+    training episodes' cost, lambda's signal under --lambda-update episodes."""
     alpha = log_alpha.detach().exp()
     mean, log_std = actor(data["obs"])
     pi, log_pi = sample_action(mean, log_std)
@@ -588,9 +600,15 @@ def actor_update_step(actor: nn.Module, critic: nn.Module, actor_optimizer, log_
         alpha_loss.backward()
         alpha_optimizer.step()
     if cost_critic is not None:
-        # lambda: gradient ascent on lambda (E_s[Q_c(s, pi(s))] - budget), then projected onto lambda >= 0, so it
-        # rises while the expected cost exceeds the budget and falls, down to exactly 0, while it is under it
-        lambda_loss = (-lagrange * (qc_pi.detach().mean() - discounted_budget(args))).sum()
+        # lambda: gradient ascent on lambda (expected cost - budget), then projected onto lambda >= 0, so it rises
+        # while the expected cost exceeds the budget and falls, down to exactly 0, while it is under it. The critic's
+        # mean over replayed states dilutes an episode's cost (a short successful episode spends it in a few of its
+        # states, a long one that never touches adds many cost-free ones); the measured episodes do not.
+        if args.lambda_update == "episodes":  # no step before the first episode has ended
+            excess = torch.where(episode_cost[1] > 0, episode_cost[0] - args.cost_limit, 0.0)
+        else:
+            excess = qc_pi.detach().mean() - discounted_budget(args)
+        lambda_loss = (-lagrange * excess).sum()
         lagrange_optimizer.zero_grad()
         lambda_loss.backward()
         lagrange_optimizer.step()
@@ -667,6 +685,9 @@ if __name__ == "__main__":
         cost_critic_optimizer = torch.optim.Adam(cost_critic.parameters(), lr=args.q_lr)
         lagrange = torch.tensor([args.lambda_init], device=device, requires_grad=True)
         lagrange_optimizer = torch.optim.Adam([lagrange], lr=args.lambda_lr)
+    # (average, episodes seen) of the training episodes' cost: lambda's signal under --lambda-update episodes
+    episode_cost = torch.zeros(2, device=device) if constrained else None
+    measured_cost = dict(episode_cost=episode_cost) if constrained and args.lambda_update == "episodes" else {}
     cost_networks = dict(cost_critic=cost_critic, cost_critic_target=cost_critic_target,
                          cost_critic_optimizer=cost_critic_optimizer)
 
@@ -678,7 +699,8 @@ if __name__ == "__main__":
     # what a resumed run continues from (its demos are in the saved buffer; the envs start fresh episodes)
     run.keep(actor=actor, critic=critic, critic_target=critic_target, actor_optimizer=actor_optimizer,  # PLUMBING
              critic_optimizer=critic_optimizer, alpha_optimizer=alpha_optimizer, log_alpha=log_alpha, replay_buffer=rb,
-             **(dict(cost_networks, lagrange=lagrange, lagrange_optimizer=lagrange_optimizer) if constrained else {}))
+             **(dict(cost_networks, lagrange=lagrange, lagrange_optimizer=lagrange_optimizer) if constrained else {}),
+             **measured_cost)
     counters = dict(vector_step=0, global_step=0, gradient_steps=0, last_eval=-1)
     counters = run.resume(**counters)  # PLUMBING
     global_step, grad_steps, last_eval = counters["global_step"], counters["gradient_steps"], counters["last_eval"]
@@ -754,6 +776,9 @@ if __name__ == "__main__":
                     writer.add_scalar("charts/episodic_cost", episode_costs[i], global_step)
                     writer.add_scalar("charts/cost_budget_violation", float(episode_costs[i] > args.cost_limit),
                                       global_step)
+                    seen = min(episode_cost[1].item() + 1, args.lambda_cost_window)
+                    episode_cost[0] += (episode_costs[i] - episode_cost[0]) / seen
+                    episode_cost[1] = seen
                 episode_costs[i] = 0.0
         rb.add(actions, rewards, terminations, ~resetting, next_obs, costs=costs)
         resetting = np.logical_or(terminations, truncations)
@@ -778,7 +803,7 @@ if __name__ == "__main__":
                 rb.update_priorities(indices, critic_stats["td_errors"].cpu().numpy())
             actor_stats = actor_update(actor, critic, actor_optimizer, log_alpha, alpha_optimizer, args, data,
                                        critic_stats["features"], cost_critic, critic_stats.get("cost_features"),
-                                       lagrange, lagrange_optimizer)
+                                       lagrange, lagrange_optimizer, episode_cost)
         update_time += time.time() - update_start
         updates_per_second = (grad_steps - start_grad_steps) / max(update_time, 1e-9)
 
@@ -794,6 +819,8 @@ if __name__ == "__main__":
                 writer.add_scalar(f"losses/{key}", actor_stats[key].item(), global_step)
             if constrained:
                 writer.add_scalar("charts/lambda", actor_stats["lambda"].item(), global_step)
+                if args.lambda_update == "episodes":
+                    writer.add_scalar("charts/episodic_cost_average", episode_cost[0].item(), global_step)
                 writer.add_scalar("losses/lambda_loss", actor_stats["lambda_loss"].item(), global_step)
                 writer.add_scalar("losses/qc_loss", critic_stats["qc_loss"].item(), global_step)
                 writer.add_scalar("losses/qc_values", critic_stats["qc_values"].mean().item(), global_step)

@@ -22,7 +22,8 @@ and trains only the (task, setting, seed) runs it lacks.
 
 Settings (--settings, comma-separated): base (no prior), caps<w> (CAPS temporal and spatial weight w, e.g. caps0.1),
 force<w> (force penalty w above 20 N, e.g. force0.1), arate<w> (action-rate penalty w), lagrange<b> (constrained
-SAC: grip-force cost above 20 N, episode budget b: --cost-limit b), filter<tau> (the env's action filter with
+SAC: grip-force cost above 20 N, episode budget b: --cost-limit b), lagrange_ep<b> (the same, lambda weighing the
+measured training episodes' cost against b: --lambda-update episodes), filter<tau> (the env's action filter with
 time constant tau: --action-filter-tau tau), adv<w> (adversarial smoothness weight w), cnn (the plain CNN, no
 prior), bf16 (no prior, bfloat16 mixed precision: --bf16); "+" joins settings (filter0.1+lagrange1).
 
@@ -98,6 +99,11 @@ def setting_flags(setting: str) -> list[str]:
     """The training flags of one setting name ("+" joins several)."""
     if "+" in setting:
         return [flag for part in setting.split("+") for flag in setting_flags(part)]
+    if setting.startswith("lagrange_ep"):
+        budget = setting.removeprefix("lagrange_ep")
+        if not budget.replace(".", "", 1).isdigit():
+            fail(f"setting {setting!r} needs a budget after 'lagrange_ep', e.g. lagrange_ep5.")
+        return ["--cost-limit", str(float(budget)), "--lambda-update", "episodes"]
     for prefix, flags in (("caps", ("--caps-temporal-weight", "--caps-spatial-weight")),
                           ("force", ("--force-penalty",)), ("arate", ("--action-rate-penalty",)),
                           ("lagrange", ("--cost-limit",)),
@@ -114,8 +120,8 @@ def setting_flags(setting: str) -> list[str]:
         return ["--model", "cnn"]
     if setting == "bf16":
         return ["--bf16"]
-    fail(f"unknown setting {setting!r}; use base, cnn, bf16, caps<w>, force<w>, arate<w>, lagrange<b>, filter<tau> "
-         f"or adv<w>, joined by '+'.")
+    fail(f"unknown setting {setting!r}; use base, cnn, bf16, caps<w>, force<w>, arate<w>, lagrange<b>, "
+         f"lagrange_ep<b>, filter<tau> or adv<w>, joined by '+'.")
 
 
 def run_all(opts, extra, done):

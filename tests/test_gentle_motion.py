@@ -366,6 +366,7 @@ def test_the_study_benchmark_names_settings_judges_the_target_and_grows_with_kee
     spec.loader.exec_module(study)
     assert study.setting_flags("filter0.1+lagrange5") == ["--action-filter-tau", "0.1", "--cost-limit", "5.0"]
     assert study.setting_flags("adv0.1") == ["--smooth-adversarial-weight", "0.1"]
+    assert study.setting_flags("lagrange_ep5") == ["--cost-limit", "5.0", "--lambda-update", "episodes"]
     with pytest.raises(SystemExit):
         study.setting_flags("gentle")
     assert "unknown setting 'gentle'" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """sac_equi_bullet.py's constrained SAC (cost critic, Lagrange multiplier) and adversarial smoothness: the env's
-per-step physics values, exact invariance of the cost critic after real updates, lambda's direction and floor, a
-real run that logs the new scalars and resumes with lambda, the adversarial search and its penalty, and the update
-left bit-identical when both are off.
+per-step physics values, exact invariance of the cost critic after real updates, lambda's direction and floor (from
+the cost critic or from the measured episode costs), real runs that log the new scalars and resume with lambda, the
+adversarial search and its penalty, and the update left bit-identical when both are off.
 
 CPU, tiny networks (C4, n_hidden 8, 32x32 images), as tests/test_sac_equi_bullet.py.
 """
@@ -163,6 +163,58 @@ def test_lambda_rises_over_the_budget_and_falls_to_zero_under_it():
     assert falling.index(0.0) < 35 and all(v == 0.0 for v in falling[falling.index(0.0):])  # and stays there
 
 
+def test_lambda_follows_the_measured_episode_costs_under_lambda_update_episodes():
+    """With --lambda-update episodes lambda weighs the training episodes' measured cost against --cost-limit itself
+    and ignores the cost critic: here Q_c says 0 (under any budget), the episodes say otherwise. Before the first
+    episode has ended there is nothing to weigh and lambda stays where it is."""
+    args = tiny_args(cost_limit=2.0, lambda_lr=0.05, lambda_update="episodes")
+    x = manipulation_observations(image_size=32)
+    data = {"obs": x, "next_obs": x, "actions": torch.zeros(len(x), 5)}
+    torch.manual_seed(0)
+    actor, critic = sac.EquiActor(args), sac.EquiCritic(args)
+    with torch.no_grad():
+        features = critic.encode(x)
+    log_alpha = torch.zeros(1, requires_grad=True)
+    lagrange = torch.tensor([0.5], requires_grad=True)
+    optimizers = (torch.optim.Adam(actor.parameters(), lr=1e-3), torch.optim.Adam([log_alpha], lr=1e-3))
+    lagrange_optimizer = torch.optim.Adam([lagrange], lr=args.lambda_lr)
+
+    def steps(average, seen, n):
+        episode_cost = torch.tensor([average, seen])
+        return [sac.actor_update_step(actor, critic, optimizers[0], log_alpha, optimizers[1], args, data, features,
+                                      FixedCost(0.0), features, lagrange, lagrange_optimizer, episode_cost)
+                ["lambda"].item() for _ in range(n)]
+
+    assert steps(50.0, 0, 3) == [0.5, 0.5, 0.5]  # no episode yet: no step, whatever the average holds
+    rising = steps(3.0, 4, 8)  # episodes over the budget although the critic's Q_c is 0
+    assert np.all(np.diff([0.5, *rising]) > 0) and rising[-1] > 0.8
+    falling = steps(1.0, 20, 60)  # under it: down to exactly 0 and no further
+    assert min(falling) == 0.0 and falling[-1] == 0.0
+
+
+def test_lambda_update_episodes_run_rises_over_the_budget_and_resumes_its_average(workdir):
+    """A real tiny run whose every episode costs far more than its budget (resting blocks press on the table above
+    0.1 N): lambda, from 0, rises at every logged step once the first episodes have ended; the logged average is the
+    mean of the episode costs so far (fewer episodes than the window), and a run stopped by USR1 resumes with it."""
+    flags = [*TINY, "--total-timesteps", "60", "--run-name", "e", "--checkpoint-minutes", "0", "--progress-interval",
+             "0", "--log-frequency", "1", "--cost-limit", "1", "--cost-kind", "impact", "--cost-threshold", "0.1",
+             "--lambda-lr", "0.05", "--lambda-update", "episodes"]
+    stop_with_signal(SCRIPT, *flags, cwd=workdir, at="step 40/")
+    saved = torch.load(os.path.join(workdir, "runs", "e", "resume.pt"), weights_only=False)
+    average, seen = saved["state"]["episode_cost"].tolist()
+    assert seen >= 2 and average > 1 and float(saved["state"]["lagrange"]) > 0.1
+
+    run_script(SCRIPT, *flags, cwd=workdir)
+    scalars = read_scalars(os.path.join(workdir, "runs", "e"))
+    episode_costs = scalars["charts/episodic_cost"]
+    assert len(episode_costs) < 20 and all(v > 1 for _, v in episode_costs)
+    step, last_average = scalars["charts/episodic_cost_average"][-1]
+    assert last_average == pytest.approx(np.mean([v for s, v in episode_costs if s <= step]), rel=1e-4)
+    lambdas = [v for _, v in scalars["charts/lambda"]]
+    rising = lambdas[lambdas.index(next(v for v in lambdas if v > 0)):]
+    assert np.all(np.diff(rising) > 0) and len(rising) > 10  # across the resume too: it goes on from the saved one
+
+
 def test_constrained_run_logs_its_scalars_and_resumes_with_lambda(workdir):
     """A real tiny run with the constraint on (every step costs: resting blocks press on the table with more than
     0.1 N, about 50 per step) and adversarial smoothness: the new scalars are logged, and a run stopped by USR1
@@ -273,6 +325,8 @@ def test_off_by_default_and_a_zero_lambda_leave_the_update_bit_identical():
 @pytest.mark.parametrize("args, words", [
     (dict(cost_limit=-1.0), "--cost-limit"), (dict(cost_limit=1.0, cost_threshold=0.0), "--cost-threshold"),
     (dict(lambda_init=-0.5), "--lambda-init"), (dict(lambda_lr=0.0), "--lambda-lr"),
+    (dict(cost_limit=1.0, lambda_cost_window=0), "--lambda-cost-window"),
+    (dict(lambda_update="episodes"), "--cost-limit"),
     (dict(smooth_adversarial_steps=0), "--smooth-adversarial-steps"),
     (dict(smooth_adversarial_radius=0.0), "--smooth-adversarial-radius"),
 ])
