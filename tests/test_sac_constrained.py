@@ -132,9 +132,8 @@ class FixedCost(torch.nn.Module):
         return q, q
 
 
-def test_lambda_rises_over_the_budget_and_falls_to_zero_under_it():
-    args = tiny_args(cost_limit=2.0, lambda_lr=0.05)
-    budget = sac.discounted_budget(args)
+def lambda_stepper(args, lambda_start: float):
+    """One actor step on real observations with a fixed-cost critic, returning lambda after it (and lambda itself)."""
     x = manipulation_observations(image_size=32)
     data = {"obs": x, "next_obs": x, "actions": torch.zeros(len(x), 5)}
     torch.manual_seed(0)
@@ -142,17 +141,24 @@ def test_lambda_rises_over_the_budget_and_falls_to_zero_under_it():
     with torch.no_grad():
         features = critic.encode(x)
     log_alpha = torch.zeros(1, requires_grad=True)
-    lagrange = torch.tensor([args.lambda_init], requires_grad=True)
+    lagrange = torch.tensor([lambda_start], requires_grad=True)
     optimizers = (torch.optim.Adam(actor.parameters(), lr=1e-3), torch.optim.Adam([log_alpha], lr=1e-3))
     lagrange_optimizer = torch.optim.Adam([lagrange], lr=args.lambda_lr)
 
+    def step(q_cost, episode_cost=None):
+        return sac.actor_update_step(actor, critic, optimizers[0], log_alpha, optimizers[1], args, data, features,
+                                     FixedCost(q_cost), features, lagrange, lagrange_optimizer,
+                                     episode_cost)["lambda"].item()
+    return step, lagrange
+
+
+def test_lambda_rises_over_the_budget_and_falls_to_zero_under_it():
+    args = tiny_args(cost_limit=2.0, lambda_lr=0.05)
+    budget = sac.discounted_budget(args)
+    step, lagrange = lambda_stepper(args, args.lambda_init)
+
     def steps(q_cost, n):
-        values = []
-        for _ in range(n):
-            stats = sac.actor_update_step(actor, critic, optimizers[0], log_alpha, optimizers[1], args, data, features,
-                                          FixedCost(q_cost), features, lagrange, lagrange_optimizer)
-            values.append(stats["lambda"].item())
-        return values
+        return [step(q_cost) for _ in range(n)]
 
     rising = steps(budget + 1.0, 8)  # expected cost over the budget: lambda grows at every step
     assert np.all(np.diff([0.0, *rising]) > 0) and rising[-1] > 0.2
@@ -168,22 +174,10 @@ def test_lambda_follows_the_measured_episode_costs_under_lambda_update_episodes(
     and ignores the cost critic: here Q_c says 0 (under any budget), the episodes say otherwise. Before the first
     episode has ended there is nothing to weigh and lambda stays where it is."""
     args = tiny_args(cost_limit=2.0, lambda_lr=0.05, lambda_update="episodes")
-    x = manipulation_observations(image_size=32)
-    data = {"obs": x, "next_obs": x, "actions": torch.zeros(len(x), 5)}
-    torch.manual_seed(0)
-    actor, critic = sac.EquiActor(args), sac.EquiCritic(args)
-    with torch.no_grad():
-        features = critic.encode(x)
-    log_alpha = torch.zeros(1, requires_grad=True)
-    lagrange = torch.tensor([0.5], requires_grad=True)
-    optimizers = (torch.optim.Adam(actor.parameters(), lr=1e-3), torch.optim.Adam([log_alpha], lr=1e-3))
-    lagrange_optimizer = torch.optim.Adam([lagrange], lr=args.lambda_lr)
+    step, _ = lambda_stepper(args, 0.5)
 
     def steps(average, seen, n):
-        episode_cost = torch.tensor([average, seen])
-        return [sac.actor_update_step(actor, critic, optimizers[0], log_alpha, optimizers[1], args, data, features,
-                                      FixedCost(0.0), features, lagrange, lagrange_optimizer, episode_cost)
-                ["lambda"].item() for _ in range(n)]
+        return [step(0.0, torch.tensor([average, seen])) for _ in range(n)]
 
     assert steps(50.0, 0, 3) == [0.5, 0.5, 0.5]  # no episode yet: no step, whatever the average holds
     rising = steps(3.0, 4, 8)  # episodes over the budget although the critic's Q_c is 0
