@@ -133,7 +133,8 @@ class FixedCost(torch.nn.Module):
 
 
 def lambda_stepper(args, lambda_start: float):
-    """One actor step on real observations with a fixed-cost critic, returning lambda after it (and lambda itself)."""
+    """A function taking one actor step on real observations against a fixed cost critic and returning lambda after
+    it, with the lambda tensor it steps."""
     x = manipulation_observations(image_size=32)
     data = {"obs": x, "next_obs": x, "actions": torch.zeros(len(x), 5)}
     torch.manual_seed(0)
